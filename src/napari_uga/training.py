@@ -196,13 +196,23 @@ def train_steps(
     return losses
 
 
-def evaluate_dice(model: UNet, pairs, factor: float) -> float:
-    """Pooled (global) Dice of the deterministic prediction over image/mask pairs."""
-    from .metrics import dice_global
+def evaluate(model: UNet, pairs, factor: float) -> dict:
+    """Dice of the deterministic prediction over image/mask pairs.
+
+    Returns ``{"dice_global", "dice_mean", "n_images", "per_image": [{"name", "dice"}]}``;
+    ``dice_global`` pools all pixels of the set.
+    """
+    from .metrics import dice, dice_global
     from .uncertainty import predict_probability
 
     preds = [predict_probability(model, p.image, factor=factor) >= 0.5 for p in pairs]
-    return dice_global(preds, [p.mask for p in pairs])
+    per_image = [{"name": p.name, "dice": dice(pred, p.mask)} for p, pred in zip(pairs, preds, strict=True)]
+    return {
+        "dice_global": dice_global(preds, [p.mask for p in pairs]),
+        "dice_mean": float(np.mean([r["dice"] for r in per_image])) if per_image else float("nan"),
+        "n_images": len(pairs),
+        "per_image": per_image,
+    }
 
 
 def fit(
@@ -235,7 +245,7 @@ def fit(
         losses.extend(chunk_losses)
         done += chunk
         lr *= 0.7
-        score = evaluate_dice(model, val_pairs, factor) if val_pairs else -float(np.mean(chunk_losses[-50:]))
+        score = evaluate(model, val_pairs, factor)["dice_global"] if val_pairs else -float(np.mean(chunk_losses[-50:]))
         yield progress_event("validate", done, steps, f"validation Dice {score:.3f}", val_loss=score)
         if score > best["val_dice"]:
             best = {"val_dice": score, "step": done, "state": {k: v.clone() for k, v in model.state_dict().items()}}

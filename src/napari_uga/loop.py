@@ -1,0 +1,223 @@
+"""One uncertainty-guided annotation round, fine-tuning with replay, and the simulated loop.
+
+``finetune`` is the generator that the CLI, the napari worker and the benchmarks all
+drive; ``simulate`` measures the loop with an :class:`Oracle` standing in for the annotator.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import Pair, load_pairs, tissue_mask
+from .models import UNet, working_factor
+from .selection import Box, Candidate, Proposal, grid_boxes, score_candidates, select
+from .training import CancelToken, MixedSampler, PatchSampler, ProgressEvent, evaluate, progress_event, to_working_scale, train_steps
+from .uncertainty import compute_uncertainty
+
+REPLAY_DIR = Path(__file__).parent / "replay"
+
+
+@dataclass
+class Annotation:
+    """A corrected patch: where it is, its image crop and its 0/1 mask crop."""
+
+    box: Box
+    image: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass
+class LoopConfig:
+    """Settings of the annotation loop (defaults measured in ``benchmarks/loop.py``)."""
+
+    patch: int = 256
+    samples: int = 8
+    tta: str = "none"
+    measure: str = "entropy"
+    aggregate: str = "mean"
+    diversity: str = "none"
+    steps: int = 80
+    lr: float = 3e-4
+    batch_size: int = 8
+    crop: int = 128
+    replay_share: float = 0.5
+    batch: int = 5
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned copy of the model and its per-step losses."""
+
+    model: UNet
+    losses: list[float]
+
+
+class Oracle:
+    """Simulated annotator: answers a proposed patch with its ground-truth mask crop."""
+
+    def __init__(self, pairs: Sequence[Pair]) -> None:
+        self.pairs = {p.name: p for p in pairs}
+
+    def annotate(self, box: Box) -> Annotation:
+        """The ground truth of one patch."""
+        pair = self.pairs[box.image]
+        return Annotation(Box(box.image, box.y, box.x, box.h, box.w), box.crop(pair.image), box.crop(pair.mask))
+
+
+def replay_pairs(folder: Path | None = None) -> list[Pair]:
+    """The small sample of the original training data shipped for replay."""
+    folder = REPLAY_DIR if folder is None else Path(folder)
+    return load_pairs(folder / "images", folder / "masks")
+
+
+def finetune(
+    model: UNet,
+    annotations: Sequence[Annotation],
+    replay: Sequence[Pair],
+    factor: float,
+    config: LoopConfig = LoopConfig(),
+    seed: int = 0,
+    cancel: CancelToken | None = None,
+    replay_factor: float | None = None,
+) -> Iterator[ProgressEvent]:
+    """Fine-tune a copy of ``model`` on annotated patches plus a replay share; yields progress.
+
+    Returns a :class:`FinetuneResult` (the generator's value), or ``None`` when cancelled,
+    so a cancelled run never leaves half-trained weights behind.
+    """
+    if not annotations:
+        raise ValueError("finetune needs at least one annotation")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    tuned = copy.deepcopy(model)
+    scaled = [to_working_scale(a.image, a.mask, factor) for a in annotations]
+    sampler = PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=config.crop)
+    if replay and config.replay_share > 0:
+        rf = working_factor(model) if replay_factor is None else replay_factor
+        replay_scaled = [to_working_scale(p.image, p.mask, rf) for p in replay]
+        replay_sampler = PatchSampler([s[0] for s in replay_scaled], [s[1] for s in replay_scaled], crop=config.crop)
+        sampler = MixedSampler([sampler, replay_sampler], [1 - config.replay_share, config.replay_share])
+    steps = train_steps(tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune")
+    losses = yield from steps
+    if cancel is not None and cancel.is_set():
+        return None
+    return FinetuneResult(tuned, losses)
+
+
+def pool_candidates(
+    model: UNet,
+    pool: Sequence[Pair],
+    factor: float,
+    config: LoopConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Candidate]:
+    """Uncertainty maps of every pool image, scored into candidate patches ranked together."""
+    candidates: list[Candidate] = []
+    for i, pair in enumerate(pool):
+        maps = compute_uncertainty(model, pair.image, samples=config.samples, tta=config.tta, factor=factor)
+        candidates += score_candidates(
+            pair.name,
+            pair.image,
+            maps.layer(config.measure),
+            maps.probability,
+            tissue_mask(pair.image),
+            patch=config.patch,
+            how=config.aggregate,
+        )
+        if progress is not None:
+            progress(i + 1, len(pool))
+    return candidates
+
+
+def random_candidates(pool: Sequence[Pair], config: LoopConfig) -> list[Candidate]:
+    """Grid patches with tissue, unscored (for the random strategy)."""
+    out = []
+    for pair in pool:
+        tissue = tissue_mask(pair.image)
+        for box in grid_boxes(pair.name, pair.image.shape[:2], config.patch):
+            if box.crop(tissue).mean() >= 0.25:
+                out.append(Candidate(box, 0.0, np.zeros(1), False))
+    return out
+
+
+def propose(
+    model: UNet,
+    pool: Sequence[Pair],
+    k: int,
+    factor: float,
+    config: LoopConfig = LoopConfig(),
+    exclude: Sequence[Box] = (),
+    strategy: str = "uncertainty",
+    rng: np.random.Generator | None = None,
+) -> list[Proposal]:
+    """The ``k`` patches to annotate next."""
+    if strategy == "random":
+        candidates = random_candidates(pool, config)
+    else:
+        candidates = pool_candidates(model, pool, factor, config)
+    return select(candidates, k, exclude, strategy, rng, config.diversity if strategy != "random" else "none")
+
+
+@dataclass
+class Trajectory:
+    """Dice on the test set after each budget of one simulated run."""
+
+    budgets: list[int] = field(default_factory=list)
+    dice_global: list[float] = field(default_factory=list)
+    picks: list[list[dict]] = field(default_factory=list)
+
+
+def simulate(
+    model: UNet,
+    pool: Sequence[Pair],
+    test: Sequence[Pair],
+    budgets: Sequence[int],
+    strategy: str = "uncertainty",
+    seed: int = 0,
+    factor: float = 0.5,
+    config: LoopConfig = LoopConfig(),
+    replay: Sequence[Pair] = (),
+    replay_factor: float | None = None,
+    on_event: Callable[[ProgressEvent], None] | None = None,
+) -> Trajectory:
+    """Run the oracle loop: annotate in batches of ``config.batch`` until each budget, evaluate.
+
+    The model is fine-tuned (continuing from the previous round) on all annotations so far.
+    """
+    rng = np.random.default_rng(seed)
+    oracle = Oracle(pool)
+    current = model
+    annotations: list[Annotation] = []
+    result = Trajectory()
+    for budget in sorted(set(budgets)):
+        while len(annotations) < budget:
+            k = min(config.batch, budget - len(annotations))
+            picks = propose(current, pool, k, factor, config, [a.box for a in annotations], strategy, rng)
+            if not picks:
+                break
+            annotations += [oracle.annotate(p) for p in picks]
+            result.picks.append([p.as_dict() for p in picks])
+            run = finetune(current, annotations, replay, factor, config, seed + len(annotations), replay_factor=replay_factor)
+            current = _drain(run, on_event).model
+        result.budgets.append(budget)
+        result.dice_global.append(evaluate(current, test, factor)["dice_global"])
+        if on_event is not None:
+            on_event(progress_event("evaluate", budget, max(budgets), f"budget {budget}: Dice {result.dice_global[-1]:.3f}"))
+    return result
+
+
+def _drain(events: Iterator[ProgressEvent], on_event: Callable[[ProgressEvent], None] | None):
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            return stop.value
+        if on_event is not None:
+            on_event(event)
+
