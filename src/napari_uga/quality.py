@@ -1,0 +1,551 @@
+"""Quality control without delineation: predict each image's Dice and decide Dice > threshold.
+
+Pipeline (one call: :func:`run_qc`):
+
+1. :func:`image_features` turns the MC-dropout x TTA samples of one image into a row of
+   numbers: uncertainty aggregates (entropy / mutual information over the predicted
+   foreground and its boundary band), agreement between samples (pairwise Dice, each sample
+   against the consensus), soft-Dice confidence, spread of the predicted area, shape and
+   appearance statistics.
+2. A :class:`QCModel` maps a row to a predicted Dice. ``method`` picks one feature (monotone
+   isotonic calibration to Dice) or a random-forest regressor over all features. It is fitted
+   on labelled calibration images; out-of-fold (cross-fitted) predictions are used for the
+   acceptance rule, never in-sample ones.
+3. The acceptance rule (:func:`conformal_cut`) is a Learn-then-Test fixed-sequence binomial
+   test: the lowest cut on predicted Dice such that, with probability >= 1 - delta, the accepted
+   images have Dice > threshold with precision >= 1 - alpha.
+
+Models are stored as JSON (the calibration rows and settings); the regressor is refitted
+deterministically at load time, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .io import InputError, Pair, atomic_write_json, tissue_mask
+from .metrics import dice
+from .uncertainty import UncertaintyMaps
+
+QC_SAMPLES = 8  # MC-dropout samples per TTA view
+QC_TTA = "flips"
+QC_TILE = 512  # working-scale tile: small images go through the net in one piece
+BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
+DEFAULT_METHOD = "regressor"
+DEFAULT_QC_FILE = Path(__file__).parent / "weights" / "qc_calibration.json"
+
+# Single-feature methods: feature name and whether larger values mean a better segmentation.
+SCORE_METHODS: dict[str, tuple[str, bool]] = {
+    "pairwise_dice": ("pairwise_dice", True),
+    "consensus_dice": ("consensus_dice", True),
+    "soft_dice": ("soft_dice", True),
+    "entropy": ("entropy_region", False),
+    "mutual_information": ("mi_region", False),
+    "area_cv": ("area_cv", False),
+}
+METHODS = (*SCORE_METHODS, "regressor", "linear")
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _pairwise_dice(binary: np.ndarray) -> tuple[float, float]:
+    """Mean Dice over all sample pairs and mean Dice of each sample against the consensus."""
+    flat = binary.reshape(binary.shape[0], -1).astype(np.float32)
+    sizes = flat.sum(1)
+    inter = flat @ flat.T
+    denom = sizes[:, None] + sizes[None, :]
+    pair = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+    iu = np.triu_indices(len(sizes), 1)
+    consensus = (flat.mean(0) >= 0.5).astype(np.float32)
+    c_size = consensus.sum()
+    c_inter = flat @ consensus
+    c_denom = sizes + c_size
+    cons = np.where(c_denom > 0, 2 * c_inter / np.maximum(c_denom, 1), 1.0)
+    return float(pair[iu].mean()) if len(iu[0]) else 1.0, float(cons.mean())
+
+
+def _region_mean(values: np.ndarray, region: np.ndarray) -> float:
+    return float(values[region].mean()) if region.any() else 0.0
+
+
+def _shape_stats(pred: np.ndarray, band: np.ndarray) -> dict[str, float]:
+    from scipy import ndimage
+
+    area = int(pred.sum())
+    labels, n = ndimage.label(pred)
+    largest = int(np.bincount(labels.ravel())[1:].max()) if n else 0
+    return {
+        "n_components": float(n),
+        "largest_fraction": largest / area if area else 1.0,
+        "boundary_ratio": float(band.sum()) / max(area, 1),
+    }
+
+
+def _appearance(image: np.ndarray) -> dict[str, float]:
+    """Colour statistics of the tissue (out-of-distribution cues; no ground truth involved)."""
+    from skimage.color import rgb2hed, rgb2hsv
+
+    small = np.asarray(image[::2, ::2, :3])
+    tissue = tissue_mask(small)
+    hsv = rgb2hsv(small)
+    hed = rgb2hed(small)
+    region = tissue if tissue.any() else np.ones(tissue.shape, bool)
+    return {
+        "tissue_fraction": float(tissue.mean()),
+        "saturation": float(hsv[..., 1][region].mean()),
+        "value": float(hsv[..., 2][region].mean()),
+        "hematoxylin": float(hed[..., 0][region].mean()),
+        "eosin": float(hed[..., 1][region].mean()),
+    }
+
+
+def image_features(maps: UncertaintyMaps, image: np.ndarray) -> dict[str, float]:
+    """QC features of one image or patch from its uncertainty maps and pixels.
+
+    Parameters
+    ----------
+    maps : from ``compute_uncertainty(..., keep_samples=True, output_scale="source")``.
+    image : the H x W x 3 image the maps were computed on.
+
+    Returns
+    -------
+    dict of float features (names are stable; see the module docstring).
+    """
+    from scipy import ndimage
+
+    if maps.samples is None:
+        raise ValueError("image_features needs the per-sample maps: compute_uncertainty(..., keep_samples=True)")
+    prob = maps.probability
+    pred = prob >= 0.5
+    binary = maps.samples.astype(np.float32) >= 0.5
+    pairwise, consensus = _pairwise_dice(binary)
+    areas = binary.reshape(binary.shape[0], -1).mean(1)
+    band = ndimage.binary_dilation(pred, iterations=BAND_RADIUS) & ~ndimage.binary_erosion(
+        pred, iterations=BAND_RADIUS, border_value=1
+    )
+    region = pred | band
+    smooth = 0.005 * prob.size
+    soft = (2 * float((prob * pred).sum()) + smooth) / (float(prob.sum()) + float(pred.sum()) + smooth)
+    area = float(pred.mean())
+    return {
+        "area": area,
+        "empty": float(pred.sum() == 0),
+        "prob_fg": _region_mean(prob, pred),
+        "prob_max": float(np.percentile(prob, 99.9)),
+        "uncertain_fraction": float(((prob > 0.1) & (prob < 0.9)).mean()),
+        "uncertain_over_fg": float(((prob > 0.1) & (prob < 0.9)).sum()) / (float(pred.sum()) + smooth),
+        "soft_dice": soft,
+        "pairwise_dice": pairwise,
+        "consensus_dice": consensus,
+        "area_std": float(areas.std()),
+        "area_cv": float(areas.std() / areas.mean()) if areas.mean() > 0 else 0.0,
+        "entropy_mean": float(maps.entropy.mean()),
+        "entropy_region": _region_mean(maps.entropy, region),
+        "entropy_band": _region_mean(maps.entropy, band),
+        "mi_mean": float(maps.mutual_information.mean()),
+        "mi_region": _region_mean(maps.mutual_information, region),
+        "mi_band": _region_mean(maps.mutual_information, band),
+        "variance_mean": float(maps.variance.mean()),
+        **_shape_stats(pred, band),
+        **_appearance(image),
+    }
+
+
+def compute_features(
+    model, image: np.ndarray, factor: float, samples: int = QC_SAMPLES, tta: str = QC_TTA
+) -> tuple[dict[str, float], np.ndarray]:
+    """Run the network (MC dropout x TTA) on one image; return its QC features and prediction."""
+    from .uncertainty import compute_uncertainty
+
+    maps = compute_uncertainty(model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True)
+    return image_features(maps, image), maps.prediction
+
+
+def pair_features(
+    model,
+    pairs: Sequence[Pair],
+    factor: float,
+    samples: int = QC_SAMPLES,
+    tta: str = QC_TTA,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[dict[str, float]], list[float | None]]:
+    """Features of every pair and its true Dice (``None`` where the pair has no mask)."""
+    rows, truth = [], []
+    for i, pair in enumerate(pairs):
+        row, pred = compute_features(model, pair.image, factor, samples, tta)
+        rows.append(row)
+        truth.append(None if pair.mask is None else dice(pred, pair.mask))
+        if progress is not None:
+            progress(i + 1, len(pairs))
+    return rows, truth
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def rc_curve(confidence: np.ndarray, risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Risk-coverage curve: coverages (1 -> 0) and selective risks, dropping the least confident first.
+
+    Tied confidences are dropped together; the last point repeats the risk at coverage 0.
+    """
+    confidence = np.asarray(confidence, float)
+    risk = np.asarray(risk, float)
+    n = len(risk)
+    order = np.argsort(-confidence, kind="stable")
+    conf_sorted, risk_sorted = confidence[order], risk[order]
+    cum = np.cumsum(risk_sorted)
+    # a curve point after each full group of tied confidences (kept = the k most confident)
+    ends = np.flatnonzero(np.r_[conf_sorted[1:] != conf_sorted[:-1], True]) + 1
+    coverages = ends / n
+    risks = cum[ends - 1] / ends
+    return np.r_[coverages[::-1], 0.0], np.r_[risks[::-1], risks[0]]
+
+
+def aurc(confidence: np.ndarray, risk: np.ndarray) -> float:
+    """Area under the risk-coverage curve (trapezoids), as in the MIC-DKFZ failure-detection benchmark."""
+    cov, risks = rc_curve(confidence, risk)
+    return float(np.sum((risks[:-1] + risks[1:]) / 2 * (cov[:-1] - cov[1:])))
+
+
+def qc_metrics(
+    dice_pred: np.ndarray, dice_true: np.ndarray, accepted: np.ndarray, threshold: float = 0.8
+) -> dict[str, float | None]:
+    """Failure-detection metrics of predicted vs true Dice (risk = 1 - Dice; ``None`` where undefined).
+
+    ``auroc``: separating Dice > threshold from the rest by predicted Dice. ``aurc``, ``eaurc``
+    (minus the oracle's AURC) and ``naurc`` (1 = oracle ordering, 0 = random) follow Zenk et al.
+    ``mae``, ``spearman`` (predicted vs true Dice), ``accepted_precision`` (share of accepted
+    images with Dice > threshold) and ``coverage`` (share accepted).
+    """
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    pred = np.asarray(dice_pred, float)
+    true = np.asarray(dice_true, float)
+    accepted = np.asarray(accepted, bool)
+    risk = 1 - true
+    good = true > threshold
+    value = aurc(pred, risk)
+    optimal = aurc(-risk, risk)
+    random = float(risk.mean())
+    spread = np.ptp(pred) > 0 and np.ptp(true) > 0
+    out = {
+        "auroc": float(roc_auc_score(good, pred)) if 0 < good.sum() < len(good) else None,
+        "aurc": value,
+        "eaurc": value - optimal,
+        "naurc": (random - value) / (random - optimal) if random - optimal > 1e-12 else None,
+        "mae": float(np.abs(pred - true).mean()),
+        "spearman": float(spearmanr(pred, true).statistic) if spread else None,
+        "accepted_precision": float(good[accepted].mean()) if accepted.any() else None,
+        "coverage": float(accepted.mean()),
+    }
+    return {k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- conformal decision
+
+
+def conformal_cut(
+    scores: np.ndarray, dice_true: np.ndarray, threshold: float = 0.8, alpha: float = 0.1, delta: float = 0.1
+) -> float:
+    """Lowest cut on predicted Dice with precision >= 1 - alpha w.p. >= 1 - delta (Learn-then-Test).
+
+    Candidate cuts are the calibration scores from high to low (fixed-sequence testing). For a
+    cut with n accepted images, k of them with Dice <= threshold, the null "failure rate > alpha"
+    is rejected when the binomial (Clopper-Pearson) p-value P[Bin(n, alpha) <= k] <= delta.
+    Cuts accepting too few images to ever reject are skipped; the sequence stops at the first
+    cut that is not rejected. Returns ``inf`` (accept nothing) when no cut passes.
+    """
+    from scipy.stats import binom
+
+    if not (0 < alpha < 1 and 0 < delta < 1):
+        raise InputError(f"alpha and delta must lie in (0, 1), got alpha={alpha}, delta={delta}")
+    scores = np.asarray(scores, float)
+    fail = np.asarray(dice_true, float) <= threshold
+    n_min = math.ceil(math.log(delta) / math.log(1 - alpha))  # fewest images for which k = 0 rejects
+    cut = math.inf
+    for candidate in np.unique(scores)[::-1]:
+        accepted = scores >= candidate
+        n = int(accepted.sum())
+        if n < n_min:
+            continue
+        if binom.cdf(int(fail[accepted].sum()), n, alpha) > delta:
+            break
+        cut = float(candidate)
+    return cut
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def _matrix(rows: Sequence[dict[str, float]], names: Sequence[str]) -> np.ndarray:
+    try:
+        return np.array([[float(r[name]) for name in names] for r in rows], dtype=float).reshape(len(rows), len(names))
+    except KeyError as exc:
+        raise InputError(f"QC features: missing feature {exc} (features from another version?)") from None
+
+
+def _estimator(method: str, seed: int = 0):
+    """An unfitted scikit-learn regressor for a method (predicts Dice in [0, 1])."""
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if method in SCORE_METHODS:
+        return IsotonicRegression(y_min=0.0, y_max=1.0, increasing=SCORE_METHODS[method][1], out_of_bounds="clip")
+    if method == "regressor":
+        return RandomForestRegressor(n_estimators=200, min_samples_leaf=3, max_features=0.5, random_state=seed, n_jobs=1)
+    if method == "linear":
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 3, 12)))
+    raise InputError(f"unknown QC method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _feature_names(method: str, rows: Sequence[dict[str, float]]) -> list[str]:
+    if method in SCORE_METHODS:
+        return [SCORE_METHODS[method][0]]
+    return sorted(rows[0])
+
+
+def _fit(method: str, x: np.ndarray, y: np.ndarray, seed: int = 0):
+    est = _estimator(method, seed)
+    return est.fit(x[:, 0] if method in SCORE_METHODS else x, y)
+
+
+def _predict(method: str, est, x: np.ndarray) -> np.ndarray:
+    return np.clip(est.predict(x[:, 0] if method in SCORE_METHODS else x), 0.0, 1.0)
+
+
+def cross_fit(
+    method: str, x: np.ndarray, y: np.ndarray, groups: Sequence | None = None, folds: int = 5, seed: int = 0
+) -> np.ndarray:
+    """Out-of-fold predicted Dice: each image predicted by a model that never saw it (or its group)."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    k = min(folds, len(np.unique(groups)))
+    if k < 2:
+        raise InputError("QC calibration needs at least 2 labelled images (or groups)")
+    oof = np.empty(len(y))
+    splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for train, test in splitter.split(x, y, groups):
+        oof[test] = _predict(method, _fit(method, x[train], y[train], seed), x[test])
+    return oof
+
+
+# ----------------------------------------------------------------------------- the QC model
+
+
+@dataclass
+class QCModel:
+    """A fitted quality model: predicted Dice per image and the conformal acceptance cut.
+
+    The JSON form keeps the calibration rows and true Dice; the estimator is refitted from them
+    (deterministically) when loading.
+    """
+
+    method: str
+    features: list[str]
+    rows: list[dict[str, float]]
+    dice_true: list[float]
+    cut: float
+    threshold: float = 0.8
+    alpha: float = 0.1
+    delta: float = 0.1
+    samples: int = QC_SAMPLES
+    tta: str = QC_TTA
+    info: dict = field(default_factory=dict)
+    estimator: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.estimator is None:
+            x = _matrix(self.rows, self.features)
+            self.estimator = _fit(self.method, x, np.asarray(self.dice_true, float))
+
+    def predict(self, rows: Sequence[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted Dice and acceptance (predicted Dice >= the conformal cut) for feature rows."""
+        if not rows:
+            return np.zeros(0), np.zeros(0, bool)
+        pred = _predict(self.method, self.estimator, _matrix(rows, self.features))
+        return pred, pred >= self.cut
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (``cut`` is ``null`` when nothing is accepted)."""
+        return {
+            "format": "napari-uga-qc/1",
+            "method": self.method,
+            "features": list(self.features),
+            "threshold": self.threshold,
+            "alpha": self.alpha,
+            "delta": self.delta,
+            "cut": None if math.isinf(self.cut) else self.cut,
+            "samples": self.samples,
+            "tta": self.tta,
+            "info": self.info,
+            "rows": [{k: float(v) for k, v in r.items()} for r in self.rows],
+            "dice_true": [float(d) for d in self.dice_true],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QCModel:
+        """Rebuild (and refit) a model from :meth:`to_dict` output."""
+        try:
+            if d.get("format") != "napari-uga-qc/1":
+                raise KeyError("format")
+            return cls(
+                method=d["method"],
+                features=list(d["features"]),
+                rows=[dict(r) for r in d["rows"]],
+                dice_true=[float(x) for x in d["dice_true"]],
+                cut=math.inf if d["cut"] is None else float(d["cut"]),
+                threshold=float(d["threshold"]),
+                alpha=float(d["alpha"]),
+                delta=float(d["delta"]),
+                samples=int(d["samples"]),
+                tta=str(d["tta"]),
+                info=dict(d.get("info", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"not a napari-uga QC model ({exc})") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model as JSON (atomically)."""
+        atomic_write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QCModel:
+        """Read a model written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such QC model file")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: not a JSON QC model ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: not a napari-uga QC model")
+        return cls.from_dict(data)
+
+
+def fit_qc_model(
+    rows: Sequence[dict[str, float]],
+    dice_true: Sequence[float],
+    alpha: float = 0.1,
+    delta: float = 0.1,
+    threshold: float = 0.8,
+    method: str = DEFAULT_METHOD,
+    groups: Sequence | None = None,
+    samples: int = QC_SAMPLES,
+    tta: str = QC_TTA,
+    info: dict | None = None,
+) -> QCModel:
+    """Fit a QC model on labelled calibration rows; the cut comes from out-of-fold predictions.
+
+    Parameters
+    ----------
+    rows, dice_true : features (:func:`image_features`) and true Dice of calibration images.
+    alpha, delta : accepted images have Dice > ``threshold`` with precision >= 1 - alpha, w.p. >= 1 - delta.
+    method : a single-feature method (``SCORE_METHODS``), ``regressor`` (random forest) or ``linear``.
+    groups : e.g. patient ids, so cross-fitting never predicts an image from its own group.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown QC method {method!r}; choose one of {', '.join(METHODS)}")
+    if len(rows) != len(dice_true) or len(rows) < 2:
+        raise InputError("QC calibration needs at least 2 labelled images, one Dice per feature row")
+    names = _feature_names(method, rows)
+    x = _matrix(rows, names)
+    y = np.asarray(dice_true, float)
+    oof = cross_fit(method, x, y, groups)
+    cut = conformal_cut(oof, y, threshold, alpha, delta)
+    return QCModel(method, names, [dict(r) for r in rows], y.tolist(), cut, threshold, alpha, delta, samples, tta, dict(info or {}))
+
+
+def default_qc_model() -> QCModel:
+    """The QC calibration shipped with the model (``weights/qc_calibration.json``)."""
+    if not DEFAULT_QC_FILE.is_file():
+        raise InputError(f"{DEFAULT_QC_FILE}: the shipped QC calibration is missing; pass calibration images")
+    return QCModel.load(DEFAULT_QC_FILE)
+
+
+def qc_report(
+    qc: QCModel, names: Sequence[str], rows: Sequence[dict[str, float]], dice_true: Sequence[float | None]
+) -> dict:
+    """The ``uga qc --json`` payload: per-image predictions, settings, and metrics where masks exist."""
+    pred, accepted = qc.predict(rows)
+    per_image = [
+        {"name": n, "dice_pred": float(p), "accepted": bool(a), "dice_true": None if t is None else float(t)}
+        for n, p, a, t in zip(names, pred, accepted, dice_true, strict=True)
+    ]
+    labelled = [i for i, t in enumerate(dice_true) if t is not None]
+    metrics = {}
+    if labelled:
+        truth = np.array([dice_true[i] for i in labelled], float)
+        metrics = qc_metrics(pred[labelled], truth, accepted[labelled], qc.threshold)
+    return {
+        "per_image": per_image,
+        "threshold": qc.threshold,
+        "alpha": qc.alpha,
+        "delta": qc.delta,
+        "method": qc.method,
+        "cut": None if math.isinf(qc.cut) else qc.cut,
+        "metrics": metrics,
+    }
+
+
+def run_qc(
+    model,
+    pairs: Sequence[Pair],
+    calibration_pairs: Sequence[Pair] | None = None,
+    alpha: float = 0.1,
+    delta: float = 0.1,
+    threshold: float = 0.8,
+    method: str | None = None,
+    samples: int = QC_SAMPLES,
+    factor: float = 0.5,
+    qc_model: QCModel | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """QC of images in one call: features, predicted Dice, conformal acceptance, metrics.
+
+    Parameters
+    ----------
+    model : the segmentation network (or an ensemble list).
+    pairs : images to check; their masks (if any) are used only for the metrics.
+    calibration_pairs : labelled target-domain images to fit the QC model on; else ``qc_model``
+        or the shipped calibration, refitted if ``alpha``/``delta``/``threshold``/``method`` differ.
+    samples, factor : MC samples per TTA view, source-to-working scale.
+    progress : called with (images done, images total).
+    """
+    if not pairs:
+        raise InputError("qc: no images to check")
+    total = len(pairs) + len(calibration_pairs or [])
+    done = [0]
+
+    def step(_i: int, _n: int) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    if calibration_pairs:
+        if any(p.mask is None for p in calibration_pairs):
+            raise InputError("qc: every calibration image needs a mask")
+        cal_rows, cal_truth = pair_features(model, calibration_pairs, factor, samples, progress=step)
+        qc = fit_qc_model(cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples)
+    else:
+        qc = qc_model or default_qc_model()
+        wanted = (alpha, delta, threshold, method or qc.method)
+        if wanted != (qc.alpha, qc.delta, qc.threshold, qc.method):
+            qc = fit_qc_model(qc.rows, qc.dice_true, alpha, delta, threshold, wanted[3], samples=qc.samples, tta=qc.tta, info=qc.info)
+        samples = qc.samples
+    rows, truth = pair_features(model, pairs, factor, samples, qc.tta, progress=step)
+    return qc_report(qc, [p.name for p in pairs], rows, truth)
