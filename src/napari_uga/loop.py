@@ -171,6 +171,7 @@ class Trajectory:
     budgets: list[int] = field(default_factory=list)
     dice_global: list[float] = field(default_factory=list)
     picks: list[list[dict]] = field(default_factory=list)
+    model: UNet | None = None  # the model after the last round
 
 
 def simulate(
@@ -209,6 +210,7 @@ def simulate(
         result.dice_global.append(evaluate(current, test, factor)["dice_global"])
         if on_event is not None:
             on_event(progress_event("evaluate", budget, max(budgets), f"budget {budget}: Dice {result.dice_global[-1]:.3f}"))
+    result.model = current
     return result
 
 

@@ -1,0 +1,107 @@
+"""``uga simulate``: the annotation loop measured with an oracle annotator."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_model_options, emit, load_model_from_args, progress_bar
+
+
+def register(sub) -> None:
+    """Add the ``simulate`` subcommand."""
+    p = sub.add_parser("simulate", help="oracle-annotated loop: Dice on a test set against the annotation budget")
+    p.add_argument("--pool-images", type=Path, required=True)
+    p.add_argument("--pool-masks", type=Path, required=True)
+    p.add_argument("--test-images", type=Path, required=True)
+    p.add_argument("--test-masks", type=Path, required=True)
+    p.add_argument("--budgets", default="0,5,10", help="comma-separated numbers of annotated patches")
+    p.add_argument("--strategy", choices=("uncertainty", "random"), default="uncertainty")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (random choice and training noise)")
+    p.add_argument("--patch-size", type=int, default=256, help="patch side at full resolution")
+    add_loop_options(p)
+    add_model_options(p)
+    p.set_defaults(handler=run)
+
+
+def add_loop_options(p: argparse.ArgumentParser) -> None:
+    """Loop settings shared with the demo (defaults from :class:`~napari_uga.loop.LoopConfig`)."""
+    from ..loop import LoopConfig
+
+    d = LoopConfig()
+    p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
+    p.add_argument("--tta", choices=("none", "flips", "d4"), default=d.tta)
+    p.add_argument("--measure", choices=("entropy", "mutual_information", "variance"), default=d.measure)
+    p.add_argument("--aggregate", choices=("mean", "topk"), default=d.aggregate, help="patch score from its pixels")
+    p.add_argument(
+        "--diversity", choices=("none", "clusters", "balanced", "clusters+balanced"), default=d.diversity,
+        help="spread the picks over appearance clusters and/or predicted classes",
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="fine-tune steps per labelled batch")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--replay-share", type=float, default=d.replay_share, help="share of each batch from the replay tiles")
+    p.add_argument("--batch", type=int, default=d.batch, help="patches annotated per round")
+
+
+def loop_config(args: argparse.Namespace, patch: int):
+    """A :class:`LoopConfig` from the command-line options."""
+    from ..io import InputError
+    from ..loop import LoopConfig
+
+    if args.steps < 1 or args.batch < 1 or args.samples < 1 or patch < 16:
+        raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
+    if not 0 <= args.replay_share < 1:
+        raise InputError("--replay-share must be in [0, 1)")
+    return LoopConfig(
+        patch=patch, samples=args.samples, tta=args.tta, measure=args.measure, aggregate=args.aggregate,
+        diversity=args.diversity, steps=args.steps, lr=args.lr, replay_share=args.replay_share, batch=args.batch,
+    )
+
+
+def parse_budgets(text: str) -> list[int]:
+    """``"0,5,10"`` -> ``[0, 5, 10]``, validated."""
+    from ..io import InputError
+
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise InputError(f"--budgets: {text!r} is not a comma-separated list of integers") from None
+    if not budgets or budgets[0] < 0:
+        raise InputError(f"--budgets: {text!r} must list non-negative integers")
+    return budgets
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the loop for every seed and print the Dice-vs-budget curve."""
+    import numpy as np
+
+    from ..io import InputError, load_pairs
+    from ..loop import replay_pairs, simulate
+    from ..models import working_factor
+
+    budgets = parse_budgets(args.budgets)
+    if args.seeds < 1:
+        raise InputError("--seeds must be at least 1")
+    config = loop_config(args, args.patch_size)
+    pool = load_pairs(args.pool_images, args.pool_masks)
+    test = load_pairs(args.test_images, args.test_masks)
+    model = load_model_from_args(args)
+    factor = working_factor(model, args.mpp)
+    replay = replay_pairs() if config.replay_share > 0 else []
+    bar = progress_bar(args.seeds * len(budgets), f"simulate {args.strategy}", args.json)
+    runs = []
+    for seed in range(args.seeds):
+        def on_event(event, _bar=bar):
+            if event["stage"] == "evaluate":
+                _bar.update()
+
+        runs.append(simulate(model, pool, test, budgets, args.strategy, seed, factor, config, replay, on_event=on_event))
+    bar.close()
+    curve = []
+    for i, budget in enumerate(budgets):
+        per_seed = [r.dice_global[i] for r in runs]
+        curve.append({"budget": budget, "dice_global": float(np.mean(per_seed)), "dice_global_std": float(np.std(per_seed)), "per_seed": per_seed})
+    payload = {"strategy": args.strategy, "curve": curve, "picks": [r.picks for r in runs]}
+    human = "\n".join(f"budget {c['budget']:>3}: Dice {c['dice_global']:.3f} ± {c['dice_global_std']:.3f}" for c in curve)
+    emit(args, payload, human)
+    return payload

@@ -1,0 +1,49 @@
+"""Fine-tuning with replay, cancellation and the oracle loop, with real training steps."""
+
+import numpy as np
+import torch
+
+from napari_uga.loop import LoopConfig, Oracle, finetune, replay_pairs, simulate
+from napari_uga.selection import Box
+from napari_uga.training import CancelToken, evaluate
+
+
+def test_finetune_trains_a_copy_and_reports_progress(tiny_model, umcu_pairs):
+    oracle = Oracle(umcu_pairs)
+    annotations = [oracle.annotate(Box(p.name, 0, 0, 256, 256)) for p in umcu_pairs[:4]]
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    events = []
+    run = finetune(tiny_model, annotations, replay_pairs(), 0.5, LoopConfig(steps=4, batch_size=4))
+    while True:
+        try:
+            events.append(next(run))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert [e["step"] for e in events] == [1, 2, 3, 4]
+    assert all(set(e) == {"stage", "step", "total", "loss", "val_loss", "message"} for e in events)
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())  # original untouched
+    assert any(not torch.equal(before[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_cancel_returns_none_without_weights(tiny_model, umcu_pairs):
+    oracle = Oracle(umcu_pairs)
+    token = CancelToken()
+    run = finetune(tiny_model, [oracle.annotate(Box(umcu_pairs[0].name, 0, 0, 128, 128))], [], 0.5, LoopConfig(steps=50), cancel=token)
+    next(run)
+    token.set()
+    events = list(run)
+    assert events[-1]["message"] == "cancelled"
+
+
+def test_oracle_loop_on_a_tiny_budget(tiny_model, umcu_pairs):
+    pool, test = umcu_pairs[::2][:8], umcu_pairs[1::2][:4]
+    config = LoopConfig(steps=3, batch=2, batch_size=4, samples=2)
+    traj = simulate(tiny_model, pool, test, [0, 2, 3], "uncertainty", 0, 0.5, config)
+    assert traj.budgets == [0, 2, 3]
+    assert [len(p) for p in traj.picks] == [2, 1]
+    picked = [(p["image"], p["y"], p["x"]) for batch in traj.picks for p in batch]
+    assert len(set(picked)) == 3  # never the same patch twice
+    assert traj.dice_global[0] == evaluate(tiny_model, test, 0.5)["dice_global"]
+    assert all(0 <= d <= 1 for d in traj.dice_global)

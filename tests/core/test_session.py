@@ -1,0 +1,56 @@
+"""The session folder: immediate saves, rounds, rollback, resume, fingerprint check."""
+
+import numpy as np
+import pytest
+
+from napari_uga.io import InputError, read_mask
+from napari_uga.selection import Box, Proposal
+from napari_uga.session import Session
+
+
+def test_session_survives_reopen_and_rolls_back(tmp_path, tiny_model_path, tiny_model, umcu_pairs):
+    session = Session.create(tmp_path / "s", tiny_model_path, {"samples": 4})
+    session.add_image("tile", array=umcu_pairs[0].image)
+    mask = umcu_pairs[0].mask[:128, :128]
+    ids = session.add_annotations([Box("tile", 0, 0, 128, 128)], [mask])
+    assert np.array_equal(read_mask(tmp_path / "s" / "labels" / "00001.png"), mask)  # on disk at once
+    session.set_queue([Proposal("tile", 128, 128, 128, 128, score=0.5, rank=1)])
+    session.queue_position = 0
+
+    reopened = Session.open(tmp_path / "s")
+    assert reopened.pending_ids() == ids
+    assert reopened.load_annotations()[0].image.shape == (128, 128, 3)
+    assert reopened.queue_proposals()[0].score == 0.5
+
+    reopened.record_round(tiny_model, ids, loss=0.3)
+    assert (tmp_path / "s" / "checkpoints" / "round_001.safetensors").is_file()
+    again = Session.open(tmp_path / "s")
+    assert again.current_round == 1 and again.pending_ids() == []
+    again.load_model(1)
+
+    again.rollback()
+    assert again.current_round == 0 and again.pending_ids() == ids
+    again.record_round(tiny_model, ids)  # replaces the undone round
+    assert len(Session.open(tmp_path / "s").rounds) == 2
+
+
+def test_changed_image_is_refused(tmp_path, tiny_model_path, umcu_pairs):
+    session = Session.create(tmp_path / "s", tiny_model_path)
+    path = session.add_image("tile", array=umcu_pairs[0].image)
+    path.write_bytes(path.read_bytes() + b"changed")
+    with pytest.raises(InputError, match="missing or changed"):
+        Session.open(tmp_path / "s")
+
+
+def test_create_refuses_existing_session_and_open_refuses_non_session(tmp_path, tiny_model_path):
+    Session.create(tmp_path / "s", tiny_model_path)
+    with pytest.raises(InputError, match="already holds a session"):
+        Session.create(tmp_path / "s", tiny_model_path)
+    with pytest.raises(InputError, match="no session.json"):
+        Session.open(tmp_path)
+
+
+def test_annotation_shape_must_match_its_box(tmp_path, tiny_model_path):
+    session = Session.create(tmp_path / "s", tiny_model_path)
+    with pytest.raises(InputError, match="does not match"):
+        session.add_annotations([Box("x", 0, 0, 64, 64)], [np.zeros((32, 32), np.uint8)])
