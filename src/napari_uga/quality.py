@@ -162,10 +162,17 @@ def image_features(maps: UncertaintyMaps, image: np.ndarray) -> dict[str, float]
 def compute_features(
     model, image: np.ndarray, factor: float, samples: int = QC_SAMPLES, tta: str = QC_TTA
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Run the network (MC dropout x TTA) on one image; return its QC features and prediction."""
+    """Run the network (MC dropout x TTA) on one image; return its QC features and prediction.
+
+    The dropout masks are drawn from a fixed seed (without touching the global RNG), so QC is reproducible.
+    """
+    import torch
+
     from .uncertainty import compute_uncertainty
 
-    maps = compute_uncertainty(model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        maps = compute_uncertainty(model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True)
     return image_features(maps, image), maps.prediction
 
 
@@ -502,6 +509,36 @@ def qc_report(
     }
 
 
+def prepare_qc_model(
+    model,
+    calibration_pairs: Sequence[Pair] | None = None,
+    alpha: float = 0.1,
+    delta: float = 0.1,
+    threshold: float = 0.8,
+    method: str | None = None,
+    samples: int = QC_SAMPLES,
+    factor: float = 0.5,
+    qc_model: QCModel | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> QCModel:
+    """The QC model to use: fitted on ``calibration_pairs`` if given, else ``qc_model`` or the shipped one.
+
+    A given or shipped model is refitted from its stored calibration rows when ``alpha``,
+    ``delta``, ``threshold`` or ``method`` differ from its own.
+    """
+    if calibration_pairs:
+        if any(p.mask is None for p in calibration_pairs):
+            raise InputError("qc: every calibration image needs a mask")
+        rows, truth = pair_features(model, calibration_pairs, factor, samples, progress=progress)
+        return fit_qc_model(rows, truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples,
+                            info={"calibration_images": [p.name for p in calibration_pairs]})  # fmt: skip
+    qc = qc_model or default_qc_model()
+    wanted = (alpha, delta, threshold, method or qc.method)
+    if wanted == (qc.alpha, qc.delta, qc.threshold, qc.method):
+        return qc
+    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info)
+
+
 def run_qc(
     model,
     pairs: Sequence[Pair],
@@ -521,10 +558,16 @@ def run_qc(
     ----------
     model : the segmentation network (or an ensemble list).
     pairs : images to check; their masks (if any) are used only for the metrics.
-    calibration_pairs : labelled target-domain images to fit the QC model on; else ``qc_model``
-        or the shipped calibration, refitted if ``alpha``/``delta``/``threshold``/``method`` differ.
+    calibration_pairs : labelled target-domain images to fit the QC model on (see :func:`prepare_qc_model`).
+    alpha, delta, threshold, method : the acceptance guarantee and the QC method.
     samples, factor : MC samples per TTA view, source-to-working scale.
-    progress : called with (images done, images total).
+    qc_model : a fitted QC model to use instead of the shipped calibration.
+    progress : called with (images done, images total), calibration images included.
+
+    Returns
+    -------
+    dict with ``per_image`` (name, dice_pred, accepted, dice_true), ``threshold``, ``alpha``,
+    ``delta``, ``method``, ``cut`` and ``metrics`` (empty without masks).
     """
     if not pairs:
         raise InputError("qc: no images to check")
@@ -536,16 +579,6 @@ def run_qc(
         if progress is not None:
             progress(done[0], total)
 
-    if calibration_pairs:
-        if any(p.mask is None for p in calibration_pairs):
-            raise InputError("qc: every calibration image needs a mask")
-        cal_rows, cal_truth = pair_features(model, calibration_pairs, factor, samples, progress=step)
-        qc = fit_qc_model(cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples)
-    else:
-        qc = qc_model or default_qc_model()
-        wanted = (alpha, delta, threshold, method or qc.method)
-        if wanted != (qc.alpha, qc.delta, qc.threshold, qc.method):
-            qc = fit_qc_model(qc.rows, qc.dice_true, alpha, delta, threshold, wanted[3], samples=qc.samples, tta=qc.tta, info=qc.info)
-        samples = qc.samples
-    rows, truth = pair_features(model, pairs, factor, samples, qc.tta, progress=step)
+    qc = prepare_qc_model(model, calibration_pairs, alpha, delta, threshold, method, samples, factor, qc_model, step)
+    rows, truth = pair_features(model, pairs, factor, qc.samples, qc.tta, progress=step)
     return qc_report(qc, [p.name for p in pairs], rows, truth)

@@ -1,0 +1,89 @@
+"""``uga qc``: predicted Dice per image and a conformal accept / review decision, without masks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_model_options, emit, load_model_from_args, progress_bar
+
+
+def register(sub) -> None:
+    """Add the ``qc`` subcommand."""
+    p = sub.add_parser("qc", help="quality control: predicted Dice and accept / review per image")
+    p.add_argument("--images", type=Path, required=True, help="folder (or file) of images to check")
+    p.add_argument("--masks", type=Path, default=None, help="true masks, only to report QC metrics")
+    p.add_argument("--calibration-images", type=Path, default=None, help="labelled target-domain images")
+    p.add_argument("--calibration-masks", type=Path, default=None)
+    p.add_argument("--alpha", type=float, default=0.1, help="accepted images fail with rate <= alpha")
+    p.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability >= 1 - delta")
+    p.add_argument("--threshold", type=float, default=0.8, help="Dice that counts as a good segmentation")
+    p.add_argument("--method", default=None, help="QC method (default: the calibration's, else regressor)")
+    p.add_argument("--samples", type=int, default=None, help="MC samples per TTA view (default 8)")
+    p.add_argument("--qc-model", type=Path, default=None, help="QC model JSON (default: the shipped calibration)")
+    p.add_argument("--save-qc-model", type=Path, default=None, help="write the fitted QC model as JSON")
+    add_model_options(p)
+    p.set_defaults(handler=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from ..io import InputError
+    from ..quality import METHODS
+
+    if (args.calibration_images is None) != (args.calibration_masks is None):
+        raise InputError("--calibration-images and --calibration-masks go together")
+    for name in ("alpha", "delta"):
+        if not 0 < getattr(args, name) < 1:
+            raise InputError(f"--{name} must lie strictly between 0 and 1")
+    if not 0 <= args.threshold <= 1:
+        raise InputError("--threshold is a Dice in [0, 1]")
+    if args.method is not None and args.method not in METHODS:
+        raise InputError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
+    if args.samples is not None and not 1 <= args.samples <= 64:
+        raise InputError("--samples must be between 1 and 64")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Load images (and masks), run QC, print the per-image table or JSON."""
+    from ..io import load_pairs
+    from ..models import working_factor
+    from ..quality import QC_SAMPLES, QCModel, pair_features, prepare_qc_model, qc_report
+
+    _validate(args)
+    pairs = load_pairs(args.images, args.masks)
+    calibration = None
+    if args.calibration_images is not None:
+        calibration = load_pairs(args.calibration_images, args.calibration_masks)
+    qc = QCModel.load(args.qc_model) if args.qc_model is not None else None
+    model = load_model_from_args(args)
+    factor = working_factor(model, args.mpp)
+    bar = progress_bar(len(pairs) + len(calibration or []), "qc", args.json)
+
+    def step(_done: int, _total: int) -> None:
+        bar.update(1)
+
+    samples = args.samples or QC_SAMPLES
+    qc = prepare_qc_model(model, calibration, args.alpha, args.delta, args.threshold, args.method, samples, factor, qc, step)
+    rows, truth = pair_features(model, pairs, factor, qc.samples, qc.tta, progress=step)
+    bar.close()
+    payload = qc_report(qc, [p.name for p in pairs], rows, truth)
+    if args.save_qc_model is not None:
+        qc.save(args.save_qc_model)
+    emit(args, payload, _human(payload))
+    return payload
+
+
+def _human(payload: dict) -> str:
+    lines = [f"{'name':40s} {'dice_pred':>9s} {'decision':>8s} {'dice_true':>9s}"]
+    for row in sorted(payload["per_image"], key=lambda r: r["dice_pred"]):
+        true = "-" if row["dice_true"] is None else f"{row['dice_true']:.3f}"
+        decision = "accept" if row["accepted"] else "review"
+        lines.append(f"{row['name'][:40]:40s} {row['dice_pred']:9.3f} {decision:>8s} {true:>9s}")
+    cut = payload["cut"]
+    lines.append(
+        f"method {payload['method']}, accept when predicted Dice >= {'none' if cut is None else f'{cut:.3f}'} "
+        f"(Dice > {payload['threshold']} with precision >= {1 - payload['alpha']:.2f} w.p. >= {1 - payload['delta']:.2f})"
+    )
+    if payload["metrics"]:
+        lines.append(" ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in payload["metrics"].items()))
+    return "\n".join(lines)
