@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("demo", "train", "predict", "evaluate", "simulate", "qc")
+SUBCOMMANDS = ("demo", "train", "predict", "evaluate", "simulate", "qc", "batch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,361 @@
+"""Batch uncertainty + QC over many images and whole slides on a Dask cluster.
+
+Tasks take paths and return small dicts; the network is loaded inside each worker and cached
+per process. An image (or a small slide) is one task; a large slide is planned on the client
+(level, tissue, blocks), split into one task per tissue block (each writes its chunk-aligned
+block into a scratch zarr store), and finished by a task that streams the OME-TIFF pyramids and
+the slide's QC. Every output is written under a temporary name and renamed; a slide's
+``<name>.json`` record is written last, so a re-run skips exactly the finished slides. A task
+that fails is reported in the summary while the rest finish; a worker that dies is replaced by
+its nanny and its tasks rerun (Dask's ``allowed-failures``).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io as _bytesio
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import IMAGE_SUFFIXES, InputError, atomic_write_bytes, atomic_write_json
+
+_MODELS: dict[tuple, object] = {}
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Settings shared by every task of a batch."""
+
+    samples: int = 8
+    tta: str = "none"
+    mpp: float | None = None
+    block: int = 2048
+    margin: int = 64
+    batch_size: int = 4
+    split_above: int = 4096 * 4096  # source pixels; larger TIFFs are split into blocks
+    device: str = "auto"
+    threads: int = 0  # torch threads per worker (0 = leave torch's default)
+
+
+def list_inputs(spec: str | os.PathLike) -> list[Path]:
+    """Images and slides named by a folder, a file or a glob pattern (sorted)."""
+    text = str(spec)
+    if any(ch in text for ch in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(text))]
+    elif Path(text).is_dir():
+        paths = sorted(Path(text).iterdir())
+    elif Path(text).is_file():
+        paths = [Path(text)]
+    else:
+        raise InputError(f"{text}: no such file, folder or matching pattern")
+    paths = [p for p in paths if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".svs")]
+    if not paths:
+        raise InputError(f"{text}: no image or slide files ({', '.join((*IMAGE_SUFFIXES, '.svs'))})")
+    names = [_name(p) for p in paths]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"{text}: several inputs share the name {duplicates[0]!r}; outputs would collide")
+    return paths
+
+
+def _name(path: Path) -> str:
+    from .slides import slide_name
+
+    return slide_name(path)
+
+
+def cached_model(model_path: str, device: str = "auto", threads: int = 0):
+    """The network from ``model_path``, loaded once per worker process (keyed by path, mtime, device)."""
+    import torch
+
+    from .models import load_model
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    key = (model_path, os.path.getmtime(model_path), device)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(model_path, device)
+    return _MODELS[key]
+
+
+def record_path(out_dir: str | os.PathLike, name: str) -> Path:
+    """The per-slide record; written last, it marks the slide as finished."""
+    return Path(out_dir) / f"{name}.json"
+
+
+def finished_record(out_dir: str | os.PathLike, name: str) -> dict | None:
+    """The record of a slide finished by an earlier run (all outputs present), else ``None``."""
+    path = record_path(out_dir, name)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    outputs = record.get("outputs", {})
+    if record.get("status") != "ok" or not outputs or not all(Path(p).is_file() for p in outputs.values()):
+        return None
+    return record
+
+
+def _qc_row(qc: dict | None, rows: Sequence[dict]) -> dict:
+    """Predicted Dice and acceptance from feature rows (several rows: one per block, averaged)."""
+    if qc is None or not rows:
+        return {"dice_pred": None, "accepted": None}
+    from .quality import QCModel
+
+    pred, accepted = QCModel.from_dict(qc).predict(list(rows))
+    return {"dice_pred": float(np.mean(pred)), "accepted": bool(np.all(accepted))}
+
+
+def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict | None) -> dict:
+    """One image or small slide in one task: maps at the image's resolution, OME-TIFFs, QC, record."""
+    from .models import DEFAULT_MPP
+    from .slides import output_paths, write_pyramid_array
+    from .uncertainty import compute_uncertainty
+
+    start = time.perf_counter()
+    opts = BatchOptions(**options)
+    model = cached_model(model_path, opts.device, opts.threads)
+    image, mpp = _read_small(Path(path), opts.mpp)
+    mpp = mpp or DEFAULT_MPP
+    samples, tta, tile = opts.samples, opts.tta, 256
+    if qc is not None:
+        from .quality import QC_TILE
+
+        tta, tile = qc["tta"], QC_TILE
+    maps = compute_uncertainty(model, image, samples, tta, mpp / model.config.input_mpp, tile=tile, batch_size=opts.batch_size, keep_samples=qc is not None)
+    name = _name(Path(path))
+    paths = output_paths(out_dir, name)
+    write_pyramid_array(paths["probability"], maps.probability, mpp, name=f"{name} probability")
+    write_pyramid_array(paths["entropy"], maps.entropy, mpp, name=f"{name} entropy")
+    write_pyramid_array(paths["prediction"], maps.prediction, mpp, "uint8", name=f"{name} prediction")
+    rows = []
+    if qc is not None:
+        from .quality import image_features
+
+        rows = [image_features(maps, image)]
+    record = {
+        "name": name,
+        "path": str(path),
+        "status": "ok",
+        "kind": "image",
+        "shape": list(image.shape[:2]),
+        "mpp": mpp,
+        "megapixels": image.shape[0] * image.shape[1] / 1e6,
+        "seconds": time.perf_counter() - start,
+        "outputs": {k: str(v) for k, v in paths.items()},
+        **_qc_row(qc, rows),
+    }
+    atomic_write_json(record_path(out_dir, name), record)
+    return record
+
+
+def _read_small(path: Path, mpp: float | None) -> tuple[np.ndarray, float | None]:
+    """An image in memory and its pixel size (from the TIFF, else ``mpp``)."""
+    from .io import read_image
+
+    if path.suffix.lower() in (".tif", ".tiff", ".svs"):
+        from .slides import Slide
+
+        with Slide(path, mpp) as slide:
+            return read_image(path), slide.mpp
+    return read_image(path), mpp
+
+
+def block_task(plan: dict, index: tuple[int, int], model_path: str, options: dict, with_qc: bool) -> list[dict]:
+    """One tissue block of a large slide into the scratch store; its QC feature row when asked."""
+    from .slides import SlidePlan, process_block
+
+    opts = BatchOptions(**options)
+    model = cached_model(model_path, opts.device, opts.threads)
+    return process_block(model, SlidePlan.from_dict(plan), tuple(index), opts.samples, opts.tta, opts.batch_size, opts.mpp, with_qc)
+
+
+def finalize_task(plan: dict, out_dir: str, qc: dict | None, start: float, *block_rows: list[dict]) -> dict:
+    """Stream a slide's pyramids from its scratch store, predict its QC, write its record."""
+    from .slides import SlidePlan, finalize_slide, summarize_plan
+
+    slide_plan = SlidePlan.from_dict(plan)
+    paths = finalize_slide(slide_plan, out_dir)
+    rows = [row for rows in block_rows for row in rows]
+    h, w = slide_plan.shape
+    record = {
+        **summarize_plan(slide_plan, paths),
+        "path": slide_plan.path,
+        "status": "ok",
+        "kind": "slide",
+        "megapixels": h * w / 1e6,
+        "seconds": time.time() - start,
+        **_qc_row(qc, rows),
+    }
+    atomic_write_json(record_path(out_dir, slide_plan.name), record)
+    return record
+
+
+def _is_large(path: Path, opts: BatchOptions) -> bool:
+    if path.suffix.lower() not in (".tif", ".tiff", ".svs"):
+        return False
+    from .slides import Slide
+
+    with Slide(path, opts.mpp) as slide:
+        h, w = slide.shape
+    return h * w > opts.split_above
+
+
+def _has_gpu_workers(client) -> bool:
+    workers = client.scheduler_info().get("workers", {}).values()
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
+
+
+def _failed(path: Path, error: BaseException | str) -> dict:
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"name": _name(path), "path": str(path), "status": "failed", "error": message, "dice_pred": None, "accepted": None}
+
+
+def submit_all(client, inputs: Sequence[Path], out_dir: Path, model_path: str, opts: BatchOptions, qc: dict | None) -> tuple[dict, list[dict], int]:
+    """Submit every unfinished input; returns {future: input path}, records for skipped/failed inputs, task count."""
+    from .slides import plan_slide
+
+    input_mpp = cached_model(model_path, "cpu").config.input_mpp
+    resources = {"GPU": 1} if _has_gpu_workers(client) else None
+    options = asdict(opts)
+    finals: dict = {}
+    early: list[dict] = []
+    n_tasks = 0
+    for path in inputs:
+        name = _name(path)
+        done = finished_record(out_dir, name)
+        if done is not None:
+            early.append({**done, "skipped": True})
+            continue
+        try:
+            large = _is_large(path, opts)
+            if large:
+                plan = plan_slide(path, out_dir / ".scratch" / f"{name}.zarr", input_mpp, opts.mpp, block=opts.block, margin=opts.margin)
+        except InputError as exc:
+            early.append(_failed(path, str(exc)))
+            continue
+        if not large:
+            future = client.submit(image_task, str(path), str(out_dir), model_path, options, qc, key=f"image-{name}-{time.time_ns()}", resources=resources, retries=1)
+            finals[future] = path
+            n_tasks += 1
+            continue
+        plan_dict = plan.to_dict()
+        blocks = [
+            client.submit(block_task, plan_dict, list(index), model_path, options, qc is not None, key=f"block-{name}-{index[0]}-{index[1]}-{time.time_ns()}", resources=resources, retries=1)
+            for index in plan.blocks
+        ]
+        future = client.submit(finalize_task, plan_dict, str(out_dir), qc, time.time(), *blocks, key=f"finalize-{name}-{time.time_ns()}", retries=1)
+        finals[future] = path
+        n_tasks += len(blocks) + 1
+    return finals, early, n_tasks
+
+
+def run_batch(
+    client,
+    inputs: Sequence[Path],
+    out_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    options: BatchOptions = BatchOptions(),
+    qc: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Process every input on ``client``'s cluster; write ``qc.csv`` and ``summary.json``; return the summary.
+
+    Parameters
+    ----------
+    client : a ``distributed.Client``.
+    inputs : image / slide paths (see :func:`list_inputs`).
+    out_dir : outputs per input (``<name>_{probability,entropy,prediction}.ome.tif``, ``<name>.json``).
+    model_path : the weights file, loaded inside the workers.
+    qc : a ``QCModel.to_dict()``, or ``None`` to skip QC.
+    progress : called with (inputs done, inputs total).
+    """
+    from distributed import as_completed
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finals, records, n_tasks = submit_all(client, inputs, out_dir, str(model_path), options, qc)
+    total = len(inputs)
+    if progress is not None:
+        progress(len(records), total)
+    for future in as_completed(list(finals)):
+        path = finals[future]
+        if future.status == "finished":
+            records.append(future.result())
+        else:
+            records.append(_failed(path, future.exception()))
+        if progress is not None:
+            progress(len(records), total)
+    order = {_name(p): i for i, p in enumerate(inputs)}
+    records.sort(key=lambda r: order.get(r["name"], len(order)))
+    summary = _summary(records, time.perf_counter() - start, n_tasks)
+    write_qc_csv(out_dir / "qc.csv", records)
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _summary(records: list[dict], seconds: float, n_tasks: int) -> dict:
+    ran = [r for r in records if r["status"] == "ok" and not r.get("skipped")]
+    megapixels = sum(r.get("megapixels", 0.0) for r in ran)
+    return {
+        "n_inputs": len(records),
+        "n_ok": sum(r["status"] == "ok" for r in records),
+        "n_failed": sum(r["status"] == "failed" for r in records),
+        "n_skipped": sum(bool(r.get("skipped")) for r in records),
+        "n_tasks": n_tasks,
+        "seconds": seconds,
+        "megapixels": megapixels,
+        "megapixels_per_second": megapixels / seconds if seconds > 0 else 0.0,
+        "slides": records,
+    }
+
+
+def write_qc_csv(path: Path, records: Sequence[dict]) -> None:
+    """``name, dice_pred, accepted`` for every input (empty cells where QC did not run)."""
+    buffer = _bytesio.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", "dice_pred", "accepted"])
+    for r in records:
+        dice_pred = "" if r.get("dice_pred") is None else f"{r['dice_pred']:.4f}"
+        accepted = "" if r.get("accepted") is None else str(bool(r["accepted"])).lower()
+        writer.writerow([r["name"], dice_pred, accepted])
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def make_client(scheduler: str | None = None, workers: int = 2):
+    """A client of the scheduler at ``scheduler``, or of a new ``LocalCluster`` (GPU workers when CUDA is present).
+
+    The local cluster has one single-threaded worker process per GPU (marked with the ``GPU``
+    resource) or ``workers`` CPU worker processes; torch threads are split between them.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise InputError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    import torch
+
+    gpus = torch.cuda.device_count()
+    kwargs = {"n_workers": gpus, "resources": {"GPU": 1}} if gpus else {"n_workers": workers}
+    cluster = LocalCluster(threads_per_worker=1, processes=True, dashboard_address=None, **kwargs)
+    return Client(cluster)
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads per local CPU worker so that workers do not oversubscribe the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -1,0 +1,538 @@
+"""Whole slides: lazy multi-resolution reading, block-wise uncertainty, pyramidal OME-TIFF output.
+
+A slide is read level by level through tifffile's ``aszarr`` (only the tiles touched are
+decoded). The working level is the coarsest one that is still at least as fine as the
+network's µm/px; tissue is found on a low level so background blocks never reach the model.
+The slide is processed in square blocks of working-scale pixels (plus a margin for context);
+each block's maps go into a scratch zarr store, from which tiled, compressed, multi-resolution
+OME-TIFFs (probability, entropy, prediction) are streamed tile by tile. Memory stays bounded
+by the block size, not the slide size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import InputError, tissue_mask
+
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff")
+MAP_NAMES = ("probability", "entropy", "prediction")
+SCRATCH_MAPS = ("probability", "entropy", "mutual_information", "variance")
+TILE = 256
+TISSUE_SIDE = 2048  # the tissue level is the finest whose longer side is at most this
+_UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _plausible(mpp: float | None) -> float | None:
+    return mpp if mpp is not None and 0.01 <= mpp <= 20 else None
+
+
+def _ome_mpp(xml: str) -> float | None:
+    root = ET.fromstring(xml)
+    for element in root.iter():
+        if element.tag.endswith("Pixels") and "PhysicalSizeX" in element.attrib:
+            unit = element.attrib.get("PhysicalSizeXUnit", "µm")
+            return float(element.attrib["PhysicalSizeX"]) * _UNIT_TO_UM.get(unit, 1.0)
+    return None
+
+
+def _tag_mpp(page) -> float | None:
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    num, den = tags["XResolution"].value
+    per_unit = num / den if den else 0.0
+    unit = int(tags["ResolutionUnit"].value)
+    if per_unit <= 0 or unit not in (2, 3):
+        return None
+    return (25400.0 if unit == 2 else 10000.0) / per_unit
+
+
+def read_mpp(tif) -> float | None:
+    """Level-0 µm/px of an open ``tifffile.TiffFile``: OME metadata, SVS ``MPP``, or resolution tags."""
+    mpp = None
+    if tif.is_ome and tif.ome_metadata:
+        mpp = _ome_mpp(tif.ome_metadata)
+    if mpp is None and tif.is_svs:
+        found = re.search(r"MPP\s*=\s*([0-9.]+)", tif.pages[0].description)
+        mpp = float(found.group(1)) if found else None
+    if mpp is None:
+        mpp = _tag_mpp(tif.pages[0])
+    return _plausible(mpp)
+
+
+class Slide:
+    """A lazily read RGB multi-resolution TIFF: one zarr array (H x W x 3 uint8) per level.
+
+    Use as a context manager (the file stays open while the levels are read).
+    """
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
+        import tifffile
+        import zarr
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+            self.levels = [zarr.open(self._tif.aszarr(series=0, level=i), mode="r") for i in range(len(series.levels))]
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+            raise InputError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__})") from None
+        shape, dtype = self.levels[0].shape, self.levels[0].dtype
+        if len(shape) != 3 or shape[-1] not in (3, 4) or dtype != np.uint8:
+            self.close()
+            raise InputError(f"{self.path}: expected an RGB uint8 slide (H x W x 3), got {shape} {dtype}")
+        self.mpp = _plausible(mpp) if mpp is not None else read_mpp(self._tif)
+        if mpp is not None and self.mpp is None:
+            raise InputError(f"mpp: {mpp} µm/px is outside the plausible range 0.01-20")
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._tif.close()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Level-0 height and width."""
+        return tuple(self.levels[0].shape[:2])
+
+    def downsample(self, level: int) -> float:
+        """Level-0 pixels per pixel of ``level``."""
+        return self.levels[0].shape[1] / self.levels[level].shape[1]
+
+    def level_mpp(self, level: int, default: float) -> float:
+        """µm/px of a level (``default`` stands in for an unknown level-0 pixel size)."""
+        return (self.mpp or default) * self.downsample(level)
+
+    def dask(self, level: int = 0):
+        """The level as a dask array (chunks = TIFF tiles)."""
+        import dask.array as da
+
+        return da.from_zarr(self.levels[level])
+
+    def tissue(self, max_side: int = TISSUE_SIDE) -> tuple[np.ndarray, float]:
+        """Tissue mask on a low level and its downsample (level-0 px per mask px)."""
+        fitting = [i for i, a in enumerate(self.levels) if max(a.shape[:2]) <= max_side]
+        level = fitting[0] if fitting else len(self.levels) - 1
+        array = self.levels[level]
+        step = max(1, math.ceil(max(array.shape[:2]) / max_side))
+        rgb = np.asarray(array[::step, ::step, :3])
+        mask = tissue_mask(rgb) if min(rgb.shape[:2]) >= 8 else np.ones(rgb.shape[:2], bool)
+        from scipy import ndimage
+
+        return ndimage.binary_dilation(mask, iterations=1), self.downsample(level) * step
+
+
+def pick_level(slide: Slide, target_mpp: float, default_mpp: float) -> tuple[int, float]:
+    """The coarsest level not coarser than ``target_mpp`` and its source-to-working factor."""
+    level = 0
+    for i in range(len(slide.levels)):
+        if slide.level_mpp(i, default_mpp) <= target_mpp * 1.05:
+            level = i
+    return level, slide.level_mpp(level, default_mpp) / target_mpp
+
+
+class _Window:
+    """A lazy rectangular view of a level: slicing reads only what is asked for."""
+
+    def __init__(self, array, y0: int, x0: int, h: int, w: int) -> None:
+        self.array, self.y0, self.x0 = array, y0, x0
+        self.shape = (h, w, array.shape[2])
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        ys, xs, cs = key
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        return np.asarray(self.array[self.y0 + y0 : self.y0 + y1, self.x0 + x0 : self.x0 + x1, cs])
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """How a slide is processed: level, scale, working shape and the blocks that hold tissue."""
+
+    path: str
+    name: str
+    level: int
+    factor: float
+    working_mpp: float
+    shape: tuple[int, int]
+    block: int
+    margin: int
+    blocks: tuple[tuple[int, int], ...]
+    n_blocks: int
+    scratch: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SlidePlan:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["shape"] = tuple(data["shape"])
+        data["blocks"] = tuple(tuple(b) for b in data["blocks"])
+        return cls(**data)
+
+
+def slide_name(path: str | os.PathLike) -> str:
+    """A slide's name: its file name without the (OME-)TIFF suffixes."""
+    name = Path(path).name
+    for suffix in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _block_tissue(tissue: np.ndarray, scale: float, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Nearest-neighbour crop of the low-level tissue mask to a working-scale box (y0, x0, h, w)."""
+    y0, x0, h, w = box
+    rows = np.minimum(((y0 + np.arange(h) + 0.5) * scale).astype(int), tissue.shape[0] - 1)
+    cols = np.minimum(((x0 + np.arange(w) + 0.5) * scale).astype(int), tissue.shape[1] - 1)
+    return tissue[np.ix_(rows, cols)]
+
+
+def plan_slide(
+    path: str | os.PathLike,
+    scratch: str | os.PathLike,
+    input_mpp: float,
+    mpp: float | None = None,
+    default_mpp: float = 0.243,
+    block: int = 2048,
+    margin: int = 64,
+) -> SlidePlan:
+    """Choose the working level, detect tissue and create the scratch store for the maps.
+
+    Parameters
+    ----------
+    path : the slide (multi-resolution or plain TIFF).
+    scratch : a ``.zarr`` folder to create (replaced if it exists).
+    input_mpp : the network's µm/px (``model.config.input_mpp``).
+    mpp : level-0 µm/px when the file has none (or to override it).
+    default_mpp : assumed when neither the file nor the user gives a pixel size.
+    block, margin : working-scale block side (a multiple of 256) and context margin.
+    """
+    import zarr
+
+    if block % TILE:
+        raise ValueError(f"block must be a multiple of {TILE}, got {block}")
+    with Slide(path, mpp) as slide:
+        level, factor = pick_level(slide, input_mpp, default_mpp)
+        h_src, w_src = slide.levels[level].shape[:2]
+        shape = (max(1, round(h_src * factor)), max(1, round(w_src * factor)))
+        tissue, tissue_ds = slide.tissue()
+        scale = input_mpp / slide.level_mpp(0, default_mpp) / tissue_ds  # tissue px per working px
+    grid = [(by, bx) for by in range(-(-shape[0] // block)) for bx in range(-(-shape[1] // block))]
+    blocks = tuple(
+        (by, bx)
+        for by, bx in grid
+        if _block_tissue(tissue, scale, (by * block, bx * block, min(block, shape[0] - by * block), min(block, shape[1] - bx * block))).any()
+    )
+    scratch = Path(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    group = zarr.open_group(scratch, mode="w")
+    for key in SCRATCH_MAPS:
+        group.create_array(key, shape=shape, chunks=(block, block), dtype="float32", fill_value=0.0)
+    group.create_array("tissue", data=tissue)
+    group.attrs["tissue_scale"] = scale
+    plan = SlidePlan(str(path), slide_name(path), level, factor, input_mpp, shape, block, margin, blocks, len(grid), str(scratch))
+    group.attrs["plan"] = plan.to_dict()
+    return plan
+
+
+def process_block(
+    model,
+    plan: SlidePlan,
+    index: tuple[int, int],
+    samples: int = 8,
+    tta: str = "none",
+    batch_size: int = 4,
+    mpp: float | None = None,
+    with_qc: bool = False,
+) -> list[dict]:
+    """Compute one block's maps (with its margin) and write them into the scratch store.
+
+    The block is chunk-aligned, so blocks can be written by different processes at once;
+    rewriting a block (a retried task) gives the same result. With ``with_qc`` the block's
+    QC feature row (:func:`napari_uga.quality.image_features` at working scale) is returned.
+    """
+    import zarr
+
+    from .uncertainty import compute_uncertainty
+
+    group = zarr.open_group(plan.scratch, mode="r+")
+    h, w = plan.shape
+    by, bx = index
+    y0, x0 = by * plan.block, bx * plan.block
+    bh, bw = min(plan.block, h - y0), min(plan.block, w - x0)
+    wy0, wx0 = max(0, y0 - plan.margin), max(0, x0 - plan.margin)
+    wy1, wx1 = min(h, y0 + bh + plan.margin), min(w, x0 + bw + plan.margin)
+    with Slide(plan.path, mpp) as slide:
+        level = slide.levels[plan.level]
+        sy0, sx0 = int(wy0 / plan.factor), int(wx0 / plan.factor)
+        sy1 = min(level.shape[0], math.ceil(wy1 / plan.factor))
+        sx1 = min(level.shape[1], math.ceil(wx1 / plan.factor))
+        window = _Window(level, sy0, sx0, sy1 - sy0, sx1 - sx0)
+        out_h, out_w = max(1, round((sy1 - sy0) * plan.factor)), max(1, round((sx1 - sx0) * plan.factor))
+        oy, ox = round(sy0 * plan.factor), round(sx0 * plan.factor)
+        tissue = _block_tissue(np.asarray(group["tissue"]), group.attrs["tissue_scale"], (oy, ox, out_h, out_w))
+        maps = compute_uncertainty(
+            model, window, samples, tta, plan.factor, batch_size=batch_size, keep_samples=with_qc, output_scale="working", tissue=tissue
+        )
+        rows = [_block_features(maps, window, plan.factor)] if with_qc else []
+    for key in SCRATCH_MAPS:
+        values = maps.layer(key)[y0 - oy : y0 - oy + bh, x0 - ox : x0 - ox + bw]
+        pad = ((0, bh - values.shape[0]), (0, bw - values.shape[1]))
+        group[key][y0 : y0 + bh, x0 : x0 + bw] = np.pad(values, pad, mode="edge") if any(p[1] for p in pad) else values
+    return rows
+
+
+def _block_features(maps, window: _Window, factor: float) -> dict:
+    """QC features of a block from its working-scale maps and its image resized to working scale."""
+    from .quality import image_features
+    from .uncertainty import _read_tile
+
+    h, w = maps.probability.shape
+    image = (_read_tile(window, 0, 0, h, w, factor).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return image_features(maps, image)
+
+
+def _pool2(values: np.ndarray) -> np.ndarray:
+    """2 x 2 mean pooling (odd edges repeated)."""
+    values = np.pad(values, ((0, values.shape[0] % 2), (0, values.shape[1] % 2)), mode="edge")
+    return values.reshape(values.shape[0] // 2, 2, values.shape[1] // 2, 2).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _build_pyramid(group, key: str, min_side: int = TILE, block: int = 2048) -> list:
+    """Levels ``key``, ``key_1``, ... of a scratch map, each half the size of the previous one."""
+    levels = [group[key]]
+    while min(levels[-1].shape) >= 2 * min_side:
+        src = levels[-1]
+        shape = (-(-src.shape[0] // 2), -(-src.shape[1] // 2))
+        dst = group.create_array(f"{key}_{len(levels)}", shape=shape, chunks=(block // 2, block // 2), dtype="float32", overwrite=True)
+        for y in range(0, src.shape[0], block):
+            for x in range(0, src.shape[1], block):
+                dst[y // 2 : (y + block) // 2, x // 2 : (x + block) // 2] = _pool2(np.asarray(src[y : y + block, x : x + block]))
+        levels.append(dst)
+    return levels
+
+
+def _tiles(array, transform: Callable[[np.ndarray], np.ndarray], tile: int = TILE) -> Iterator[np.ndarray]:
+    """Row-major tiles of a 2-D (lazy) array, padded to full tiles, one tile row in memory."""
+    h, w = array.shape
+    for y in range(0, h, tile):
+        strip = transform(np.asarray(array[y : y + tile, :]))
+        strip = np.pad(strip, ((0, tile - strip.shape[0]), (0, (-w) % tile)))
+        for x in range(0, w, tile):
+            yield np.ascontiguousarray(strip[:, x : x + tile])
+
+
+def _to_prediction(values: np.ndarray) -> np.ndarray:
+    return (values >= 0.5).astype(np.uint8)
+
+
+def write_pyramid(path: str | os.PathLike, levels: list, mpp: float, dtype: str = "float32", transform: Callable[[np.ndarray], np.ndarray] | None = None, name: str = "") -> Path:
+    """Stream lazy 2-D levels into a tiled, zlib-compressed pyramidal OME-TIFF (sub-IFDs), atomically.
+
+    Level 0 carries the OME pixel size (µm) and every level its resolution tags.
+    """
+    import tifffile
+
+    transform = transform or (lambda v: v.astype(dtype, copy=False))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    options = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "minisblack", "resolutionunit": "CENTIMETER", "dtype": dtype}
+    metadata = {"axes": "YX", "Name": name, "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+            for i, level in enumerate(levels):
+                ds = levels[0].shape[1] / level.shape[1]
+                extra = {"subifds": len(levels) - 1, "metadata": metadata} if i == 0 else {"subfiletype": 1}
+                res = 1e4 / (mpp * ds)
+                tif.write(_tiles(level, transform), shape=tuple(level.shape), resolution=(res, res), **options, **extra)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_pyramid_array(path: str | os.PathLike, values: np.ndarray, mpp: float, dtype: str = "float32", name: str = "") -> Path:
+    """Write an in-memory 2-D map as a pyramidal OME-TIFF (levels by 2 x 2 mean pooling)."""
+    levels = [np.asarray(values)]
+    while min(levels[-1].shape) >= 2 * TILE:
+        levels.append(_pool2(levels[-1].astype(np.float32)))
+    transform = _to_prediction if dtype == "uint8" and len(levels) > 1 else None
+    if transform is not None:
+        levels = [levels[0].astype(np.float32), *levels[1:]]
+    return write_pyramid(path, levels, mpp, dtype, transform, name)
+
+
+def output_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+    """The three OME-TIFF outputs of a slide or image."""
+    return {key: Path(out_dir) / f"{name}_{key}.ome.tif" for key in MAP_NAMES}
+
+
+def finalize_slide(plan: SlidePlan, out_dir: str | os.PathLike, keep_scratch: bool = False) -> dict[str, Path]:
+    """Write the OME-TIFF pyramids from the scratch store, then remove it."""
+    import zarr
+
+    group = zarr.open_group(plan.scratch, mode="r+")
+    paths = output_paths(out_dir, plan.name)
+    probability = _build_pyramid(group, "probability")
+    write_pyramid(paths["probability"], probability, plan.working_mpp, name=f"{plan.name} probability")
+    write_pyramid(paths["entropy"], _build_pyramid(group, "entropy"), plan.working_mpp, name=f"{plan.name} entropy")
+    write_pyramid(paths["prediction"], probability, plan.working_mpp, "uint8", _to_prediction, f"{plan.name} prediction")
+    if not keep_scratch:
+        shutil.rmtree(plan.scratch, ignore_errors=True)
+    return paths
+
+
+def pooled_maps(plan: SlidePlan, max_side: int = TISSUE_SIDE) -> dict[str, np.ndarray]:
+    """Scratch maps mean-pooled so the longer side is at most ``max_side`` (for slide-level QC)."""
+    import zarr
+
+    group = zarr.open_group(plan.scratch, mode="r")
+    k = max(1, math.ceil(max(plan.shape) / max_side))
+    out = {}
+    for key in SCRATCH_MAPS:
+        src = group[key]
+        rows = []
+        for y in range(0, plan.shape[0], k * 256):
+            strip = np.asarray(src[y : y + k * 256, :])
+            hh, ww = -(-strip.shape[0] // k) * k, -(-strip.shape[1] // k) * k
+            strip = np.pad(strip, ((0, hh - strip.shape[0]), (0, ww - strip.shape[1])), mode="edge")
+            rows.append(strip.reshape(hh // k, k, ww // k, k).mean(axis=(1, 3), dtype=np.float32))
+        out[key] = np.concatenate(rows)
+    return out
+
+
+def slide_thumbnail(plan: SlidePlan, shape: tuple[int, int], mpp: float | None = None) -> np.ndarray:
+    """The slide's RGB image resized to ``shape`` from the coarsest level at least that large."""
+    from skimage.transform import resize
+
+    with Slide(plan.path, mpp) as slide:
+        fitting = [i for i, a in enumerate(slide.levels) if a.shape[0] >= shape[0] and a.shape[1] >= shape[1]]
+        array = slide.levels[fitting[-1] if fitting else 0]
+        step = max(1, min(array.shape[0] // shape[0], array.shape[1] // shape[1]))
+        rgb = np.asarray(array[::step, ::step, :3])
+    return (resize(rgb, shape, order=1, anti_aliasing=False, preserve_range=True)).astype(np.uint8)
+
+
+def process_slide(
+    model,
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    samples: int = 8,
+    tta: str = "none",
+    mpp: float | None = None,
+    block: int = 2048,
+    margin: int = 64,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Plan, run every tissue block and write the three pyramids of one slide, in this process.
+
+    Returns a small summary (name, level, working shape, blocks run / total, outputs).
+    """
+    out_dir = Path(out_dir)
+    scratch = out_dir / ".scratch" / f"{slide_name(path)}.zarr"
+    plan = plan_slide(path, scratch, model.config.input_mpp, mpp, block=block, margin=margin)
+    for i, index in enumerate(plan.blocks):
+        process_block(model, plan, index, samples, tta, batch_size, mpp)
+        if progress is not None:
+            progress(i + 1, len(plan.blocks))
+    paths = finalize_slide(plan, out_dir)
+    return summarize_plan(plan, paths)
+
+
+def summarize_plan(plan: SlidePlan, paths: dict[str, Path]) -> dict:
+    """The JSON-ready summary of a processed slide."""
+    return {
+        "name": plan.name,
+        "level": plan.level,
+        "working_shape": list(plan.shape),
+        "working_mpp": plan.working_mpp,
+        "blocks_run": len(plan.blocks),
+        "blocks_total": plan.n_blocks,
+        "outputs": {k: str(v) for k, v in paths.items()},
+    }
+
+
+def read_pyramid(path: str | os.PathLike) -> list:
+    """The levels of a written (or any) pyramidal TIFF as lazy dask arrays, finest first (for napari)."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    store = tifffile.imread(path, aszarr=True)
+    group = zarr.open(store, mode="r")
+    if isinstance(group, zarr.Array):
+        return [da.from_zarr(group)]
+    keys = sorted(group.array_keys(), key=int)
+    return [da.from_zarr(group[k]) for k in keys]
+
+
+def _synthetic_tile(y0: float, x0: float, shape: tuple[int, int], ds: float, blobs: np.ndarray, seed: int) -> np.ndarray:
+    """RGB tile of the synthetic slide: glass, with pink tissue and purple nuclei inside ``blobs``."""
+    yy = (y0 + np.arange(shape[0])[:, None] + 0.5) * ds
+    xx = (x0 + np.arange(shape[1])[None, :] + 0.5) * ds
+    inside = np.zeros(shape, bool)
+    for cy, cx, ry, rx in blobs:
+        inside |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    tile = np.full((*shape, 3), 242, np.uint8)
+    if inside.any():
+        rng = np.random.default_rng([seed, int(y0), int(x0), int(ds)])
+        nuclei = (np.sin(yy / 9.0) * np.sin(xx / 7.0) + rng.normal(0, 0.3, shape)) > 0.6
+        colour = np.where(nuclei[..., None], (110, 60, 150), (225, 150, 195)) + rng.normal(0, 8, (*shape, 3))
+        tile[inside] = np.clip(colour, 0, 255).astype(np.uint8)[inside]
+    return tile
+
+
+def write_synthetic_slide(
+    path: str | os.PathLike, shape: tuple[int, int], mpp: float = 0.243, n_regions: int = 6, tissue_fraction: float = 0.05, seed: int = 0
+) -> Path:
+    """Write a lazily generated H&E-like pyramidal OME-TIFF (mostly glass) for tests and benchmarks.
+
+    Tiles are generated one at a time, so any size can be written with little memory.
+    """
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    radius = math.sqrt(tissue_fraction * shape[0] * shape[1] / (math.pi * n_regions))
+    centres = rng.uniform(radius, np.array(shape) - radius, size=(n_regions, 2))
+    blobs = np.column_stack([centres, radius * rng.uniform(0.7, 1.3, (n_regions, 2))])
+    n_levels = max(1, int(math.log2(max(shape) / 1024)) + 1)
+    options = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "rgb", "resolutionunit": "CENTIMETER", "dtype": "uint8"}
+    metadata = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+
+    def tiles(ds: int) -> Iterator[np.ndarray]:
+        h, w = -(-shape[0] // ds), -(-shape[1] // ds)
+        for y in range(0, h, TILE):
+            for x in range(0, w, TILE):
+                yield _synthetic_tile(y, x, (TILE, TILE), ds, blobs, seed)
+
+    path = Path(path)
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        for i in range(n_levels):
+            ds = 2**i
+            extra = {"subifds": n_levels - 1, "metadata": metadata} if i == 0 else {"subfiletype": 1}
+            level_shape = (-(-shape[0] // ds), -(-shape[1] // ds), 3)
+            tif.write(tiles(ds), shape=level_shape, resolution=(1e4 / (mpp * ds),) * 2, **options, **extra)
+    return path
