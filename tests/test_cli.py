@@ -1,0 +1,147 @@
+"""The ``uga`` command line: contracts (JSON keys, files) and one-line errors on bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_uga.cli import main
+from napari_uga.io import write_array
+from napari_uga.models import load_model
+
+UGA = [sys.executable, "-m", "napari_uga.cli"]
+
+
+def _subset(src: Path, dst: Path, n: int, stride: int = 1) -> Path:
+    for sub in ("images", "masks"):
+        (dst / sub).mkdir(parents=True)
+        for f in sorted((src / sub).iterdir())[::stride][:n]:
+            shutil.copy(f, dst / sub / f.name)
+    return dst
+
+
+def _run(args, json_out=True):
+    proc = subprocess.run([*UGA, *args, *(["--json"] if json_out else [])], capture_output=True, text=True, env={**os.environ, "DISPLAY": ""})
+    return proc
+
+
+def test_evaluate_json_contract(tmp_path, sample_dir, tiny_model_path):
+    data = _subset(sample_dir, tmp_path / "d", 3, stride=8)
+    proc = _run(["evaluate", "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tiny_model_path)])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) == {"dice_global", "dice_mean", "n_images", "per_image"}
+    assert out["n_images"] == 3 and all(set(r) == {"name", "dice"} for r in out["per_image"])
+    assert 0 <= out["dice_global"] <= 1
+
+
+def test_predict_writes_three_files_per_image(tmp_path, sample_dir, tiny_model_path, capsys):
+    data = _subset(sample_dir, tmp_path / "d", 2)
+    code = main(["predict", "--images", str(data / "images"), "--out", str(tmp_path / "o"), "--model", str(tiny_model_path), "--samples", "2", "--json"])
+    assert code == 0
+    import tifffile
+
+    for f in sorted((data / "images").iterdir()):
+        prob = tifffile.imread(tmp_path / "o" / f"{f.stem}_prob.tif")
+        unc = tifffile.imread(tmp_path / "o" / f"{f.stem}_uncertainty.tif")
+        from napari_uga.io import read_mask
+
+        mask = read_mask(tmp_path / "o" / f"{f.stem}_mask.png")
+        assert prob.dtype == unc.dtype == np.float32 and prob.shape == unc.shape == mask.shape == (256, 256)
+        assert np.array_equal(mask, (prob >= 0.5).astype(np.uint8))
+    assert json.loads(capsys.readouterr().out)["n_images"] == 2
+
+
+def test_train_writes_loadable_safetensors(tmp_path, sample_dir):
+    data = _subset(sample_dir, tmp_path / "d", 4, stride=8)
+    out = tmp_path / "m.safetensors"
+    code = main(["train", "--images", str(data / "images"), "--masks", str(data / "masks"), "--out", str(out),
+                 "--epochs", "1", "--steps-per-epoch", "2", "--base", "4", "--json"])
+    assert code == 0
+    model = load_model(out, "cpu")
+    assert model.config.base == 4
+
+
+def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
+    pool = _subset(sample_dir, tmp_path / "pool", 4, stride=8)
+    test = _subset(sample_dir, tmp_path / "test", 2, stride=16)
+    code = main(["simulate", "--pool-images", str(pool / "images"), "--pool-masks", str(pool / "masks"),
+                 "--test-images", str(test / "images"), "--test-masks", str(test / "masks"), "--budgets", "0,1",
+                 "--strategy", "random", "--seeds", "2", "--model", str(tiny_model_path), "--patch-size", "128",
+                 "--steps", "2", "--samples", "2", "--replay-share", "0", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategy"] == "random"
+    assert [c["budget"] for c in out["curve"]] == [0, 1]
+    for c in out["curve"]:
+        assert len(c["per_seed"]) == 2
+        assert c["dice_global"] == pytest.approx(np.mean(c["per_seed"]))
+        assert c["dice_global_std"] == pytest.approx(np.std(c["per_seed"]))
+
+
+def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
+    proc = _run(["demo", "--headless", "--out", str(tmp_path / "demo"), "--model", str(tiny_model_path),
+                 "--budgets", "0,2", "--batch", "2", "--steps", "2", "--samples", "2"])
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert [c["budget"] for c in report["curve"]] == [0, 2]
+    assert not set(report["pool"]) & set(report["test"])
+    for name in ("overlay.png", "dice_vs_round.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 5000
+
+
+def _grey_image_dir(tmp_path):
+    d = tmp_path / "grey"
+    d.mkdir()
+    write_array(d / "g.png", np.zeros((128, 128), np.uint8))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing", "no such file or folder"),
+        ("not_image", "not a readable image"),
+        ("grey", "expected an RGB image"),
+        ("mismatch", "mask is"),
+        ("bad_model", "not a napari-uga safetensors weights file"),
+        ("bad_budgets", "--budgets"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, sample_dir, case, expected):
+    images, masks = sample_dir / "images", sample_dir / "masks"
+    extra = []
+    command = "evaluate"
+    if case == "missing":
+        images = tmp_path / "nope"
+    elif case == "not_image":
+        images = tmp_path / "txt"
+        images.mkdir()
+        (images / "a.png").write_text("hello")
+    elif case == "grey":
+        images = _grey_image_dir(tmp_path)
+    elif case == "mismatch":
+        images = _subset(sample_dir, tmp_path / "d", 1) / "images"
+        masks = tmp_path / "d" / "masks"
+        name = next(masks.iterdir()).name
+        write_array(masks / name, np.zeros((100, 100), np.uint8))
+    elif case == "bad_model":
+        bad = tmp_path / "evil.safetensors"
+        bad.write_bytes(b"\x80\x04not safetensors")
+        extra = ["--model", str(bad)]
+    elif case == "bad_budgets":
+        command = "simulate"
+    args = [command, "--images", str(images), "--masks", str(masks), *extra]
+    if command == "simulate":
+        args = ["simulate", "--pool-images", str(images), "--pool-masks", str(masks), "--test-images", str(images),
+                "--test-masks", str(masks), "--budgets", "five"]
+    proc = _run(args, json_out=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
