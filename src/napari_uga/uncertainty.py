@@ -7,8 +7,10 @@ sliced array (zarr / dask): only the tiles being processed are read.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from .models import UNet
 
 EPS = 1e-6
 TTA_MODES = {"none": 1, "flips": 4, "d4": 8}
+T = TypeVar("T")
 
 
 @dataclass
@@ -219,3 +222,45 @@ def patch_score(values: np.ndarray, how: str = "mean", top_fraction: float = 0.1
         k = max(1, int(round(flat.size * top_fraction)))
         return float(np.partition(flat, flat.size - k)[-k:].mean())
     raise ValueError(f"unknown aggregation {how!r} (mean or topk)")
+
+
+def run_with_oom_fallback(run: Callable[[int, bool], T], batch_size: int) -> T:
+    """Call ``run(batch_size, on_cpu)``; on GPU out-of-memory halve the batch and retry, then fall back to CPU.
+
+    Each fallback step is announced with a ``RuntimeWarning``; the CPU attempt is the last one.
+    """
+    while True:
+        try:
+            return run(batch_size, False)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch_size <= 1:
+                break
+            batch_size = max(1, batch_size // 2)
+            warnings.warn(f"GPU out of memory: retrying with batch size {batch_size}", RuntimeWarning, stacklevel=2)
+    warnings.warn("GPU out of memory at batch size 1: falling back to CPU", RuntimeWarning, stacklevel=2)
+    return run(batch_size, True)
+
+
+def compute_uncertainty_safe(models: UNet | Sequence[UNet], image, batch_size: int = 4, **kwargs) -> UncertaintyMaps:
+    """:func:`compute_uncertainty` that never dies of GPU memory, and is faster on CUDA.
+
+    On CUDA the networks run channels-last under float16 autocast; on out-of-memory the batch is
+    halved and retried, then the networks are moved to the CPU (with a warning).
+    ``kwargs`` are those of :func:`compute_uncertainty`.
+    """
+    models = [models] if isinstance(models, UNet) else list(models)
+
+    def run(size: int, on_cpu: bool) -> UncertaintyMaps:
+        if on_cpu:
+            for model in models:
+                model.to("cpu", memory_format=torch.contiguous_format)
+        cuda = any(next(m.parameters()).is_cuda for m in models)
+        if cuda:
+            for model in models:
+                model.to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            return compute_uncertainty(models, image, batch_size=size, **kwargs)
+
+    return run_with_oom_fallback(run, batch_size)
