@@ -16,6 +16,10 @@ def register(sub) -> None:
     p.add_argument("--masks", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="output weights (.safetensors)")
     p.add_argument("--val-pattern", default=None, help="images whose name contains this are held out for validation")
+    p.add_argument(
+        "--val-side", choices=("all", "right"), default="all",
+        help="hold out all matching tiles, or only the right half by position (overlapping tiles kept together)",
+    )
     p.add_argument("--epochs", type=int, default=8, help="validation rounds; the best one is kept")
     p.add_argument("--steps-per-epoch", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -32,7 +36,12 @@ def run(args: argparse.Namespace) -> dict:
 
     pairs = load_pairs(args.images, args.masks)
     val = [p for p in pairs if args.val_pattern and args.val_pattern in p.name]
-    pairs = [p for p in pairs if p not in val]
+    if val and args.val_side == "right":
+        from ..splits import position_split
+
+        val = position_split(val)[1]
+    names = {p.name for p in val}
+    pairs = [p for p in pairs if p.name not in names]
     if not pairs:
         raise InputError(f"{args.images}: no training image left after --val-pattern {args.val_pattern!r}")
     if args.epochs < 1 or args.steps_per_epoch < 1:

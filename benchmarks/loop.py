@@ -1,0 +1,100 @@
+"""Benchmark the annotation loop: Dice on held-out tiles against the number of annotated patches.
+
+Splits (documented in docs/benchmarks.md):
+- UMCU (centre shift): tiles split by position, stratified by class, overlapping tiles kept on one
+  side (``napari_uga.splits.position_split``); both directions (pool=left/test=right and reverse).
+- EBHI (organ shift): patients split in half (stratified by class, fixed seed); pool = one half.
+
+Usage::
+
+    .venv/bin/python benchmarks/loop.py --dataset umcu --seeds 5 --budgets 0,5,10,20
+    .venv/bin/python benchmarks/loop.py --dataset ebhi --seeds 5 --diversity clusters+balanced
+
+Prints a table (mean ± sd over seeds) and writes JSON + a plot to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_uga.io import load_pairs
+from napari_uga.loop import LoopConfig, replay_pairs, simulate
+from napari_uga.models import load_model, working_factor
+from napari_uga.plots import plot_curves
+from napari_uga.splits import position_split
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ebhi_patient_split(seed: int = 0):
+    """EBHI pool/test halves by patient, stratified by each patient's class."""
+    rows = [r for r in csv.DictReader(open(DATA / "index.csv")) if r["group"] == "ebhi_seg"]
+    by_class: dict[str, list[str]] = {}
+    for patient, cls in sorted({(r["patient"], r["orig_class"]) for r in rows}):
+        by_class.setdefault(cls, []).append(patient)
+    rng = np.random.default_rng(seed)
+    pool_patients: set[str] = set()
+    for patients in by_class.values():
+        rng.shuffle(patients)
+        pool_patients.update(patients[: len(patients) // 2])
+    pairs = load_pairs(DATA / "ebhi_seg" / "images", DATA / "ebhi_seg" / "masks")
+    patient_of = {r["name"]: r["patient"] for r in rows}
+    pool = [p for p in pairs if patient_of[p.name] in pool_patients]
+    test = [p for p in pairs if patient_of[p.name] not in pool_patients]
+    return pool, test
+
+
+def splits(dataset: str):
+    """(name, pool, test, mpp) for each split of a dataset."""
+    if dataset == "umcu":
+        left, right = position_split(load_pairs(DATA / "camelyon16_umcu" / "images", DATA / "camelyon16_umcu" / "masks"))
+        return [("umcu left->right", left, right, 0.226), ("umcu right->left", right, left, 0.226)]
+    pool, test = ebhi_patient_split()
+    return [("ebhi patients", pool, test, 0.97)]
+
+
+def main() -> None:
+    """Run every split x strategy x seed and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("umcu", "ebhi"), required=True)
+    parser.add_argument("--budgets", default="0,5,10,20")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--strategies", default="uncertainty,random")
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--tag", default="default", help="name of this configuration in the output files")
+    defaults = LoopConfig()
+    for field, value in vars(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args()
+    config = LoopConfig(**{f: getattr(args, f) for f in vars(defaults)})
+    budgets = [int(b) for b in args.budgets.split(",")]
+    model = load_model(args.model, "auto")
+    replay = replay_pairs()
+    results = {"config": vars(config), "tag": args.tag, "splits": {}}
+    for name, pool, test, mpp in splits(args.dataset):
+        factor = working_factor(model, mpp)
+        curves = {}
+        for strategy in args.strategies.split(","):
+            started = time.perf_counter()
+            runs = [simulate(model, pool, test, budgets, strategy, s, factor, config, replay).dice_global for s in range(args.seeds)]
+            arr = np.array(runs)
+            curves[strategy] = {"budgets": budgets, "mean": arr.mean(0).tolist(), "std": arr.std(0).tolist(), "per_seed": runs,
+                                "seconds": round(time.perf_counter() - started, 1)}
+            print(f"{name:18} {strategy:11} " + "  ".join(f"{b:>3}: {m:.3f}±{s:.3f}" for b, m, s in zip(budgets, arr.mean(0), arr.std(0), strict=True))
+                  + f"   ({curves[strategy]['seconds']} s, {len(pool)} pool / {len(test)} test tiles)", flush=True)
+        results["splits"][name] = curves
+        slug = name.replace(" ", "_").replace(">", "").replace("-", "_")
+        plot_curves({k: (v["budgets"], v["mean"], v["std"]) for k, v in curves.items()}, RESULTS / f"loop_{args.tag}_{slug}.png", f"{name} ({args.tag})")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"loop_{args.tag}_{args.dataset}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
