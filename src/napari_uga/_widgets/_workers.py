@@ -1,0 +1,90 @@
+"""Background work for the dock: the only place that creates napari thread workers.
+
+Workers get arrays, models and settings, never layers or widgets, and report back only
+through the worker's signals (``yielded``, ``returned``, ``errored``, ``finished``), which
+napari delivers on the main thread. Errors also become napari notifications.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
+
+from ..io import Pair, tissue_mask
+from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs
+from ..models import UNet
+from ..selection import Candidate, score_candidates
+from ..training import CancelToken, ProgressEvent
+from ..uncertainty import UncertaintyMaps, compute_uncertainty
+
+
+@dataclass
+class MapsResult:
+    """Uncertainty maps of one image and its scored candidate patches."""
+
+    maps: UncertaintyMaps
+    candidates: list[Candidate]
+
+
+@lru_cache(maxsize=1)
+def _replay() -> tuple[Pair, ...]:
+    return tuple(replay_pairs())
+
+
+def compute_maps(model: UNet, name: str, image, samples: int, factor: float, config: LoopConfig) -> MapsResult:
+    """Uncertainty maps of ``image`` and every tissue patch scored for the proposal queue."""
+    maps = compute_uncertainty(model, image, samples=samples, tta=config.tta, factor=factor)
+    rgb = np.asarray(image)
+    candidates = score_candidates(
+        name, rgb, maps.layer(config.measure), maps.probability, tissue_mask(rgb), patch=config.patch, how=config.aggregate
+    )
+    return MapsResult(maps, candidates)
+
+
+def finetune_events(
+    model: UNet,
+    annotations: Sequence[Annotation],
+    factor: float,
+    config: LoopConfig,
+    seed: int,
+    cancel: CancelToken,
+    threads: int | None = None,
+) -> Iterator[ProgressEvent]:
+    """Drive :func:`napari_uga.loop.finetune` with the shipped replay tiles; returns its result.
+
+    ``threads`` caps torch's CPU threads for the run (fewer threads leave a core to the UI).
+    """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    result: FinetuneResult | None = yield from finetune(model, annotations, _replay(), factor, config, seed, cancel)
+    return result
+
+
+def maps_worker(model: UNet, name: str, image, samples: int, factor: float, config: LoopConfig) -> FunctionWorker:
+    """An unstarted worker returning :class:`MapsResult`."""
+    return create_worker(
+        compute_maps, model, name, image, samples, factor, config,
+        _start_thread=False, _ignore_errors=True, _progress={"desc": "UGA uncertainty maps"},
+    )  # fmt: skip
+
+
+def finetune_worker(
+    model: UNet,
+    annotations: Sequence[Annotation],
+    factor: float,
+    config: LoopConfig,
+    seed: int,
+    cancel: CancelToken,
+    threads: int | None = None,
+) -> GeneratorWorker:
+    """An unstarted worker yielding progress events and returning a ``FinetuneResult`` (or ``None``)."""
+    return create_worker(
+        finetune_events, model, list(annotations), factor, config, seed, cancel, threads,
+        _start_thread=False, _ignore_errors=True,
+    )  # fmt: skip

@@ -1,0 +1,100 @@
+"""npe2 writers: labels as a TIFF mask, labels and shapes as QuPath-compatible GeoJSON.
+
+Coordinates are the layers' data coordinates, which are the full-resolution (level-0)
+pixel coordinates of the image they were drawn on; GeoJSON points are ``[x, y]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_write_bytes, write_array
+
+CLASS_COLOURS = {"Tumor": [200, 0, 0], "Proposal": [255, 200, 0]}
+
+
+def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
+    """Write a labels layer (level 0 when multiscale) as a single-channel uint8 TIFF mask."""
+    array = np.asarray(data[0] if meta.get("multiscale") else data)
+    if array.max(initial=0) > 255:
+        raise ValueError(f"{path}: labels above 255 do not fit an 8-bit mask")
+    return [str(write_array(_with_suffix(path, (".tif", ".tiff")), array.astype(np.uint8)))]
+
+
+def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
+    """Write each label value of a labels layer as one (multi)polygon feature."""
+    array = np.asarray(data[0] if meta.get("multiscale") else data)
+    features = []
+    for value in np.unique(array):
+        if value == 0:
+            continue
+        polygons = mask_polygons(array == value)
+        geometry = {"type": "MultiPolygon", "coordinates": polygons}
+        features.append(_feature(geometry, "Tumor", f"{meta.get('name', 'labels')} {int(value)}"))
+    return [_dump(path, features)]
+
+
+def write_shapes_geojson(path: str, data, meta: dict) -> list[str]:
+    """Write the polygons and rectangles of a shapes layer (e.g. ``uga: proposals``) as features."""
+    texts = _shape_texts(meta, len(data))
+    features = []
+    for vertices, text in zip(data, texts, strict=True):
+        ring = [[float(x), float(y)] for y, x in np.asarray(vertices)[:, -2:]]
+        ring.append(ring[0])
+        features.append(_feature({"type": "Polygon", "coordinates": [ring]}, "Proposal", text))
+    return [_dump(path, features)]
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[list[list[float]]]]:
+    """Polygons (outer ring + holes, ``[x, y]`` pixel corners) tracing a boolean mask."""
+    from matplotlib.path import Path as MplPath
+    from skimage.measure import find_contours
+
+    padded = np.pad(mask.astype(np.uint8), 1)
+    rings = [c[:, ::-1] - 1 + 0.5 for c in find_contours(padded, 0.5, positive_orientation="high")]
+    outers = [r for r in rings if _signed_area(r) < 0]
+    holes = [r for r in rings if _signed_area(r) >= 0]
+    polygons = [[r] for r in outers]
+    for hole in holes:
+        for polygon in polygons:
+            if MplPath(polygon[0]).contains_point(hole[0]):
+                polygon.append(hole)
+                break
+    return [[np.round(r, 2).tolist() for r in polygon] for polygon in polygons]
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _shape_texts(meta: dict, count: int) -> list[str]:
+    text = meta.get("text") or {}
+    values = text.get("values") if isinstance(text, dict) else None
+    if values is None or len(values) != count:
+        return [f"{meta.get('name', 'shape')} {i + 1}" for i in range(count)]
+    return [str(v) for v in values]
+
+
+def _feature(geometry: dict, classification: str, name: str) -> dict:
+    properties = {
+        "objectType": "annotation",
+        "name": name,
+        "classification": {"name": classification, "color": CLASS_COLOURS[classification]},
+    }
+    return {"type": "Feature", "geometry": geometry, "properties": properties}
+
+
+def _dump(path: str, features: list[dict]) -> str:
+    target = _with_suffix(path, (".geojson", ".json"))
+    payload = {"type": "FeatureCollection", "features": features}
+    atomic_write_bytes(target, json.dumps(payload).encode())
+    return str(target)
+
+
+def _with_suffix(path: str, suffixes: tuple[str, ...]) -> Path:
+    target = Path(path)
+    return target if target.suffix.lower() in suffixes else target.with_suffix(suffixes[0])

@@ -1,0 +1,36 @@
+"""Fixtures for widget tests: a real viewer with the demo slide and the UGA dock on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_uga._widgets.annotate import AnnotateWidget
+
+WAIT_MS = 120_000
+
+
+@pytest.fixture()
+def dock(make_napari_viewer, qtbot, tiny_model_path, tmp_path):
+    """The UGA dock on a viewer holding the demo slide and its ground truth (opened through the manifest)."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-uga", "camelyon_demo_slide")
+    viewer.open_sample("napari-uga", "camelyon_demo_truth")
+    widget = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="UGA annotation")
+    widget.model_edit.setText(str(tiny_model_path))
+    widget.session_edit.setText(str(tmp_path / "session"))
+    widget.samples_spin.setValue(2)
+    widget.steps_spin.setValue(3)
+    widget.k_spin.setValue(3)
+    yield widget
+    widget.shutdown()
+
+
+@pytest.fixture()
+def wait_idle(qtbot):
+    """Wait until no worker of a dock runs any more (maps refresh included)."""
+
+    def wait(widget: AnnotateWidget) -> None:
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=WAIT_MS)
+
+    return wait

@@ -1,0 +1,113 @@
+"""The UGA dock on a real viewer: compute, propose, correct, submit, fine-tune, undo, reopen."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import Qt
+
+from napari_uga._widgets.annotate import ANNOTATION, PREDICTION, PROBABILITY, PROPOSALS, UNCERTAINTY, AnnotateWidget
+
+WAIT_MS = 120_000
+
+
+def _compute_and_propose(qtbot, wait_idle, widget) -> None:
+    qtbot.mouseClick(widget.compute_button, Qt.MouseButton.LeftButton)
+    wait_idle(widget)
+    qtbot.mouseClick(widget.propose_button, Qt.MouseButton.LeftButton)
+
+
+def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
+    viewer = dock.viewer
+    _compute_and_propose(qtbot, wait_idle, dock)
+    for name in (PROBABILITY, UNCERTAINTY, PREDICTION, PROPOSALS, ANNOTATION):
+        assert name in viewer.layers
+    assert viewer.layers[UNCERTAINTY].colormap.name == "uga inferno"
+    assert len(viewer.layers[PROPOSALS].data) == 3
+    assert dock.counter.text() == "patch 1 / 3 · 1 to submit"
+
+    first = dock.proposals[0]
+    annotation = viewer.layers[ANNOTATION]
+    prefilled = annotation.data[first.y : first.y + first.h, first.x : first.x + first.w]
+    np.testing.assert_array_equal(prefilled, first.crop(dock.result.maps.prediction))
+    annotation.paint((first.y + first.h // 2, first.x + first.w // 2), 1)  # a brush correction
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key.Key_N)
+    assert dock.session.queue_position == 1
+    assert dock.counter.text() == "patch 2 / 3 · 2 to submit"
+
+    before = viewer.layers[PROBABILITY].data.copy()
+    qtbot.mouseClick(dock.submit_button, Qt.MouseButton.LeftButton)
+    folder = dock.session.folder
+    assert sorted(p.name for p in (folder / "labels").iterdir()) == ["00001.png", "00002.png"]  # saved before training
+    assert not dock.submit_button.isEnabled() and not dock.compute_button.isEnabled()
+    with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
+        pass
+    wait_idle(dock)
+
+    assert dock.session.current_round == 1
+    assert (folder / "checkpoints" / "round_001.safetensors").is_file()
+    assert not np.array_equal(viewer.layers[PROBABILITY].data, before)
+    assert dock.history.rowCount() == 2
+    assert dock.history.item(1, 1).text() == "2"
+    assert dock.history.item(1, 3).text() != "—"  # Dice against the loaded ground truth
+    assert len(dock.training.losses) == 3
+    assert dock.compute_button.isEnabled() and dock.undo_button.isEnabled()
+
+    dock.undo_round()
+    wait_idle(dock)
+    assert dock.session.current_round == 0
+    assert dock.session.pending_ids() == [1, 2]
+    assert dock.history.rowCount() == 1
+
+
+def test_cancel_keeps_no_partial_checkpoint(qtbot, wait_idle, dock):
+    _compute_and_propose(qtbot, wait_idle, dock)
+    dock.steps_spin.setValue(500)
+    dock.submit()
+    worker = dock.worker
+    with qtbot.waitSignal(worker.yielded, timeout=WAIT_MS):
+        pass
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+        qtbot.mouseClick(dock.training.cancel_button, Qt.MouseButton.LeftButton)
+    wait_idle(dock)
+    folder = dock.session.folder
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["round_000.safetensors"]
+    assert dock.session.current_round == 0
+    assert dock.session.pending_ids() == [1]
+    assert dock.compute_button.isEnabled() and dock.propose_button.isEnabled()
+    assert not dock.training.cancel_button.isEnabled()
+    assert "Cancelled" in dock.training.status.text()
+
+
+def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer):
+    _compute_and_propose(qtbot, wait_idle, dock)
+    first = dock.proposals[0]
+    dock.viewer.layers[ANNOTATION].data[first.y : first.y + 40, first.x : first.x + 40] = 1
+    dock.next_patch()
+    dock.submit()
+    wait_idle(dock)
+    dock.go_to(2)
+    dock.save_session()
+    folder = dock.session.folder
+
+    viewer = make_napari_viewer()
+    reopened = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(reopened)
+    reopened.open_session(folder)
+    wait_idle(reopened)
+    assert reopened.session.current_round == 1
+    assert reopened.session.queue_position == 2
+    assert len(viewer.layers[PROPOSALS].data) == 3
+    restored = viewer.layers[ANNOTATION].data
+    np.testing.assert_array_equal(restored[first.y : first.y + 40, first.x : first.x + 40], 1)
+    assert PROBABILITY in viewer.layers and reopened.result is not None
+    assert reopened.history.rowCount() == 2
+    assert not reopened.image_combo.isEnabled()  # the session is bound to its image
+
+
+def test_bad_model_file_is_a_notification_not_a_crash(dock, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not weights")
+    dock.model_edit.setText(str(bad))
+    dock.compute()
+    assert dock.session is None and dock.worker is None
+    assert dock.compute_button.isEnabled()
