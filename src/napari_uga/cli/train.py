@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> dict:
         "val_images": [p.name for p in val],
         "seed": args.seed,
         "steps": steps,
+        "steps_per_epoch": args.steps_per_epoch,
         "best_step": result["step"],
         "val_dice": result["val_dice"],
         "command": "uga " + " ".join(sys.argv[1:]),
