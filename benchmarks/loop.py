@@ -35,7 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def ebhi_patient_split(seed: int = 0):
     """EBHI pool/test halves by patient, stratified by each patient's class."""
-    rows = [r for r in csv.DictReader(open(DATA / "index.csv")) if r["group"] == "ebhi_seg"]
+    with open(DATA / "index.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["group"] == "ebhi_seg"]
     by_class: dict[str, list[str]] = {}
     for patient, cls in sorted({(r["patient"], r["orig_class"]) for r in rows}):
         by_class.setdefault(cls, []).append(patient)

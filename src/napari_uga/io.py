@@ -75,7 +75,7 @@ def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
     if array.dtype != np.uint8:
         if array.dtype == np.uint16 and array.max(initial=0) <= 255:
             array = array.astype(np.uint8)
-        elif np.issubdtype(array.dtype, np.floating) and 0 <= array.min() and array.max() <= 1:
+        elif np.issubdtype(array.dtype, np.floating) and array.min() >= 0 and array.max() <= 1:
             array = np.round(array * 255).astype(np.uint8)
         else:
             raise InputError(f"{source}: unsupported dtype {array.dtype} (expected uint8 RGB)")

@@ -17,7 +17,16 @@ import torch
 from .io import Pair, load_pairs, tissue_mask
 from .models import UNet, working_factor
 from .selection import Box, Candidate, Proposal, grid_boxes, score_candidates, select
-from .training import CancelToken, MixedSampler, PatchSampler, ProgressEvent, evaluate, progress_event, to_working_scale, train_steps
+from .training import (
+    CancelToken,
+    MixedSampler,
+    PatchSampler,
+    ProgressEvent,
+    evaluate,
+    progress_event,
+    to_working_scale,
+    train_steps,
+)
 from .uncertainty import compute_uncertainty
 
 REPLAY_DIR = Path(__file__).parent / "replay"

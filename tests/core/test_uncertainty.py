@@ -27,7 +27,7 @@ def test_maps_have_image_size_and_valid_ranges(tiny_model, umcu_pairs):
     for name in ("probability", "entropy", "mutual_information", "variance"):
         arr = maps.layer(name)
         assert arr.shape == (256, 356) and arr.dtype == np.float32 and np.isfinite(arr).all()
-    assert 0 <= maps.probability.min() and maps.probability.max() <= 1
+    assert maps.probability.min() >= 0 and maps.probability.max() <= 1
     assert (maps.entropy <= np.log(2) + 1e-5).all()
     assert (maps.mutual_information <= maps.entropy + 1e-5).all()
     assert maps.samples.shape == (16, 256, 356)  # 4 MC samples x 4 TTA transforms

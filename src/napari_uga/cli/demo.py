@@ -48,7 +48,7 @@ def run_headless(args: argparse.Namespace) -> dict:
     pool, test = position_split(load_pairs(SAMPLE / "images", SAMPLE / "masks"))
     model = load_model_from_args(args)
     factor = working_factor(model, args.mpp)
-    rounds = sum(-(-(b - a) // config.batch) for a, b in zip([0, *budgets], budgets)) if budgets else 0
+    rounds = sum(-(-(b - a) // config.batch) for a, b in zip([0, *budgets], budgets, strict=False)) if budgets else 0
     bar = progress_bar(rounds * config.steps + len(budgets), "demo", args.json)
 
     def on_event(event) -> None:
