@@ -45,6 +45,8 @@ DEFAULT_QC_FILE = Path(__file__).parent / "weights" / "qc_calibration.json"
 SCORE_METHODS: dict[str, tuple[str, bool]] = {
     "pairwise_dice": ("pairwise_dice", True),
     "consensus_dice": ("consensus_dice", True),
+    "mc_pairwise_dice": ("mc_pairwise_dice", True),
+    "tta_dice": ("tta_dice", True),
     "soft_dice": ("soft_dice", True),
     "entropy": ("entropy_region", False),
     "mutual_information": ("mi_region", False),
@@ -107,13 +109,25 @@ def _appearance(image: np.ndarray) -> dict[str, float]:
     }
 
 
-def image_features(maps: UncertaintyMaps, image: np.ndarray) -> dict[str, float]:
+def _view_agreement(binary: np.ndarray, samples: int) -> tuple[float, float]:
+    """Within-view MC agreement (mean pairwise Dice) and agreement between the TTA views' consensus masks."""
+    if samples < 1 or len(binary) % samples:
+        return _pairwise_dice(binary)[0], 1.0
+    views = binary.reshape(len(binary) // samples, samples, *binary.shape[1:])
+    mc = float(np.mean([_pairwise_dice(v)[0] for v in views]))
+    view_masks = views.astype(np.float32).mean(1) >= 0.5
+    return mc, _pairwise_dice(view_masks)[0]
+
+
+def image_features(maps: UncertaintyMaps, image: np.ndarray, samples: int = QC_SAMPLES) -> dict[str, float]:
     """QC features of one image or patch from its uncertainty maps and pixels.
 
     Parameters
     ----------
-    maps : from ``compute_uncertainty(..., keep_samples=True, output_scale="source")``.
+    maps : from ``compute_uncertainty(..., samples=samples, keep_samples=True, output_scale="source")``;
+        the kept samples are ordered view by view (TTA transform, ensemble member), ``samples`` MC draws each.
     image : the H x W x 3 image the maps were computed on.
+    samples : MC-dropout samples per view, to separate MC agreement from TTA agreement.
 
     Returns
     -------
@@ -127,6 +141,7 @@ def image_features(maps: UncertaintyMaps, image: np.ndarray) -> dict[str, float]
     pred = prob >= 0.5
     binary = maps.samples.astype(np.float32) >= 0.5
     pairwise, consensus = _pairwise_dice(binary)
+    mc_dice, tta_dice = _view_agreement(binary, samples)
     areas = binary.reshape(binary.shape[0], -1).mean(1)
     band = ndimage.binary_dilation(pred, iterations=BAND_RADIUS) & ~ndimage.binary_erosion(
         pred, iterations=BAND_RADIUS, border_value=1
@@ -145,6 +160,8 @@ def image_features(maps: UncertaintyMaps, image: np.ndarray) -> dict[str, float]
         "soft_dice": soft,
         "pairwise_dice": pairwise,
         "consensus_dice": consensus,
+        "mc_pairwise_dice": mc_dice,
+        "tta_dice": tta_dice,
         "area_std": float(areas.std()),
         "area_cv": float(areas.std() / areas.mean()) if areas.mean() > 0 else 0.0,
         "entropy_mean": float(maps.entropy.mean()),
@@ -173,7 +190,7 @@ def compute_features(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         maps = compute_uncertainty(model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True)
-    return image_features(maps, image), maps.prediction
+    return image_features(maps, image, samples), maps.prediction
 
 
 def pair_features(

@@ -1,0 +1,154 @@
+"""Quality control: metrics against hand-computed cases, the conformal guarantee, features, models."""
+
+import math
+
+import numpy as np
+import pytest
+
+from napari_uga import quality
+from napari_uga.io import InputError
+from napari_uga.uncertainty import UncertaintyMaps
+
+
+def test_rc_curve_and_aurc_by_hand():
+    conf = np.array([0.9, 0.8, 0.7, 0.6])
+    risk = np.array([0.0, 1.0, 0.0, 1.0])
+    cov, r = quality.rc_curve(conf, risk)
+    np.testing.assert_allclose(cov, [1, 0.75, 0.5, 0.25, 0])
+    np.testing.assert_allclose(r, [0.5, 1 / 3, 0.5, 0, 0])
+    # trapezoids of width 1/4: (0.5+1/3)/2 + (1/3+0.5)/2 + (0.5+0)/2 + 0
+    assert quality.aurc(conf, risk) == pytest.approx(0.25 * (5 / 12 + 5 / 12 + 0.25))
+
+
+def test_aurc_drops_tied_confidences_together():
+    risk = np.array([0.0, 1.0, 0.0, 1.0])
+    # oracle ordering has two ties: points (1, 0.5), (0.5, 0), (0, 0)
+    assert quality.aurc(-risk, risk) == pytest.approx(0.125)
+
+
+def test_qc_metrics_by_hand():
+    pred = np.array([0.9, 0.85, 0.5, 0.3])
+    true = np.array([0.95, 0.7, 0.82, 0.1])
+    m = quality.qc_metrics(pred, true, np.array([True, True, False, False]), threshold=0.8)
+    assert m["auroc"] == pytest.approx(0.75)  # 3 of 4 (good, bad) pairs ordered right
+    assert m["mae"] == pytest.approx((0.05 + 0.15 + 0.32 + 0.2) / 4)
+    assert m["spearman"] == pytest.approx(0.8)  # rank differences 0, 1, -1, 0
+    assert m["accepted_precision"] == pytest.approx(0.5)
+    assert m["coverage"] == pytest.approx(0.5)
+    risk = 1 - true
+    opt, rand = quality.aurc(-risk, risk), risk.mean()
+    assert m["eaurc"] == pytest.approx(m["aurc"] - opt)
+    assert m["naurc"] == pytest.approx((rand - m["aurc"]) / (rand - opt))
+
+
+def test_naurc_is_one_for_oracle_and_auroc_undefined_for_one_class():
+    true = np.array([0.1, 0.5, 0.9, 0.95])
+    m = quality.qc_metrics(true, true, np.ones(4, bool))
+    assert m["naurc"] == pytest.approx(1.0) and m["eaurc"] == pytest.approx(0.0) and m["mae"] == 0
+    assert quality.qc_metrics(np.array([0.2, 0.3]), np.array([0.9, 0.95]), np.zeros(2, bool))["auroc"] is None
+
+
+def _precision(cut: float) -> float:
+    """Population precision of accepting s >= cut when s ~ U(0, 1) and P(success | s) = min(1, 1.5 s)."""
+    if cut >= 2 / 3:
+        return 1.0
+    return (0.75 * (4 / 9 - cut**2) + 1 / 3) / (1 - cut)
+
+
+def test_conformal_precision_holds_over_many_exchangeable_draws():
+    rng = np.random.default_rng(0)
+    alpha, delta, draws, n = 0.1, 0.1, 300, 200
+    violations, coverages = 0, []
+    for _ in range(draws):
+        s = rng.uniform(size=n)
+        dice_true = (rng.uniform(size=n) < np.minimum(1, 1.5 * s)).astype(float)  # 1 = Dice above threshold
+        cut = quality.conformal_cut(s, dice_true, threshold=0.8, alpha=alpha, delta=delta)
+        violations += (1.0 if math.isinf(cut) else _precision(cut)) < 1 - alpha
+        coverages.append(0.0 if math.isinf(cut) else 1 - cut)
+    # allowed rate delta, plus 3 binomial standard errors of the estimate over `draws`
+    assert violations / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+    assert np.mean(coverages) > 0.4  # not vacuous: the oracle cut (0.379) covers 0.62
+
+
+def test_conformal_cut_refuses_too_small_calibration_and_stricter_alpha_cuts_higher():
+    s = np.linspace(0, 1, 10)
+    assert math.isinf(quality.conformal_cut(s, np.ones(10), alpha=0.1, delta=0.1))  # < 22 images
+    rng = np.random.default_rng(1)
+    s = rng.uniform(size=2000)
+    y = (rng.uniform(size=2000) < s).astype(float)
+    assert quality.conformal_cut(s, y, alpha=0.05) > quality.conformal_cut(s, y, alpha=0.2)
+    with pytest.raises(InputError):
+        quality.conformal_cut(s, y, alpha=1.5)
+
+
+def _maps(samples: np.ndarray) -> UncertaintyMaps:
+    prob = samples.mean(0).astype(np.float32)
+    zeros = np.zeros_like(prob)
+    return UncertaintyMaps(prob, zeros + 0.1, zeros, zeros, samples.astype(np.float16))
+
+
+def test_image_features_agreement(rng):
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    same = np.zeros((8, 64, 64))
+    same[:, 10:40, 10:40] = 0.9
+    f = quality.image_features(_maps(same), image, samples=4)
+    assert f["pairwise_dice"] == 1.0 and f["tta_dice"] == 1.0 and f["area_cv"] == 0.0
+    assert f["area"] == pytest.approx(900 / 4096) and f["empty"] == 0.0 and f["n_components"] == 1.0
+    shifted = same.copy()
+    shifted[4:, :, :] = 0
+    shifted[4:, 20:50, 20:50] = 0.9  # the second view segments a shifted square
+    g = quality.image_features(_maps(shifted), image, samples=4)
+    assert g["mc_pairwise_dice"] == 1.0  # every view agrees with itself
+    expected = 2 * 400 / 1800  # two 30x30 squares overlapping 20x20
+    assert g["tta_dice"] == pytest.approx(expected) and g["area_cv"] == 0.0
+    assert g["pairwise_dice"] == pytest.approx((2 * 6 * 1.0 + 16 * expected) / 28)
+    empty = quality.image_features(_maps(np.zeros((8, 64, 64))), image)
+    assert empty["empty"] == 1.0 and empty["pairwise_dice"] == 1.0 and set(empty) == set(f)
+    with pytest.raises(ValueError, match="keep_samples"):
+        quality.image_features(UncertaintyMaps(*[np.zeros((64, 64), np.float32)] * 4), image)
+
+
+def _synthetic_rows(rng, n=80):
+    rows, truth = [], []
+    for _ in range(n):
+        agree = rng.uniform()
+        rows.append({name: rng.uniform() for name in ("area", "noise")} | {"pairwise_dice": agree, "soft_dice": agree})
+        truth.append(float(np.clip(agree + rng.normal(0, 0.05), 0, 1)))
+    return rows, truth
+
+
+@pytest.mark.parametrize("method", ["regressor", "pairwise_dice", "linear"])
+def test_fit_predict_and_json_round_trip(tmp_path, rng, method):
+    rows, truth = _synthetic_rows(rng)
+    qc = quality.fit_qc_model(rows, truth, method=method)
+    pred, accepted = qc.predict(rows)
+    assert np.abs(pred - truth).mean() < 0.1
+    assert np.all(accepted == (pred >= qc.cut))
+    loaded = quality.QCModel.load(qc.save(tmp_path / "qc.json"))
+    np.testing.assert_allclose(loaded.predict(rows)[0], pred)
+    assert loaded.cut == qc.cut and loaded.method == method
+
+
+def test_load_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="not a JSON QC model"):
+        quality.QCModel.load(bad)
+    bad.write_text('{"format": "other"}')
+    with pytest.raises(InputError, match="not a napari-uga QC model"):
+        quality.QCModel.load(bad)
+    with pytest.raises(InputError, match="unknown QC method"):
+        quality.fit_qc_model([{"a": 1.0}] * 3, [1.0] * 3, method="magic")
+
+
+def test_run_qc_real_tiles_tiny_model(umcu_pairs, tiny_model):
+    calibration, test = umcu_pairs[::8], umcu_pairs[1::16]
+    seen = []
+    out = quality.run_qc(tiny_model, test, calibration, samples=2, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (len(test) + len(calibration),) * 2
+    assert [r["name"] for r in out["per_image"]] == [p.name for p in test]
+    assert all(0 <= r["dice_pred"] <= 1 and r["dice_true"] is not None for r in out["per_image"])
+    assert set(out["metrics"]) == {"auroc", "aurc", "eaurc", "naurc", "mae", "spearman", "accepted_precision", "coverage"}
+    assert out["threshold"] == 0.8 and out["alpha"] == 0.1
+    first, again = (quality.compute_features(tiny_model, test[0].image, 0.5, samples=2)[0] for _ in range(2))
+    assert first == again  # seeded dropout: QC is reproducible
