@@ -91,8 +91,16 @@ def record_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / f"{name}.json"
 
 
-def finished_record(out_dir: str | os.PathLike, name: str) -> dict | None:
-    """The record of a slide finished by an earlier run (all outputs present), else ``None``."""
+def settings_key(model_path: str, options: dict, qc: dict | None) -> str:
+    """A short hash of what determines a slide's outputs: weights (path, mtime), options, QC model."""
+    import hashlib
+
+    payload = {"model": [model_path, os.path.getmtime(model_path)], "options": options, "qc": qc}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_record(out_dir: str | os.PathLike, name: str, key: str) -> dict | None:
+    """The record of a slide finished by an earlier run with the same settings (all outputs present), else ``None``."""
     path = record_path(out_dir, name)
     if not path.is_file():
         return None
@@ -101,7 +109,7 @@ def finished_record(out_dir: str | os.PathLike, name: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     outputs = record.get("outputs", {})
-    if record.get("status") != "ok" or not outputs or not all(Path(p).is_file() for p in outputs.values()):
+    if record.get("status") != "ok" or record.get("settings") != key or not outputs or not all(Path(p).is_file() for p in outputs.values()):
         return None
     return record
 
@@ -116,11 +124,11 @@ def _qc_row(qc: dict | None, rows: Sequence[dict]) -> dict:
     return {"dice_pred": float(np.mean(pred)), "accepted": bool(np.all(accepted))}
 
 
-def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict | None) -> dict:
+def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict | None, key: str) -> dict:
     """One image or small slide in one task: maps at the image's resolution, OME-TIFFs, QC, record."""
     from .models import DEFAULT_MPP
     from .slides import output_paths, write_pyramid_array
-    from .uncertainty import compute_uncertainty
+    from .uncertainty import compute_uncertainty_safe
 
     start = time.perf_counter()
     opts = BatchOptions(**options)
@@ -132,7 +140,7 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
         from .quality import QC_TILE
 
         tta, tile = qc["tta"], QC_TILE
-    maps = compute_uncertainty(model, image, samples, tta, mpp / model.config.input_mpp, tile=tile, batch_size=opts.batch_size, keep_samples=qc is not None)
+    maps = compute_uncertainty_safe(model, image, samples=samples, tta=tta, factor=mpp / model.config.input_mpp, tile=tile, batch_size=opts.batch_size, keep_samples=qc is not None)
     name = _name(Path(path))
     paths = output_paths(out_dir, name)
     write_pyramid_array(paths["probability"], maps.probability, mpp, name=f"{name} probability")
@@ -153,6 +161,7 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
         "megapixels": image.shape[0] * image.shape[1] / 1e6,
         "seconds": time.perf_counter() - start,
         "outputs": {k: str(v) for k, v in paths.items()},
+        "settings": key,
         **_qc_row(qc, rows),
     }
     atomic_write_json(record_path(out_dir, name), record)
@@ -180,14 +189,14 @@ def block_task(plan: dict, index: tuple[int, int], model_path: str, options: dic
     return process_block(model, SlidePlan.from_dict(plan), tuple(index), opts.samples, opts.tta, opts.batch_size, opts.mpp, with_qc)
 
 
-def finalize_task(plan: dict, out_dir: str, qc: dict | None, start: float, *block_rows: list[dict]) -> dict:
+def finalize_task(plan: dict, out_dir: str, qc: dict | None, key: str, start: float, *block_rows: list[dict]) -> dict:
     """Stream a slide's pyramids from its scratch store, predict its QC, write its record."""
     from .slides import SlidePlan, finalize_slide, summarize_plan
 
     slide_plan = SlidePlan.from_dict(plan)
     paths = finalize_slide(slide_plan, out_dir)
     rows = [row for rows in block_rows for row in rows]
-    h, w = slide_plan.shape
+    h, w = slide_plan.source_shape
     record = {
         **summarize_plan(slide_plan, paths),
         "path": slide_plan.path,
@@ -195,6 +204,7 @@ def finalize_task(plan: dict, out_dir: str, qc: dict | None, start: float, *bloc
         "kind": "slide",
         "megapixels": h * w / 1e6,
         "seconds": time.time() - start,
+        "settings": key,
         **_qc_row(qc, rows),
     }
     atomic_write_json(record_path(out_dir, slide_plan.name), record)
@@ -228,12 +238,13 @@ def submit_all(client, inputs: Sequence[Path], out_dir: Path, model_path: str, o
     input_mpp = cached_model(model_path, "cpu").config.input_mpp
     resources = {"GPU": 1} if _has_gpu_workers(client) else None
     options = asdict(opts)
+    settings = settings_key(model_path, options, qc)
     finals: dict = {}
     early: list[dict] = []
     n_tasks = 0
     for path in inputs:
         name = _name(path)
-        done = finished_record(out_dir, name)
+        done = finished_record(out_dir, name, settings)
         if done is not None:
             early.append({**done, "skipped": True})
             continue
@@ -245,7 +256,7 @@ def submit_all(client, inputs: Sequence[Path], out_dir: Path, model_path: str, o
             early.append(_failed(path, str(exc)))
             continue
         if not large:
-            future = client.submit(image_task, str(path), str(out_dir), model_path, options, qc, key=f"image-{name}-{time.time_ns()}", resources=resources, retries=1)
+            future = client.submit(image_task, str(path), str(out_dir), model_path, options, qc, settings, key=f"image-{name}-{time.time_ns()}", resources=resources, retries=1)
             finals[future] = path
             n_tasks += 1
             continue
@@ -254,7 +265,7 @@ def submit_all(client, inputs: Sequence[Path], out_dir: Path, model_path: str, o
             client.submit(block_task, plan_dict, list(index), model_path, options, qc is not None, key=f"block-{name}-{index[0]}-{index[1]}-{time.time_ns()}", resources=resources, retries=1)
             for index in plan.blocks
         ]
-        future = client.submit(finalize_task, plan_dict, str(out_dir), qc, time.time(), *blocks, key=f"finalize-{name}-{time.time_ns()}", retries=1)
+        future = client.submit(finalize_task, plan_dict, str(out_dir), qc, settings, time.time(), *blocks, key=f"finalize-{name}-{time.time_ns()}", retries=1)
         finals[future] = path
         n_tasks += len(blocks) + 1
     return finals, early, n_tasks

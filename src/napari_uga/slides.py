@@ -177,6 +177,7 @@ class SlidePlan:
     blocks: tuple[tuple[int, int], ...]
     n_blocks: int
     scratch: str
+    source_shape: tuple[int, int]  # level 0
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -187,6 +188,7 @@ class SlidePlan:
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
         data["shape"] = tuple(data["shape"])
+        data["source_shape"] = tuple(data["source_shape"])
         data["blocks"] = tuple(tuple(b) for b in data["blocks"])
         return cls(**data)
 
@@ -237,6 +239,7 @@ def plan_slide(
         h_src, w_src = slide.levels[level].shape[:2]
         shape = (max(1, round(h_src * factor)), max(1, round(w_src * factor)))
         tissue, tissue_ds = slide.tissue()
+        source_shape = slide.shape
         scale = input_mpp / slide.level_mpp(0, default_mpp) / tissue_ds  # tissue px per working px
     grid = [(by, bx) for by in range(-(-shape[0] // block)) for bx in range(-(-shape[1] // block))]
     blocks = tuple(
@@ -251,7 +254,7 @@ def plan_slide(
         group.create_array(key, shape=shape, chunks=(block, block), dtype="float32", fill_value=0.0)
     group.create_array("tissue", data=tissue)
     group.attrs["tissue_scale"] = scale
-    plan = SlidePlan(str(path), slide_name(path), level, factor, input_mpp, shape, block, margin, blocks, len(grid), str(scratch))
+    plan = SlidePlan(str(path), slide_name(path), level, factor, input_mpp, shape, block, margin, blocks, len(grid), str(scratch), source_shape)
     group.attrs["plan"] = plan.to_dict()
     return plan
 
@@ -274,7 +277,7 @@ def process_block(
     """
     import zarr
 
-    from .uncertainty import compute_uncertainty
+    from .uncertainty import compute_uncertainty_safe
 
     group = zarr.open_group(plan.scratch, mode="r+")
     h, w = plan.shape
@@ -292,8 +295,8 @@ def process_block(
         out_h, out_w = max(1, round((sy1 - sy0) * plan.factor)), max(1, round((sx1 - sx0) * plan.factor))
         oy, ox = round(sy0 * plan.factor), round(sx0 * plan.factor)
         tissue = _block_tissue(np.asarray(group["tissue"]), group.attrs["tissue_scale"], (oy, ox, out_h, out_w))
-        maps = compute_uncertainty(
-            model, window, samples, tta, plan.factor, batch_size=batch_size, keep_samples=with_qc, output_scale="working", tissue=tissue
+        maps = compute_uncertainty_safe(
+            model, window, samples=samples, tta=tta, factor=plan.factor, batch_size=batch_size, keep_samples=with_qc, output_scale="working", tissue=tissue
         )
         rows = [_block_features(maps, window, plan.factor)] if with_qc else []
     for key in SCRATCH_MAPS:
@@ -518,7 +521,7 @@ def write_synthetic_slide(
     radius = math.sqrt(tissue_fraction * shape[0] * shape[1] / (math.pi * n_regions))
     centres = rng.uniform(radius, np.array(shape) - radius, size=(n_regions, 2))
     blobs = np.column_stack([centres, radius * rng.uniform(0.7, 1.3, (n_regions, 2))])
-    n_levels = max(1, int(math.log2(max(shape) / 1024)) + 1)
+    n_levels = max(1, int(math.log2(max(shape) / 512)) + 1)
     options = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "rgb", "resolutionunit": "CENTIMETER", "dtype": "uint8"}
     metadata = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
 

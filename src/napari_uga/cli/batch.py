@@ -26,23 +26,31 @@ def register(sub) -> None:
 
 
 def _qc_dict(args: argparse.Namespace, model) -> dict | None:
-    """The QC model as a dict: fitted on the calibration folder, else the shipped calibration."""
+    """The QC model as a dict: fitted on the calibration folder, else the shipped calibration.
+
+    Without a calibration folder and without a shipped calibration, QC is skipped with a warning.
+    """
+    import sys
+
     from ..io import InputError, load_pairs
     from ..models import working_factor
-    from ..quality import default_qc_model, fit_qc_model, pair_features
+    from ..quality import DEFAULT_QC_FILE, prepare_qc_model
 
     if args.no_qc:
         return None
     if args.qc_calibration is None:
-        return default_qc_model().to_dict()
+        if not DEFAULT_QC_FILE.is_file():
+            print(f"uga batch: warning: {DEFAULT_QC_FILE.name} is not shipped; running without QC", file=sys.stderr)
+            return None
+        return prepare_qc_model(model).to_dict()
     folder = args.qc_calibration
     if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
         raise InputError(f"--qc-calibration {folder}: expected images/ and masks/ subfolders")
     pairs = load_pairs(folder / "images", folder / "masks")
     bar = progress_bar(len(pairs), "qc calibration", args.json)
-    rows, truth = pair_features(model, pairs, working_factor(model, args.mpp), args.samples, progress=lambda d, t: bar.update(d - bar.n))
+    qc = prepare_qc_model(model, pairs, samples=args.samples, factor=working_factor(model, args.mpp), progress=lambda d, t: bar.update(d - bar.n))
     bar.close()
-    return fit_qc_model(rows, truth, samples=args.samples, info={"calibration": str(folder)}).to_dict()
+    return qc.to_dict()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError(f"--block must be a positive multiple of 256, got {args.block}")
     inputs = list_inputs(args.images)
     model_path = args.model or DEFAULT_WEIGHTS
-    model = load_model(model_path, "cpu")
+    model = load_model(model_path, args.device)
     qc = _qc_dict(args, model)
     threads = 0 if args.scheduler else worker_threads(args.workers)
     options = BatchOptions(samples=args.samples, mpp=args.mpp, block=args.block, device=args.device, threads=threads)
