@@ -38,14 +38,34 @@ def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
 
 
 def write_shapes_geojson(path: str, data, meta: dict) -> list[str]:
-    """Write the polygons and rectangles of a shapes layer (e.g. ``uga: proposals``) as features."""
-    texts = _shape_texts(meta, len(data))
+    """Write the polygons and rectangles of a shapes layer (e.g. ``uga: proposals``) as features.
+
+    Each feature is named by the layer's text (e.g. ``#1  0.412``) and carries the numeric
+    feature columns (rank, score) as QuPath measurements.
+    """
+    rows = _feature_rows(meta, len(data))
+    fmt = _text_format(meta)
     features = []
-    for vertices, text in zip(data, texts, strict=True):
+    for i, (vertices, row) in enumerate(zip(data, rows, strict=True)):
         ring = [[float(x), float(y)] for y, x in np.asarray(vertices)[:, -2:]]
         ring.append(ring[0])
-        features.append(_feature({"type": "Polygon", "coordinates": [ring]}, "Proposal", text))
+        name = fmt.format(**row) if fmt else f"{meta.get('name', 'shape')} {i + 1}"
+        feature = _feature({"type": "Polygon", "coordinates": [ring]}, "Proposal", name)
+        feature["properties"]["measurements"] = {k: float(v) for k, v in row.items() if np.isscalar(v) and np.isreal(v)}
+        features.append(feature)
     return [_dump(path, features)]
+
+
+def _feature_rows(meta: dict, count: int) -> list[dict]:
+    import pandas as pd
+
+    table = pd.DataFrame(meta.get("features") if meta.get("features") is not None else {})
+    return table.to_dict("records") if len(table) == count else [{} for _ in range(count)]
+
+
+def _text_format(meta: dict) -> str | None:
+    string = (meta.get("text") or {}).get("string")
+    return string.get("format") if isinstance(string, dict) else None
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[list[list[float]]]]:
@@ -69,14 +89,6 @@ def mask_polygons(mask: np.ndarray) -> list[list[list[list[float]]]]:
 def _signed_area(ring: np.ndarray) -> float:
     x, y = ring[:, 0], ring[:, 1]
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-
-
-def _shape_texts(meta: dict, count: int) -> list[str]:
-    text = meta.get("text") or {}
-    values = text.get("values") if isinstance(text, dict) else None
-    if values is None or len(values) != count:
-        return [f"{meta.get('name', 'shape')} {i + 1}" for i in range(count)]
-    return [str(v) for v in values]
 
 
 def _feature(geometry: dict, classification: str, name: str) -> dict:

@@ -10,20 +10,33 @@ WAIT_MS = 120_000
 
 
 @pytest.fixture()
-def dock(make_napari_viewer, qtbot, tiny_model_path, tmp_path):
-    """The UGA dock on a viewer holding the demo slide and its ground truth (opened through the manifest)."""
-    viewer = make_napari_viewer()
-    viewer.open_sample("napari-uga", "camelyon_demo_slide")
-    viewer.open_sample("napari-uga", "camelyon_demo_truth")
-    widget = AnnotateWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="UGA annotation")
-    widget.model_edit.setText(str(tiny_model_path))
-    widget.session_edit.setText(str(tmp_path / "session"))
-    widget.samples_spin.setValue(2)
-    widget.steps_spin.setValue(3)
-    widget.k_spin.setValue(3)
-    yield widget
-    widget.shutdown()
+def make_dock(make_napari_viewer, tiny_model_path, tmp_path):
+    """Factory: the UGA dock on a viewer holding the demo slide and its ground truth (opened through the manifest)."""
+    docks = []
+
+    def make(show: bool = False) -> AnnotateWidget:
+        viewer = make_napari_viewer(show=show)
+        viewer.open_sample("napari-uga", "camelyon_demo_slide")
+        viewer.open_sample("napari-uga", "camelyon_demo_truth")
+        widget = AnnotateWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="UGA annotation")
+        widget.model_edit.setText(str(tiny_model_path))
+        widget.session_edit.setText(str(tmp_path / f"session{len(docks)}"))
+        widget.samples_spin.setValue(2)
+        widget.steps_spin.setValue(3)
+        widget.k_spin.setValue(3)
+        docks.append(widget)
+        return widget
+
+    yield make
+    for widget in docks:
+        widget.shutdown()
+
+
+@pytest.fixture()
+def dock(make_dock) -> AnnotateWidget:
+    """The UGA dock on a hidden viewer with the demo slide."""
+    return make_dock()
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from ..io import Pair, tissue_mask
 from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs
 from ..models import UNet
 from ..selection import Candidate, score_candidates
-from ..training import CancelToken, ProgressEvent
+from ..training import CancelToken, ProgressEvent, resize_image
 from ..uncertainty import UncertaintyMaps, compute_uncertainty
 
 
@@ -36,12 +36,16 @@ def _replay() -> tuple[Pair, ...]:
 
 
 def compute_maps(model: UNet, name: str, image, samples: int, factor: float, config: LoopConfig) -> MapsResult:
-    """Uncertainty maps of ``image`` and every tissue patch scored for the proposal queue."""
-    maps = compute_uncertainty(model, image, samples=samples, tta=config.tta, factor=factor)
+    """Uncertainty maps of ``image`` (glass skipped) and every tissue patch scored for the proposal queue."""
     rgb = np.asarray(image)
+    tissue = tissue_mask(resize_image(rgb, factor))
+    maps = compute_uncertainty(model, rgb, samples=samples, tta=config.tta, factor=factor, tissue=tissue)
+    rows = np.minimum((np.arange(rgb.shape[0]) * factor).astype(int), tissue.shape[0] - 1)
+    cols = np.minimum((np.arange(rgb.shape[1]) * factor).astype(int), tissue.shape[1] - 1)
     candidates = score_candidates(
-        name, rgb, maps.layer(config.measure), maps.probability, tissue_mask(rgb), patch=config.patch, how=config.aggregate
-    )
+        name, rgb, maps.layer(config.measure), maps.probability, tissue[np.ix_(rows, cols)],
+        patch=config.patch, how=config.aggregate,
+    )  # fmt: skip
     return MapsResult(maps, candidates)
 
 
