@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,25 +191,6 @@ def compute_features(
         torch.manual_seed(0)
         maps = compute_uncertainty(model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True)
     return image_features(maps, image, samples), maps.prediction
-
-
-def pair_features(
-    model,
-    pairs: Sequence[Pair],
-    factor: float,
-    samples: int = QC_SAMPLES,
-    tta: str = QC_TTA,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[dict[str, float]], list[float | None]]:
-    """Features of every pair and its true Dice (``None`` where the pair has no mask)."""
-    rows, truth = [], []
-    for i, pair in enumerate(pairs):
-        row, pred = compute_features(model, pair.image, factor, samples, tta)
-        rows.append(row)
-        truth.append(None if pair.mask is None else dice(pred, pair.mask))
-        if progress is not None:
-            progress(i + 1, len(pairs))
-    return rows, truth
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -526,8 +507,17 @@ def qc_report(
     }
 
 
-def prepare_qc_model(
+def refit_for(qc: QCModel, alpha: float, delta: float, threshold: float, method: str | None = None) -> QCModel:
+    """``qc`` itself, or refitted from its stored calibration rows when the guarantee or method differ."""
+    wanted = (alpha, delta, threshold, method or qc.method)
+    if wanted == (qc.alpha, qc.delta, qc.threshold, qc.method):
+        return qc
+    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info)
+
+
+def iter_qc(
     model,
+    pairs: Sequence[Pair],
     calibration_pairs: Sequence[Pair] | None = None,
     alpha: float = 0.1,
     delta: float = 0.1,
@@ -536,24 +526,39 @@ def prepare_qc_model(
     samples: int = QC_SAMPLES,
     factor: float = 0.5,
     qc_model: QCModel | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> QCModel:
-    """The QC model to use: fitted on ``calibration_pairs`` if given, else ``qc_model`` or the shipped one.
+) -> Generator[tuple[int, int], None, tuple[dict, QCModel]]:
+    """QC as a generator: yields (images done, images total); returns (report, fitted QC model).
 
-    A given or shipped model is refitted from its stored calibration rows when ``alpha``,
-    ``delta``, ``threshold`` or ``method`` differ from its own.
+    With ``calibration_pairs`` (labelled target-domain images) a new QC model is fitted on them;
+    otherwise ``qc_model`` or the shipped calibration is used, refitted from its stored rows
+    when ``alpha``/``delta``/``threshold``/``method`` differ from its own (:func:`refit_for`).
     """
+    if not pairs:
+        raise InputError("qc: no images to check")
+    if calibration_pairs and any(p.mask is None for p in calibration_pairs):
+        raise InputError("qc: every calibration image needs a mask")
+    total = len(pairs) + len(calibration_pairs or [])
+    done = 0
     if calibration_pairs:
-        if any(p.mask is None for p in calibration_pairs):
-            raise InputError("qc: every calibration image needs a mask")
-        rows, truth = pair_features(model, calibration_pairs, factor, samples, progress=progress)
-        return fit_qc_model(rows, truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples,
-                            info={"calibration_images": [p.name for p in calibration_pairs]})  # fmt: skip
-    qc = qc_model or default_qc_model()
-    wanted = (alpha, delta, threshold, method or qc.method)
-    if wanted == (qc.alpha, qc.delta, qc.threshold, qc.method):
-        return qc
-    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info)
+        cal_rows, cal_truth = [], []
+        for pair in calibration_pairs:
+            row, pred = compute_features(model, pair.image, factor, samples)
+            cal_rows.append(row)
+            cal_truth.append(dice(pred, pair.mask))
+            done += 1
+            yield done, total
+        info = {"calibration_images": [p.name for p in calibration_pairs]}
+        qc = fit_qc_model(cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples, info=info)
+    else:
+        qc = refit_for(qc_model or default_qc_model(), alpha, delta, threshold, method)
+    rows, truth = [], []
+    for pair in pairs:
+        row, pred = compute_features(model, pair.image, factor, qc.samples, qc.tta)
+        rows.append(row)
+        truth.append(None if pair.mask is None else dice(pred, pair.mask))
+        done += 1
+        yield done, total
+    return qc_report(qc, [p.name for p in pairs], rows, truth), qc
 
 
 def run_qc(
@@ -575,7 +580,7 @@ def run_qc(
     ----------
     model : the segmentation network (or an ensemble list).
     pairs : images to check; their masks (if any) are used only for the metrics.
-    calibration_pairs : labelled target-domain images to fit the QC model on (see :func:`prepare_qc_model`).
+    calibration_pairs : labelled target-domain images to fit the QC model on (see :func:`iter_qc`).
     alpha, delta, threshold, method : the acceptance guarantee and the QC method.
     samples, factor : MC samples per TTA view, source-to-working scale.
     qc_model : a fitted QC model to use instead of the shipped calibration.
@@ -586,16 +591,11 @@ def run_qc(
     dict with ``per_image`` (name, dice_pred, accepted, dice_true), ``threshold``, ``alpha``,
     ``delta``, ``method``, ``cut`` and ``metrics`` (empty without masks).
     """
-    if not pairs:
-        raise InputError("qc: no images to check")
-    total = len(pairs) + len(calibration_pairs or [])
-    done = [0]
-
-    def step(_i: int, _n: int) -> None:
-        done[0] += 1
+    steps = iter_qc(model, pairs, calibration_pairs, alpha, delta, threshold, method, samples, factor, qc_model)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value[0]
         if progress is not None:
-            progress(done[0], total)
-
-    qc = prepare_qc_model(model, calibration_pairs, alpha, delta, threshold, method, samples, factor, qc_model, step)
-    rows, truth = pair_features(model, pairs, factor, qc.samples, qc.tta, progress=step)
-    return qc_report(qc, [p.name for p in pairs], rows, truth)
+            progress(done, total)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict:
     """Load images (and masks), run QC, print the per-image table or JSON."""
     from ..io import load_pairs
     from ..models import working_factor
-    from ..quality import QC_SAMPLES, QCModel, pair_features, prepare_qc_model, qc_report
+    from ..quality import QC_SAMPLES, QCModel, iter_qc
 
     _validate(args)
     pairs = load_pairs(args.images, args.masks)
@@ -57,20 +57,24 @@ def run(args: argparse.Namespace) -> dict:
     qc = QCModel.load(args.qc_model) if args.qc_model is not None else None
     model = load_model_from_args(args)
     factor = working_factor(model, args.mpp)
-    bar = progress_bar(len(pairs) + len(calibration or []), "qc", args.json)
-
-    def step(_done: int, _total: int) -> None:
-        bar.update(1)
-
-    samples = args.samples or QC_SAMPLES
-    qc = prepare_qc_model(model, calibration, args.alpha, args.delta, args.threshold, args.method, samples, factor, qc, step)
-    rows, truth = pair_features(model, pairs, factor, qc.samples, qc.tta, progress=step)
-    bar.close()
-    payload = qc_report(qc, [p.name for p in pairs], rows, truth)
+    steps = iter_qc(model, pairs, calibration, args.alpha, args.delta, args.threshold, args.method,
+                    args.samples or QC_SAMPLES, factor, qc)  # fmt: skip
+    payload, qc = drive_steps(steps, progress_bar(len(pairs) + len(calibration or []), "qc", args.json))
     if args.save_qc_model is not None:
         qc.save(args.save_qc_model)
     emit(args, payload, _human(payload))
     return payload
+
+
+def drive_steps(steps, bar):
+    """Run a ``(done, total)`` generator to its end, updating a tqdm bar; returns its value."""
+    while True:
+        try:
+            bar.n, bar.total = next(steps)
+        except StopIteration as stop:
+            bar.close()
+            return stop.value
+        bar.refresh()
 
 
 def _human(payload: dict) -> str:

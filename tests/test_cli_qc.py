@@ -1,0 +1,85 @@
+"""``uga qc``: the JSON contract on real tiles with a tiny real network, and one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_uga.cli import main
+from napari_uga.io import write_array
+
+KEYS = {"auroc", "aurc", "eaurc", "naurc", "mae", "spearman", "accepted_precision", "coverage"}
+
+
+def _subset(src: Path, dst: Path, names: list[str]) -> Path:
+    for sub in ("images", "masks"):
+        (dst / sub).mkdir(parents=True)
+        for name in names:
+            shutil.copy(src / sub / name, dst / sub / name)
+    return dst
+
+
+@pytest.fixture()
+def folders(tmp_path, sample_dir):
+    names = sorted(p.name for p in (sample_dir / "images").iterdir())
+    return _subset(sample_dir, tmp_path / "cal", names[::8]), _subset(sample_dir, tmp_path / "test", names[3::14])
+
+
+def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path, tmp_path, capsys):
+    cal, test = folders
+    saved = tmp_path / "qc.json"
+    args = ["qc", "--images", str(test / "images"), "--masks", str(test / "masks"),
+            "--calibration-images", str(cal / "images"), "--calibration-masks", str(cal / "masks"),
+            "--model", str(tiny_model_path), "--samples", "2", "--save-qc-model", str(saved), "--json"]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"per_image", "threshold", "alpha", "metrics"} <= set(out) and set(out["metrics"]) == KEYS
+    assert [r["name"] for r in out["per_image"]] == sorted(p.stem for p in (test / "images").iterdir())
+    for row in out["per_image"]:
+        assert set(row) == {"name", "dice_pred", "accepted", "dice_true"}
+        assert 0 <= row["dice_pred"] <= 1 and isinstance(row["accepted"], bool) and 0 <= row["dice_true"] <= 1
+    # the saved QC model reproduces the predictions without calibration images and without masks
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_uga.cli", "qc", "--images", str(test / "images"), "--qc-model", str(saved),
+         "--model", str(tiny_model_path), "--json"],
+        capture_output=True, text=True, env={**os.environ, "DISPLAY": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["metrics"] == {} and all(r["dice_true"] is None for r in again["per_image"])
+    np.testing.assert_allclose([r["dice_pred"] for r in again["per_image"]], [r["dice_pred"] for r in out["per_image"]])
+
+
+def _error(capsys, args) -> str:
+    assert main(["qc", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("uga qc: error:")
+    return err
+
+
+def test_error_paths_are_one_line(folders, tiny_model_path, tmp_path, capsys):
+    cal, test = folders
+    model = ["--model", str(tiny_model_path)]
+    assert "no such file or folder" in _error(capsys, ["--images", str(tmp_path / "missing"), *model])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not a png")
+    assert "not a readable image" in _error(capsys, ["--images", str(bad), *model])
+    small = tmp_path / "small"
+    small.mkdir()
+    name = next((test / "images").iterdir()).name
+    (tmp_path / "one").mkdir()
+    shutil.copy(test / "images" / name, tmp_path / "one" / name)
+    write_array(small / name, np.zeros((100, 100), np.uint8))
+    assert "mask is" in _error(capsys, ["--images", str(tmp_path / "one"), "--masks", str(small), *model])
+    assert "go together" in _error(capsys, ["--images", str(test / "images"), "--calibration-images", str(cal / "images")])
+    assert "--alpha" in _error(capsys, ["--images", str(test / "images"), "--alpha", "1.5"])
+    assert "--method" in _error(capsys, ["--images", str(test / "images"), "--method", "magic"])
+    junk = tmp_path / "junk.json"
+    junk.write_text("[1, 2]")
+    assert "QC model" in _error(capsys, ["--images", str(test / "images"), "--qc-model", str(junk), *model])
