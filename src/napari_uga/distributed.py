@@ -114,6 +114,23 @@ def finished_record(out_dir: str | os.PathLike, name: str, key: str) -> dict | N
     return record
 
 
+def calibrate_qc(model, pairs: Sequence, factor: float, samples: int, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Fit a QC model on labelled target-domain tiles (on the client); returns its dict for the tasks."""
+    from .metrics import dice
+    from .quality import compute_features, fit_qc_model
+
+    rows, truth = [], []
+    for i, pair in enumerate(pairs):
+        if pair.mask is None:
+            raise InputError(f"{pair.name}: every QC calibration image needs a mask")
+        row, prediction = compute_features(model, pair.image, factor, samples)
+        rows.append(row)
+        truth.append(dice(prediction, pair.mask))
+        if progress is not None:
+            progress(i + 1, len(pairs))
+    return fit_qc_model(rows, truth, samples=samples, info={"calibration_images": [p.name for p in pairs]}).to_dict()
+
+
 def _qc_row(qc: dict | None, rows: Sequence[dict]) -> dict:
     """Predicted Dice and acceptance from feature rows (several rows: one per block, averaged)."""
     if qc is None or not rows:
@@ -135,22 +152,18 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
     model = cached_model(model_path, opts.device, opts.threads)
     image, mpp = _read_small(Path(path), opts.mpp)
     mpp = mpp or DEFAULT_MPP
-    samples, tta, tile = opts.samples, opts.tta, 256
-    if qc is not None:
-        from .quality import QC_TILE
-
-        tta, tile = qc["tta"], QC_TILE
-    maps = compute_uncertainty_safe(model, image, samples=samples, tta=tta, factor=mpp / model.config.input_mpp, tile=tile, batch_size=opts.batch_size, keep_samples=qc is not None)
+    factor = mpp / model.config.input_mpp
+    maps = compute_uncertainty_safe(model, image, samples=opts.samples, tta=opts.tta, factor=factor, batch_size=opts.batch_size)
     name = _name(Path(path))
     paths = output_paths(out_dir, name)
     write_pyramid_array(paths["probability"], maps.probability, mpp, name=f"{name} probability")
     write_pyramid_array(paths["entropy"], maps.entropy, mpp, name=f"{name} entropy")
     write_pyramid_array(paths["prediction"], maps.prediction, mpp, "uint8", name=f"{name} prediction")
     rows = []
-    if qc is not None:
-        from .quality import image_features
+    if qc is not None:  # the QC pass exactly as calibrated (its own samples, TTA and seed)
+        from .quality import compute_features
 
-        rows = [image_features(maps, image)]
+        rows = [compute_features(model, image, factor, qc["samples"], qc["tta"])[0]]
     record = {
         "name": name,
         "path": str(path),
@@ -354,7 +367,7 @@ def make_client(scheduler: str | None = None, workers: int = 2):
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="20s")
+            return Client(scheduler, timeout="10s")
         except OSError as exc:
             raise InputError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     if workers < 1:

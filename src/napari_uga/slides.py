@@ -298,7 +298,7 @@ def process_block(
         maps = compute_uncertainty_safe(
             model, window, samples=samples, tta=tta, factor=plan.factor, batch_size=batch_size, keep_samples=with_qc, output_scale="working", tissue=tissue
         )
-        rows = [_block_features(maps, window, plan.factor)] if with_qc else []
+        rows = [_block_features(maps, window, plan.factor, samples)] if with_qc else []
     for key in SCRATCH_MAPS:
         values = maps.layer(key)[y0 - oy : y0 - oy + bh, x0 - ox : x0 - ox + bw]
         pad = ((0, bh - values.shape[0]), (0, bw - values.shape[1]))
@@ -306,14 +306,14 @@ def process_block(
     return rows
 
 
-def _block_features(maps, window: _Window, factor: float) -> dict:
+def _block_features(maps, window: _Window, factor: float, samples: int) -> dict:
     """QC features of a block from its working-scale maps and its image resized to working scale."""
     from .quality import image_features
     from .uncertainty import _read_tile
 
     h, w = maps.probability.shape
     image = (_read_tile(window, 0, 0, h, w, factor).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return image_features(maps, image)
+    return image_features(maps, image, samples)
 
 
 def _pool2(values: np.ndarray) -> np.ndarray:

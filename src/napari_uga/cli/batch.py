@@ -32,9 +32,10 @@ def _qc_dict(args: argparse.Namespace, model) -> dict | None:
     """
     import sys
 
+    from ..distributed import calibrate_qc
     from ..io import InputError, load_pairs
     from ..models import working_factor
-    from ..quality import DEFAULT_QC_FILE, prepare_qc_model
+    from ..quality import DEFAULT_QC_FILE, default_qc_model
 
     if args.no_qc:
         return None
@@ -42,15 +43,16 @@ def _qc_dict(args: argparse.Namespace, model) -> dict | None:
         if not DEFAULT_QC_FILE.is_file():
             print(f"uga batch: warning: {DEFAULT_QC_FILE.name} is not shipped; running without QC", file=sys.stderr)
             return None
-        return prepare_qc_model(model).to_dict()
+        return default_qc_model().to_dict()
     folder = args.qc_calibration
     if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
         raise InputError(f"--qc-calibration {folder}: expected images/ and masks/ subfolders")
     pairs = load_pairs(folder / "images", folder / "masks")
     bar = progress_bar(len(pairs), "qc calibration", args.json)
-    qc = prepare_qc_model(model, pairs, samples=args.samples, factor=working_factor(model, args.mpp), progress=lambda d, t: bar.update(d - bar.n))
-    bar.close()
-    return qc.to_dict()
+    try:
+        return calibrate_qc(model, pairs, working_factor(model, args.mpp), args.samples, lambda d, t: bar.update(d - bar.n))
+    finally:
+        bar.close()
 
 
 def run(args: argparse.Namespace) -> dict:
