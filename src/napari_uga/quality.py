@@ -32,6 +32,7 @@ import numpy as np
 
 from .io import InputError, Pair, atomic_write_json, tissue_mask
 from .metrics import dice
+from .selection import Box
 from .uncertainty import UncertaintyMaps
 
 QC_SAMPLES = 8  # MC-dropout samples per TTA view
@@ -191,6 +192,29 @@ def compute_features(
         torch.manual_seed(0)
         maps = compute_uncertainty(model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True)
     return image_features(maps, image, samples), maps.prediction
+
+
+def _starts(length: int, size: int) -> list[int]:
+    if length <= size:
+        return [0]
+    return [*range(0, length - size, size), length - size]
+
+
+def image_patches(name: str, image, size: int = 512, min_tissue: float = 0.2) -> list[tuple[Box, Pair]]:
+    """Patches of ``size`` px tiling an image (the last row/column shifted inside) that hold tissue.
+
+    ``image`` may be lazily sliced (zarr / dask); patches with less than ``min_tissue`` tissue
+    (:func:`~napari_uga.io.tissue_mask`) are skipped. Each patch is named ``name y=.. x=..``.
+    """
+    height, width = image.shape[:2]
+    out = []
+    for y in _starts(height, size):
+        for x in _starts(width, size):
+            h, w = min(size, height - y), min(size, width - x)
+            patch = np.ascontiguousarray(np.asarray(image[y : y + h, x : x + w])[..., :3])
+            if tissue_mask(patch[::4, ::4]).mean() >= min_tissue:
+                out.append((Box(name, y, x, h, w), Pair(f"{name} y={y} x={x}", patch)))
+    return out
 
 
 # ----------------------------------------------------------------------------- metrics

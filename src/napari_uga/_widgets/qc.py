@@ -1,0 +1,381 @@
+"""Quality control dock: predicted Dice and accept / review for patches of the current image or a folder.
+
+The computation (:func:`napari_uga.quality.iter_qc`) runs in a napari thread worker that gets
+arrays and paths only; the table, the plot and the layers are updated on the main thread from
+the worker's ``yielded`` / ``returned`` signals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.layers import Image, Shapes
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..io import InputError, Pair, list_images, load_pairs, read_image
+from ..quality import METHODS, QCModel, image_patches, iter_qc
+from ..selection import Box
+
+if TYPE_CHECKING:
+    import napari
+
+CURRENT, FOLDER = "Patches of the current image", "Images of a folder"
+BOXES = "uga: qc"
+OPENED = "uga: qc image"
+ACCEPT_COLOR, REVIEW_COLOR = "#2e7d32", "#c62828"
+BACKGROUND, FOREGROUND = "#262930", "#d0d0d0"
+
+
+def qc_job(
+    model_path: str | None,
+    pairs: list[Pair] | None,
+    folder: tuple[str, str | None] | None,
+    calibration: tuple[str, str] | None,
+    settings: dict,
+):
+    """Worker body: load the network and the images, then run :func:`iter_qc` (yields progress)."""
+    from ..models import load_model, working_factor
+
+    model = load_model(model_path, "auto")
+    if pairs is None:
+        pairs = load_pairs(*folder)
+    cal = load_pairs(*calibration) if calibration else None
+    qc_model = QCModel.load(settings["qc_model"]) if settings["qc_model"] else None
+    factor = working_factor(model, settings["mpp"])
+    result = yield from iter_qc(model, pairs, cal, settings["alpha"], settings["delta"], settings["threshold"],
+                                settings["method"], factor=factor, qc_model=qc_model)  # fmt: skip
+    return result
+
+
+class QCWidget(QWidget):
+    """Run QC, list images / patches worst first (colour-coded), zoom on click, draw the risk-coverage curve."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker: GeneratorWorker | None = None
+        self.report: dict | None = None
+        self.boxes: dict[str, Box] = {}
+        self.paths: dict[str, Path] = {}
+        self._build()
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # -- construction ------------------------------------------------------------
+    def _build(self) -> None:
+        self.source_combo = QComboBox()
+        self.source_combo.addItems([CURRENT, FOLDER])
+        self.image_combo = QComboBox()
+        self.patch_spin = QSpinBox()
+        self.patch_spin.setRange(64, 4096)
+        self.patch_spin.setValue(512)
+        self.patch_spin.setToolTip("patch side in image pixels")
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("images folder")
+        self.masks_edit = QLineEdit()
+        self.masks_edit.setPlaceholderText("masks folder (optional: reports QC metrics)")
+        self.cal_images_edit = QLineEdit()
+        self.cal_images_edit.setPlaceholderText("calibration images (optional, labelled, same domain)")
+        self.cal_masks_edit = QLineEdit()
+        self.cal_masks_edit.setPlaceholderText("calibration masks")
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText("network weights (empty: shipped model)")
+        self.qc_model_edit = QLineEdit()
+        self.qc_model_edit.setPlaceholderText("QC model JSON (empty: shipped calibration)")
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(["(calibration's)", *METHODS])
+        self.alpha_spin = _double(0.01, 0.5, 0.1, "accepted images fail (Dice <= threshold) at most at this rate")
+        self.threshold_spin = _double(0.05, 0.99, 0.8, "a Dice above this is a good segmentation")
+        self.mpp_spin = _double(0.0, 20.0, 0.0, "µm per pixel of the images (0: the layer's, else Camelyon 0.243)")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(28)
+        browse.clicked.connect(self._browse_folder)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder_edit)
+        folder_row.addWidget(browse)
+
+        form = QFormLayout()
+        form.addRow("Check", self.source_combo)
+        form.addRow("Image layer", self.image_combo)
+        form.addRow("Patch size", self.patch_spin)
+        form.addRow("Folder", folder_row)
+        form.addRow("Masks", self.masks_edit)
+        form.addRow("Calibration", self.cal_images_edit)
+        form.addRow("Calib. masks", self.cal_masks_edit)
+        form.addRow("Network", self.model_edit)
+        form.addRow("QC model", self.qc_model_edit)
+        form.addRow("Method", self.method_combo)
+        form.addRow("Alpha", self.alpha_spin)
+        form.addRow("Dice threshold", self.threshold_spin)
+        form.addRow("µm / px", self.mpp_spin)
+
+        self.run_button = QPushButton("Run QC")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = QProgressBar()
+        self.status = QLabel("Pick patches of an image or a folder, then Run QC.")
+        self.status.setWordWrap(True)
+
+        self.table = QTableWidget(0, 4)
+        self.table.setHorizontalHeaderLabels(["name", "predicted Dice", "decision", "true Dice"])
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.table.setSortingEnabled(True)
+        self.table.cellClicked.connect(self._row_clicked)
+
+        self.figure = Figure(figsize=(3, 2), facecolor=BACKGROUND, tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(160)
+        self.axes = self.figure.add_subplot()
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.table, stretch=1)
+        layout.addWidget(self.canvas)
+
+    def _refresh_layers(self, event=None) -> None:
+        current = self.image_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image) and layer.rgb and layer.name != OPENED]
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+
+    def _browse_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Images to check")
+        if folder:
+            self.folder_edit.setText(folder)
+
+    # -- running -----------------------------------------------------------------
+    def _settings(self) -> dict:
+        method = self.method_combo.currentText()
+        return {
+            "alpha": self.alpha_spin.value(),
+            "delta": 0.1,
+            "threshold": self.threshold_spin.value(),
+            "method": None if method not in METHODS else method,
+            "mpp": self.mpp_spin.value() or None,
+            "qc_model": self.qc_model_edit.text().strip() or None,
+        }
+
+    def _patches(self) -> list[Pair]:
+        name = self.image_combo.currentText()
+        if name not in self.viewer.layers:
+            raise InputError("qc: open an RGB image first (or check a folder)")
+        layer = self.viewer.layers[name]
+        data = layer.data[0] if layer.multiscale else layer.data
+        found = image_patches(name, data, self.patch_spin.value())
+        if not found:
+            raise InputError(f"qc: no patch of {name} holds enough tissue")
+        self.boxes = {pair.name: box for box, pair in found}
+        return [pair for _, pair in found]
+
+    def run(self) -> None:
+        """Start QC in a worker for the chosen source."""
+        if self.worker is not None:
+            return
+        try:
+            settings = self._settings()
+            pairs, folder = None, None
+            if self.source_combo.currentText() == CURRENT:
+                pairs = self._patches()
+                layer = self.viewer.layers[self.image_combo.currentText()]
+                settings["mpp"] = settings["mpp"] or layer.metadata.get("mpp")
+            else:
+                images = self.folder_edit.text().strip()
+                if not images:
+                    raise InputError("qc: choose an images folder")
+                self.paths = {p.stem: p for p in list_images(images)}
+                self.boxes = {}
+                folder = (images, self.masks_edit.text().strip() or None)
+            cal_images, cal_masks = self.cal_images_edit.text().strip(), self.cal_masks_edit.text().strip()
+            if bool(cal_images) != bool(cal_masks):
+                raise InputError("qc: calibration images and masks go together")
+            calibration = (cal_images, cal_masks) if cal_images else None
+        except InputError as exc:
+            show_error(str(exc))
+            return
+        model = self.model_edit.text().strip() or None
+        worker = create_worker(qc_job, model, pairs, folder, calibration, settings, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_result)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setValue(0)
+        self.status.setText("Running QC (MC dropout x flips per image)…")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Stop the running QC at the next image."""
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _on_progress(self, step: tuple[int, int]) -> None:
+        done, total = step
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+
+    def _on_error(self, exc: Exception) -> None:
+        self.status.setText(f"QC failed: {exc}")
+        show_error(f"QC failed: {exc}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _on_result(self, result: tuple[dict, QCModel]) -> None:
+        self.show_report(result[0])
+
+    # -- results -----------------------------------------------------------------
+    def show_report(self, report: dict) -> None:
+        """Fill the table (worst first), the status line, the patch outlines and the plot."""
+        self.report = report
+        rows = report["per_image"]
+        self.table.setSortingEnabled(False)
+        self.table.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            color = QColor(ACCEPT_COLOR if row["accepted"] else REVIEW_COLOR)
+            cells = [
+                QTableWidgetItem(row["name"]),
+                _number(row["dice_pred"]),
+                QTableWidgetItem("accept" if row["accepted"] else "review"),
+                QTableWidgetItem("–") if row["dice_true"] is None else _number(row["dice_true"]),
+            ]
+            for col, item in enumerate(cells):
+                item.setBackground(color)
+                self.table.setItem(i, col, item)
+        self.table.setSortingEnabled(True)
+        self.table.sortItems(1, Qt.SortOrder.AscendingOrder)
+        accepted = sum(r["accepted"] for r in rows)
+        cut = report["cut"]
+        text = (f"{accepted}/{len(rows)} accepted (predicted Dice ≥ {'—' if cut is None else f'{cut:.3f}'}; "
+                f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, method {report['method']}).")  # fmt: skip
+        metrics = report["metrics"]
+        if metrics:
+            text += " " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
+        self.status.setText(text)
+        self._draw_boxes(rows)
+        self._plot(rows)
+
+    def _draw_boxes(self, rows: list[dict]) -> None:
+        if not self.boxes:
+            return
+        layer = self.viewer.layers[self.image_combo.currentText()]
+        shown = [(self.boxes[r["name"]], r["accepted"]) for r in rows if r["name"] in self.boxes]
+        rects = [np.array([[b.y, b.x], [b.y, b.x + b.w], [b.y + b.h, b.x + b.w], [b.y + b.h, b.x]], float) for b, _ in shown]
+        colors = [ACCEPT_COLOR if ok else REVIEW_COLOR for _, ok in shown]
+        if BOXES in self.viewer.layers:
+            self.viewer.layers.remove(BOXES)
+        self.viewer.add_shapes(rects, shape_type="rectangle", edge_color=colors, face_color="transparent",
+                               edge_width=max(2, self.patch_spin.value() // 64), name=BOXES,
+                               scale=layer.scale[-2:], translate=layer.translate[-2:])  # fmt: skip
+
+    def _plot(self, rows: list[dict]) -> None:
+        from ..quality import rc_curve
+
+        ax = self.axes
+        ax.clear()
+        ax.set_facecolor(BACKGROUND)
+        pred = np.array([r["dice_pred"] for r in rows])
+        cov, risk = rc_curve(pred, 1 - pred)
+        ax.plot(cov, risk, color="#f9a03f", label="expected (1 - predicted Dice)")
+        if all(r["dice_true"] is not None for r in rows):
+            true = np.array([r["dice_true"] for r in rows])
+            cov, risk = rc_curve(pred, 1 - true)
+            ax.plot(cov, risk, color="#4fc3f7", label="true (1 - Dice)")
+        coverage = float(np.mean([r["accepted"] for r in rows]))
+        ax.axvline(coverage, color=ACCEPT_COLOR, linestyle="--", linewidth=1, label="accepted share")
+        ax.set_xlabel("coverage", color=FOREGROUND, fontsize=8)
+        ax.set_ylabel("risk", color=FOREGROUND, fontsize=8)
+        ax.tick_params(colors=FOREGROUND, labelsize=7)
+        ax.legend(fontsize=6, facecolor=BACKGROUND, labelcolor=FOREGROUND)
+        self.canvas.draw_idle()
+
+    def _row_clicked(self, row: int, _column: int) -> None:
+        name = self.table.item(row, 0).text()
+        if name in self.boxes:
+            self.zoom_to(self.boxes[name])
+        elif name in self.paths:
+            self.open_image(self.paths[name])
+
+    def zoom_to(self, box: Box) -> None:
+        """Centre the camera on a patch of the checked image."""
+        layer = self.viewer.layers[box.image]
+        scale = np.asarray(layer.scale[-2:])
+        center = np.array([box.y + box.h / 2, box.x + box.w / 2]) * scale + np.asarray(layer.translate[-2:])
+        camera = self.viewer.camera
+        camera.center = tuple(center)
+        camera.zoom = min(self.viewer.canvas.size) / (1.6 * max(box.h, box.w) * float(scale.max()))
+
+    def open_image(self, path: Path) -> None:
+        """Show one checked image of the folder (replacing the previous one)."""
+        data = read_image(path)
+        if OPENED in self.viewer.layers:
+            self.viewer.layers[OPENED].data = data
+        else:
+            self.viewer.add_image(data, name=OPENED, rgb=True)
+        self.viewer.reset_view()
+
+    def shutdown(self, timeout_ms: int = 5000) -> None:
+        """Stop a running QC and wait for it (the dock is closing)."""
+        worker = self.worker
+        self.cancel()
+        if worker is not None:
+            worker.await_workers(timeout_ms)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        """Stop the worker before the dock goes away."""
+        self.shutdown()
+        super().closeEvent(event)
+
+
+def _double(low: float, high: float, value: float, tip: str) -> QDoubleSpinBox:
+    spin = QDoubleSpinBox()
+    spin.setRange(low, high)
+    spin.setDecimals(3)
+    spin.setSingleStep(0.01)
+    spin.setValue(value)
+    spin.setToolTip(tip)
+    return spin
+
+
+def _number(value: float) -> QTableWidgetItem:
+    item = QTableWidgetItem()
+    item.setData(Qt.ItemDataRole.DisplayRole, round(float(value), 3))
+    return item

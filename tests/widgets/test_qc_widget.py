@@ -1,0 +1,86 @@
+"""The Quality control dock with a real viewer, a tiny real network and real tiles."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from napari_uga import quality
+from napari_uga._widgets.qc import BOXES, FOLDER, OPENED, QCWidget
+from napari_uga.metrics import dice
+
+WAIT_MS = 120_000
+
+
+@pytest.fixture()
+def qc_dock(make_napari_viewer, tiny_model_path):
+    viewer = make_napari_viewer()
+    widget = QCWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Quality control")
+    widget.model_edit.setText(str(tiny_model_path))
+    yield widget
+    widget.shutdown()
+
+
+def _qc_model(tmp_path, tiny_model, pairs) -> str:
+    """A QC model fitted on real features of a few tiles (2 MC samples per view, to keep it fast)."""
+    rows, truth = [], []
+    for pair in pairs:
+        row, pred = quality.compute_features(tiny_model, pair.image, 0.5, samples=2)
+        rows.append(row)
+        truth.append(dice(pred, pair.mask))
+    return str(quality.fit_qc_model(rows, truth, samples=2).save(tmp_path / "qc.json"))
+
+
+def _wait(qtbot, widget: QCWidget) -> None:
+    qtbot.waitUntil(lambda: widget.worker is None and widget.report is not None, timeout=WAIT_MS)
+
+
+def test_folder_table_sorted_worst_first_and_click_opens(qc_dock, qtbot, tmp_path, sample_dir, umcu_pairs, tiny_model):
+    folder = tmp_path / "check"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+        for f in sorted((sample_dir / sub).iterdir())[2::10]:
+            shutil.copy(f, folder / sub / f.name)
+    qc_dock.qc_model_edit.setText(_qc_model(tmp_path, tiny_model, umcu_pairs[::10]))
+    qc_dock.source_combo.setCurrentText(FOLDER)
+    qc_dock.folder_edit.setText(str(folder / "images"))
+    qc_dock.masks_edit.setText(str(folder / "masks"))
+    qc_dock.run()
+    assert qc_dock.worker is not None and not qc_dock.run_button.isEnabled()
+    _wait(qtbot, qc_dock)
+    table = qc_dock.table
+    n = len(list((folder / "images").iterdir()))
+    assert table.rowCount() == n and qc_dock.run_button.isEnabled()
+    shown = [float(table.item(r, 1).text()) for r in range(n)]
+    assert shown == sorted(shown)  # worst first
+    for r in range(n):
+        decision = table.item(r, 2).text()
+        assert decision in ("accept", "review")
+        expected = "#2e7d32" if decision == "accept" else "#c62828"
+        assert table.item(r, 0).background().color().name() == expected
+        assert table.item(r, 3).text() != "–"  # masks given: true Dice shown
+    assert "auroc" in qc_dock.status.text() or "mae" in qc_dock.status.text()
+    assert qc_dock.axes.lines  # risk-coverage curve drawn
+    qc_dock._row_clicked(0, 0)
+    worst = table.item(0, 0).text()
+    from napari_uga.io import read_image
+
+    assert np.array_equal(qc_dock.viewer.layers[OPENED].data, read_image(folder / "images" / f"{worst}.png"))
+
+
+def test_patches_of_current_image_outlined_and_zoomed(qc_dock, qtbot, tmp_path, umcu_pairs, tiny_model):
+    image = np.concatenate([np.concatenate([p.image for p in umcu_pairs[i : i + 2]], 1) for i in (0, 16)], 0)
+    qc_dock.viewer.add_image(image, name="tiles", rgb=True)
+    assert qc_dock.image_combo.currentText() == "tiles"
+    qc_dock.qc_model_edit.setText(_qc_model(tmp_path, tiny_model, umcu_pairs[::10]))
+    qc_dock.patch_spin.setValue(256)
+    qc_dock.run()
+    _wait(qtbot, qc_dock)
+    n = qc_dock.table.rowCount()
+    assert 1 <= n <= 4 and len(qc_dock.viewer.layers[BOXES].data) == n
+    qc_dock._row_clicked(n - 1, 0)
+    box = qc_dock.boxes[qc_dock.table.item(n - 1, 0).text()]
+    np.testing.assert_allclose(qc_dock.viewer.camera.center[-2:], (box.y + box.h / 2, box.x + box.w / 2))
