@@ -35,20 +35,28 @@ RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "runs" / "qc_cache"
 DATASETS = {"umcu": ("camelyon16_umcu", None), "ebhi": ("ebhi_seg", 1.0), "rumc": ("camelyon16_rumc", None)}
 METHODS = [*quality.SCORE_METHODS, "linear", "regressor"]
+PLOTTED = ("pairwise_dice", "tta_dice", "soft_dice", "entropy", "linear", "regressor")
+
+
+WEIGHTS: list[Path] = []  # set by --weights
 
 
 def weights_path() -> Path:
-    """The shipped weights, or the identical training output while the shipped file is not there yet."""
+    """``--weights``, else the shipped weights, else the identical training output."""
+    if WEIGHTS:
+        return WEIGHTS[0]
     return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else REPO / "runs" / "uga_unet_v1.safetensors"
 
 
-def features(dataset: str, samples: int) -> dict:
+def features(dataset: str, samples: int, compute: bool = True) -> dict:
     """Cached per-image features, true Dice and tumour flag of a dataset (computed where missing)."""
     folder, mpp = DATASETS[dataset]
     weights = weights_path()
     digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:10]
     cache = CACHE / f"{dataset}_{digest}_s{samples}_{quality.QC_TTA}.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if not compute:
+        return done
     model = load_model(weights, "cpu")
     factor = working_factor(model, mpp)
     paths = list_images(DATA / folder / "images")
@@ -170,6 +178,8 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 5), squeeze=False)
     for ax, (dataset, methods) in zip(axes[0], curves.items(), strict=True):
         for method, (pred, true) in methods.items():
+            if method not in PLOTTED and not method.startswith(("baseline", "shipped")):
+                continue
             cov, risk = quality.rc_curve(pred, 1 - true)
             ax.plot(cov, risk, label=f"{method} (AURC {quality.aurc(pred, 1 - true):.3f})", lw=1.2)
         true = next(iter(methods.values()))[1]
@@ -209,15 +219,19 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--features-only", action="store_true", help="only compute and cache the features")
+    parser.add_argument("--cached-only", action="store_true", help="use only images whose features are cached")
+    parser.add_argument("--weights", type=Path, default=None, help="network weights (default: the shipped model)")
     parser.add_argument("--write-shipped", action="store_true", help="fit and save the shipped calibration")
     args = parser.parse_args()
+    if args.weights is not None:
+        WEIGHTS.append(args.weights)
     if args.write_shipped:
         write_shipped(args.samples, args.alpha, args.delta, args.threshold, quality.DEFAULT_METHOD)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     report, curves, everything = [], {}, {}
     for dataset in args.datasets:
-        data = features(dataset, args.samples)
+        data = features(dataset, args.samples, compute=not args.cached_only)
         if args.features_only:
             continue
         results, curves[dataset] = evaluate(data, dataset, args.splits, args.alpha, args.delta, args.threshold)
@@ -230,7 +244,8 @@ def main() -> None:
     text = header + "\n\n" + "\n\n".join(report) + "\n"
     print(text)
     (RESULTS / "qc.md").write_text(text)
-    atomic_write_json(RESULTS / "qc.json", {"settings": vars(args), "summary": everything})
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    atomic_write_json(RESULTS / "qc.json", {"settings": settings, "summary": everything})
     plot(curves, RESULTS / "qc_risk_coverage.png")
     print(f"wrote {RESULTS / 'qc.md'}, qc.json, qc_risk_coverage.png")
 

@@ -374,6 +374,21 @@ def cross_fit(
 # ----------------------------------------------------------------------------- the QC model
 
 
+_FITTED: dict[str, object] = {}
+
+
+def _fit_cached(method: str, names: list[str], rows: Sequence[dict[str, float]], dice_true: Sequence[float]):
+    """Fit (deterministically) once per distinct calibration; Dask tasks rebuild models from JSON per image."""
+    import hashlib
+
+    key = hashlib.sha1(json.dumps([method, names, rows, list(dice_true)], sort_keys=True, default=float).encode()).hexdigest()
+    if key not in _FITTED:
+        if len(_FITTED) >= 8:
+            _FITTED.pop(next(iter(_FITTED)))
+        _FITTED[key] = _fit(method, _matrix(rows, names), np.asarray(dice_true, float))
+    return _FITTED[key]
+
+
 @dataclass
 class QCModel:
     """A fitted quality model: predicted Dice per image and the conformal acceptance cut.
@@ -397,8 +412,7 @@ class QCModel:
 
     def __post_init__(self) -> None:
         if self.estimator is None:
-            x = _matrix(self.rows, self.features)
-            self.estimator = _fit(self.method, x, np.asarray(self.dice_true, float))
+            self.estimator = _fit_cached(self.method, self.features, self.rows, self.dice_true)
 
     def predict(self, rows: Sequence[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
         """Predicted Dice and acceptance (predicted Dice >= the conformal cut) for feature rows."""
