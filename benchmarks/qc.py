@@ -124,7 +124,10 @@ def evaluate(data: dict, dataset: str, splits: int, alpha: float, delta: float, 
         cal_rows = [r for r, c in zip(rows, cal, strict=True) if c]
         test_rows = [r for r, c in zip(rows, cal, strict=True) if not c]
         cal_groups = [g for g, c in zip(groups, cal, strict=True) if c]
-        fitted = {m: quality.fit_qc_model(cal_rows, truth[cal], alpha, delta, threshold, m, groups=cal_groups) for m in METHODS}
+        fitted = {
+            m: quality.fit_qc_model(cal_rows, truth[cal], alpha, delta, threshold, m, groups=cal_groups)
+            for m in METHODS
+        }
         if shipped is not None:
             fitted["shipped (RUMC, no target labels)"] = shipped
         baseline = np.array([r["mc_pairwise_dice"] for r in rows])

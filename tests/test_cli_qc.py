@@ -47,7 +47,7 @@ def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path
     proc = subprocess.run(
         [sys.executable, "-m", "napari_uga.cli", "qc", "--images", str(test / "images"), "--qc-model", str(saved),
          "--model", str(tiny_model_path), "--json"],
-        capture_output=True, text=True, env={**os.environ, "DISPLAY": ""},
+        check=False, capture_output=True, text=True, env={**os.environ, "DISPLAY": ""},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout)
@@ -77,7 +77,9 @@ def test_error_paths_are_one_line(folders, tiny_model_path, tmp_path, capsys):
     shutil.copy(test / "images" / name, tmp_path / "one" / name)
     write_array(small / name, np.zeros((100, 100), np.uint8))
     assert "mask is" in _error(capsys, ["--images", str(tmp_path / "one"), "--masks", str(small), *model])
-    assert "go together" in _error(capsys, ["--images", str(test / "images"), "--calibration-images", str(cal / "images")])
+    assert "go together" in _error(
+        capsys, ["--images", str(test / "images"), "--calibration-images", str(cal / "images")]
+    )
     assert "--alpha" in _error(capsys, ["--images", str(test / "images"), "--alpha", "1.5"])
     assert "--method" in _error(capsys, ["--images", str(test / "images"), "--method", "magic"])
     junk = tmp_path / "junk.json"

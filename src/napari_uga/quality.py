@@ -190,7 +190,9 @@ def compute_features(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        maps = compute_uncertainty(model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True)
+        maps = compute_uncertainty(
+            model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True
+        )
     return image_features(maps, image, samples), maps.prediction
 
 
@@ -333,7 +335,9 @@ def _estimator(method: str, seed: int = 0):
     if method in SCORE_METHODS:
         return IsotonicRegression(y_min=0.0, y_max=1.0, increasing=SCORE_METHODS[method][1], out_of_bounds="clip")
     if method == "regressor":
-        return RandomForestRegressor(n_estimators=200, min_samples_leaf=3, max_features=0.5, random_state=seed, n_jobs=1)
+        return RandomForestRegressor(
+            n_estimators=200, min_samples_leaf=3, max_features=0.5, random_state=seed, n_jobs=1
+        )
     if method == "linear":
         return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 3, 12)))
     raise InputError(f"unknown QC method {method!r}; choose one of {', '.join(METHODS)}")
@@ -381,7 +385,9 @@ def _fit_cached(method: str, names: list[str], rows: Sequence[dict[str, float]],
     """Fit (deterministically) once per distinct calibration; Dask tasks rebuild models from JSON per image."""
     import hashlib
 
-    key = hashlib.sha1(json.dumps([method, names, rows, list(dice_true)], sort_keys=True, default=float).encode()).hexdigest()
+    key = hashlib.sha1(
+        json.dumps([method, names, rows, list(dice_true)], sort_keys=True, default=float).encode()
+    ).hexdigest()
     if key not in _FITTED:
         if len(_FITTED) >= 8:
             _FITTED.pop(next(iter(_FITTED)))
@@ -510,7 +516,9 @@ def fit_qc_model(
     y = np.asarray(dice_true, float)
     oof = cross_fit(method, x, y, groups)
     cut = conformal_cut(oof, y, threshold, alpha, delta)
-    return QCModel(method, names, [dict(r) for r in rows], y.tolist(), cut, threshold, alpha, delta, samples, tta, dict(info or {}))
+    return QCModel(
+        method, names, [dict(r) for r in rows], y.tolist(), cut, threshold, alpha, delta, samples, tta, dict(info or {})
+    )
 
 
 def default_qc_model() -> QCModel:
@@ -586,7 +594,9 @@ def iter_qc(
             done += 1
             yield done, total
         info = {"calibration_images": [p.name for p in calibration_pairs]}
-        qc = fit_qc_model(cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples, info=info)
+        qc = fit_qc_model(
+            cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples, info=info
+        )
     else:
         qc = refit_for(qc_model or default_qc_model(), alpha, delta, threshold, method)
     rows, truth = [], []

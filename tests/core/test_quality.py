@@ -148,7 +148,16 @@ def test_run_qc_real_tiles_tiny_model(umcu_pairs, tiny_model):
     assert seen[-1] == (len(test) + len(calibration),) * 2
     assert [r["name"] for r in out["per_image"]] == [p.name for p in test]
     assert all(0 <= r["dice_pred"] <= 1 and r["dice_true"] is not None for r in out["per_image"])
-    assert set(out["metrics"]) == {"auroc", "aurc", "eaurc", "naurc", "mae", "spearman", "accepted_precision", "coverage"}
+    assert set(out["metrics"]) == {
+        "auroc",
+        "aurc",
+        "eaurc",
+        "naurc",
+        "mae",
+        "spearman",
+        "accepted_precision",
+        "coverage",
+    }
     assert out["threshold"] == 0.8 and out["alpha"] == 0.1
     first, again = (quality.compute_features(tiny_model, test[0].image, 0.5, samples=2)[0] for _ in range(2))
     assert first == again  # seeded dropout: QC is reproducible

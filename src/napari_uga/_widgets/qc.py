@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.layers import Image, Shapes
+from napari.layers import Image
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
@@ -167,7 +167,11 @@ class QCWidget(QWidget):
 
     def _refresh_layers(self, event=None) -> None:
         current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image) and layer.rgb and layer.name != OPENED]
+        names = [
+            layer.name
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and layer.rgb and layer.name != OPENED
+        ]
         self.image_combo.clear()
         self.image_combo.addItems(names)
         if current in names:
@@ -228,7 +232,9 @@ class QCWidget(QWidget):
             show_error(str(exc))
             return
         model = self.model_edit.text().strip() or None
-        worker = create_worker(qc_job, model, pairs, folder, calibration, settings, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(
+            qc_job, model, pairs, folder, calibration, settings, _start_thread=False, _ignore_errors=True
+        )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)
         worker.errored.connect(self._on_error)
@@ -298,7 +304,9 @@ class QCWidget(QWidget):
             return
         layer = self.viewer.layers[self.image_combo.currentText()]
         shown = [(self.boxes[r["name"]], r["accepted"]) for r in rows if r["name"] in self.boxes]
-        rects = [np.array([[b.y, b.x], [b.y, b.x + b.w], [b.y + b.h, b.x + b.w], [b.y + b.h, b.x]], float) for b, _ in shown]
+        rects = [
+            np.array([[b.y, b.x], [b.y, b.x + b.w], [b.y + b.h, b.x + b.w], [b.y + b.h, b.x]], float) for b, _ in shown
+        ]
         colors = [ACCEPT_COLOR if ok else REVIEW_COLOR for _, ok in shown]
         if BOXES in self.viewer.layers:
             self.viewer.layers.remove(BOXES)
@@ -359,7 +367,7 @@ class QCWidget(QWidget):
         if worker is not None:
             worker.await_workers(timeout_ms)
 
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+    def closeEvent(self, event) -> None:
         """Stop the worker before the dock goes away."""
         self.shutdown()
         super().closeEvent(event)
