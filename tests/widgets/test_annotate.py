@@ -111,3 +111,14 @@ def test_bad_model_file_is_a_notification_not_a_crash(dock, tmp_path):
     dock.compute()
     assert dock.session is None and dock.worker is None
     assert dock.compute_button.isEnabled()
+
+
+def test_demo_opens_the_dock_through_the_manifest(make_napari_viewer, tmp_path):
+    from napari_uga._widgets.demo import open_demo
+
+    viewer = make_napari_viewer()
+    widget = open_demo(viewer, tmp_path)
+    assert isinstance(widget, AnnotateWidget)
+    assert widget.image_combo.currentText() == "Camelyon demo slide"
+    assert "ground truth" in viewer.layers and viewer.layers["Camelyon demo slide"].multiscale
+    assert widget.session_edit.text().startswith(str(tmp_path))

@@ -1,0 +1,117 @@
+"""Make the README screenshots from a real napari session (rerunnable).
+
+Opens napari with the demo slide and the UGA dock, computes the uncertainty, proposes
+patches, runs one fine-tuning round, and writes:
+
+- ``docs/images/overlay.png``: the canvas with the uncertainty overlay, prediction outline
+  and ranked proposals;
+- ``docs/images/dock.png``: the whole window after a round (patch in view, dock with loss
+  curve and round history).
+
+Usage (on a headless machine wrap it in ``xvfb-run -a``)::
+
+    xvfb-run -a .venv/bin/python scripts/screenshots.py [--model runs/uga_unet_v2.safetensors] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_uga.models import DEFAULT_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "images"
+
+
+def default_model() -> Path:
+    """The shipped weights, else the newest run in ``runs/``."""
+    runs = sorted((ROOT / "runs").glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in [DEFAULT_WEIGHTS, *runs]:
+        if path.is_file():
+            return path
+    raise SystemExit("no trained weights found: pass --model")
+
+
+def wait_until(app, condition, timeout: float = 900.0) -> None:
+    """Process Qt events until ``condition()`` holds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("the dock did not finish in time")
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def settle(app, seconds: float = 1.0) -> None:
+    """Let the canvas redraw for a moment."""
+    wait_until(app, lambda end=time.monotonic() + seconds: time.monotonic() > end)
+
+
+def frame_boxes(viewer, boxes, margin: float = 1.25) -> None:
+    """Centre the camera on the boxes' bounding box and zoom to fit it."""
+    y0 = min(b.y for b in boxes)
+    x0 = min(b.x for b in boxes)
+    y1 = max(b.y + b.h for b in boxes)
+    x1 = max(b.x + b.w for b in boxes)
+    camera = viewer.scene.camera
+    camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
+    height, width = viewer.canvas.size
+    camera.zoom = min(height / ((y1 - y0) * margin), width / ((x1 - x0) * margin))
+
+
+def main() -> None:
+    """Drive the demo and save both screenshots."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the round shown")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+
+    import napari
+
+    from napari_uga._widgets.annotate import ANNOTATION, PREDICTION, UNCERTAINTY
+    from napari_uga._widgets.demo import open_demo
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(title="napari-uga demo", show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    app = napari.qt.get_qapp()
+    dock = open_demo(viewer, tempfile.mkdtemp(prefix="uga-shots-"))
+    dock.model_edit.setText(str(args.model or default_model()))
+    dock.steps_spin.setValue(args.steps)
+
+    dock.compute()
+    wait_until(app, lambda: dock.worker is None)
+    dock.propose()
+    viewer.layers.selection.active = viewer.layers[UNCERTAINTY]
+    frame_boxes(viewer, dock.proposals)
+    settle(app)
+    overlay = viewer.screenshot(canvas_only=True, flash=False)
+    napari.utils.io.imsave(str(args.out / "overlay.png"), overlay)
+
+    first = dock.proposals[0]
+    annotation = viewer.layers[ANNOTATION]
+    yy, xx = np.ogrid[: first.h, : first.w]
+    stroke = (yy - first.h * 0.6) ** 2 + (xx - first.w * 0.4) ** 2 < (first.h * 0.12) ** 2
+    region = annotation.data[first.y : first.y + first.h, first.x : first.x + first.w]
+    region[stroke] = 1  # a correction painted with the brush
+    annotation.refresh()
+    dock.next_patch()
+    dock.submit()
+    wait_until(app, lambda: dock.worker is None and dock.session.current_round == 1)
+    dock.go_to(0)
+    viewer.layers[PREDICTION].visible = True
+    settle(app, 2.0)
+    window = viewer.screenshot(canvas_only=False, flash=False)
+    napari.utils.io.imsave(str(args.out / "dock.png"), window)
+    print(f"wrote {args.out / 'overlay.png'} {overlay.shape[1::-1]} and {args.out / 'dock.png'} {window.shape[1::-1]}")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
