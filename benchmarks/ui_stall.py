@@ -80,14 +80,20 @@ def measure(app, seconds: float | None = None, worker=None) -> np.ndarray:
 
 def summary(delays: np.ndarray) -> dict:
     """p50 / p99 / max of the tick delays in ms."""
-    return {"p50": float(np.percentile(delays, 50)), "p99": float(np.percentile(delays, 99)), "max": float(delays.max())}
+    return {
+        "p50": float(np.percentile(delays, 50)),
+        "p99": float(np.percentile(delays, 99)),
+        "max": float(delays.max()),
+    }
 
 
 def main() -> None:
     """Run the baseline and one fine-tune per thread setting; print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=LoopConfig().steps, help="fine-tune steps (default: the dock's)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[0, 1], help="torch threads in the worker (0 = default)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[0, 1], help="torch threads in the worker (0 = default)"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
@@ -107,7 +113,9 @@ def main() -> None:
     config = LoopConfig(steps=args.steps)
     factor = working_factor(model, 0.226)
     default_threads = torch.get_num_threads()
-    print(f"model: {source}; {len(annotations)} patches + replay; {args.steps} steps; torch threads default {default_threads}")
+    print(
+        f"model: {source}; {len(annotations)} patches + replay; {args.steps} steps; torch threads default {default_threads}"
+    )
 
     _replay()  # load the replay tiles once, as the dock's first round does
     measure(app, seconds=1.0)  # let the first frames render
@@ -122,7 +130,13 @@ def main() -> None:
             results.append(summary(measure(app, worker=worker)))
             walls.append(time.perf_counter() - started)
         label = f"fine-tune, {threads or default_threads} torch thread(s)"
-        rows.append((label, {k: float(np.median([r[k] for r in results])) for k in ("p50", "p99", "max")}, float(np.median(walls))))
+        rows.append(
+            (
+                label,
+                {k: float(np.median([r[k] for r in results])) for k in ("p50", "p99", "max")},
+                float(np.median(walls)),
+            )
+        )
     torch.set_num_threads(default_threads)
 
     print(f"{'condition':<34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'wall s':>8}")

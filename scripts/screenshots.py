@@ -49,7 +49,8 @@ def wait_until(app, condition, timeout: float = 900.0) -> None:
 
 def settle(app, seconds: float = 1.0) -> None:
     """Let the canvas redraw for a moment."""
-    wait_until(app, lambda end=time.monotonic() + seconds: time.monotonic() > end)
+    end = time.monotonic() + seconds
+    wait_until(app, lambda: time.monotonic() > end)
 
 
 def frame_boxes(viewer, boxes, margin: float = 1.25) -> None:

@@ -29,7 +29,9 @@ def test_python_name_imports(command):
 
 def test_npe2_validate():
     npe2 = Path(sys.executable).parent / "npe2"
-    done = subprocess.run([str(npe2), "validate", "napari-uga"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(npe2), "validate", "napari-uga"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid" in done.stdout
 
@@ -40,5 +42,9 @@ def test_npe2_discovers_every_contribution():
     manager = PluginManager.instance()
     manager.discover()
     manifest = manager.get_manifest("napari-uga")
-    assert {s.key for s in manifest.contributions.sample_data} == {"camelyon_demo_slide", "camelyon_demo_truth", "camelyon_tile"}
+    assert {s.key for s in manifest.contributions.sample_data} == {
+        "camelyon_demo_slide",
+        "camelyon_demo_truth",
+        "camelyon_tile",
+    }
     assert "UGA annotation" in {w.display_name for w in manifest.contributions.widgets}

@@ -51,4 +51,3 @@ def tiff_levels(path: Path) -> list:
     with tifffile.TiffFile(path) as tif:
         count = len(tif.series[0].levels)
     return [zarr.open(tifffile.imread(path, aszarr=True, level=i), mode="r") for i in range(count)]
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -32,7 +33,7 @@ def test_pyramid_opens_lazily_as_multiscale(tmp_path, rng):
 
 
 def test_flat_images_and_masks(tmp_path, sample_dir):
-    tile = sorted((sample_dir / "images").glob("*.png"))[0]
+    tile = min((sample_dir / "images").glob("*.png"))
     [(data, meta, kind)] = _reader.read(str(tile))
     assert kind == "image" and data.shape == (256, 256, 3) and meta["name"] == tile.stem
     [(mask, _, kind)] = _reader.read(str(sample_dir / "masks" / tile.name))
@@ -53,7 +54,7 @@ def test_labels_geojson_traces_holes_in_pixel_coordinates(tmp_path):
     labels[10:50, 20:80] = 1
     labels[20:30, 40:50] = 0
     [written] = _writer.write_labels_geojson(str(tmp_path / "a.geojson"), labels, {"name": "uga: annotation"})
-    [feature] = json.loads(open(written).read())["features"]
+    [feature] = json.loads(Path(written).read_text())["features"]
     assert feature["properties"]["objectType"] == "annotation"
     [[outer, hole]] = feature["geometry"]["coordinates"]
     xs, ys = np.array(outer)[:, 0], np.array(outer)[:, 1]
@@ -65,7 +66,9 @@ def test_labels_geojson_traces_holes_in_pixel_coordinates(tmp_path):
 def test_shapes_geojson_through_napari(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     rects = [np.array([[100, 200], [356, 456]]), np.array([[0, 0], [256, 256]])]
-    layer = viewer.add_shapes(rects, shape_type="rectangle", name="uga: proposals", features={"rank": [1, 2]}, text="#{rank}")
+    layer = viewer.add_shapes(
+        rects, shape_type="rectangle", name="uga: proposals", features={"rank": [1, 2]}, text="#{rank}"
+    )
     target = tmp_path / "proposals.geojson"
     layer.save(str(target), plugin="napari-uga")
     features = json.loads(target.read_text())["features"]

@@ -183,7 +183,9 @@ class AnnotateWidget(QWidget):
 
     def _refresh_layers(self, event=None) -> None:
         current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image) and not layer.name.startswith("uga:")]
+        names = [
+            layer.name for layer in self.viewer.layers if isinstance(layer, Image) and not layer.name.startswith("uga:")
+        ]
         self.image_combo.clear()
         self.image_combo.addItems(names)
         if current in names:
@@ -252,7 +254,9 @@ class AnnotateWidget(QWidget):
 
     def _start_maps(self) -> None:
         layer = self.image_layer()
-        worker = maps_worker(self.model, layer.name, level0(layer), self.samples_spin.value(), self._factor(), self.config)
+        worker = maps_worker(
+            self.model, layer.name, level0(layer), self.samples_spin.value(), self._factor(), self.config
+        )
         worker.returned.connect(self._show_maps)
         self._run(worker, f"Computing uncertainty with the round {self.session.current_round} model…")
 
@@ -282,13 +286,34 @@ class AnnotateWidget(QWidget):
         image = self.image_layer()
         place = {"scale": image.scale, "translate": image.translate}
         high = float(np.percentile(maps.entropy, 99.5)) or 1e-3
-        _upsert(self.viewer, Image, PROBABILITY, maps.probability, colormap="viridis", contrast_limits=(0, 1), opacity=0.5, visible=False, **place)
-        _upsert(self.viewer, Image, UNCERTAINTY, maps.entropy, colormap=uncertainty_colormap(), contrast_limits=(0, high), opacity=0.8, **place)
+        _upsert(
+            self.viewer,
+            Image,
+            PROBABILITY,
+            maps.probability,
+            colormap="viridis",
+            contrast_limits=(0, 1),
+            opacity=0.5,
+            visible=False,
+            **place,
+        )
+        _upsert(
+            self.viewer,
+            Image,
+            UNCERTAINTY,
+            maps.entropy,
+            colormap=uncertainty_colormap(),
+            contrast_limits=(0, high),
+            opacity=0.8,
+            **place,
+        )
         self.viewer.layers[UNCERTAINTY].contrast_limits = (0, high)
         _upsert(self.viewer, Labels, PREDICTION, maps.prediction, opacity=0.9, **place)
         self.viewer.layers[PREDICTION].contour = 2
         self._score_round(maps.prediction)
-        self._set_status(f"Uncertainty of round {self.session.current_round}: bright = the model is unsure. Propose patches next.")
+        self._set_status(
+            f"Uncertainty of round {self.session.current_round}: bright = the model is unsure. Propose patches next."
+        )
         self.viewer.layers.selection.active = image
 
     def _score_round(self, prediction: np.ndarray) -> None:
@@ -339,7 +364,9 @@ class AnnotateWidget(QWidget):
         if ANNOTATION not in self.viewer.layers:
             image = self.image_layer()
             shape = level0(image).shape[:2]
-            layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=ANNOTATION, opacity=0.5, scale=image.scale, translate=image.translate)
+            layer = self.viewer.add_labels(
+                np.zeros(shape, np.uint8), name=ANNOTATION, opacity=0.5, scale=image.scale, translate=image.translate
+            )
             layer.brush_size = 12
         return self.viewer.layers[ANNOTATION]
 
@@ -515,7 +542,7 @@ class AnnotateWidget(QWidget):
         if worker is not None:
             worker.await_workers(timeout_ms)
 
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+    def closeEvent(self, event) -> None:
         """Cancel training before the dock goes away."""
         self.shutdown()
         super().closeEvent(event)

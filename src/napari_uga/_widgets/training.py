@@ -6,6 +6,8 @@ the main thread and emits ``cancel_requested``; it never starts or stops anythin
 
 from __future__ import annotations
 
+import time
+
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import Signal
@@ -16,6 +18,7 @@ from ..training import ProgressEvent
 BACKGROUND = "#262930"  # napari dark theme
 FOREGROUND = "#d0d0d0"
 LINE = "#f9a03f"
+REDRAW_S = 2.0  # a plot redraw costs ~40 ms of main thread; at most one per this many seconds
 
 
 class TrainingWidget(QWidget):
@@ -39,6 +42,7 @@ class TrainingWidget(QWidget):
         (self.line,) = self.axes.plot([], [], color=LINE, linewidth=1.5)
         self._style_axes()
         self.losses: list[float] = []
+        self._drawn_at = 0.0
 
         row = QHBoxLayout()
         row.addWidget(self.progress, stretch=1)
@@ -74,10 +78,8 @@ class TrainingWidget(QWidget):
         self.progress.setValue(event["step"])
         if event["loss"] is not None:
             self.losses.append(event["loss"])
-            self.line.set_data(range(1, len(self.losses) + 1), self.losses)
-            self.axes.relim()
-            self.axes.autoscale_view()
-            self.canvas.draw_idle()
+            if time.monotonic() - self._drawn_at >= REDRAW_S:
+                self._redraw()
             self.status.setText(f"{event['message']} · loss {event['loss']:.3f}")
         elif event["message"]:
             self.status.setText(event["message"])
@@ -86,3 +88,11 @@ class TrainingWidget(QWidget):
         """The run finished, failed or was cancelled."""
         self.cancel_button.setEnabled(False)
         self.status.setText(message)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        self.line.set_data(range(1, len(self.losses) + 1), self.losses)
+        self.axes.relim()
+        self.axes.autoscale_view()
+        self.canvas.draw_idle()
+        self._drawn_at = time.monotonic()
