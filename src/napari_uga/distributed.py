@@ -79,11 +79,27 @@ def cached_model(model_path: str, device: str = "auto", threads: int = 0):
 
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    device = _worker_device(device)
     key = (model_path, os.path.getmtime(model_path), device)
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = load_model(model_path, device)
     return _MODELS[key]
+
+
+def _worker_device(device: str) -> str:
+    """``auto`` on a multi-GPU machine: the GPU matching the local worker's number, so workers spread out."""
+    import torch
+
+    if device != "auto" or torch.cuda.device_count() < 2:
+        return device
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:  # not inside a worker
+        return device
+    return f"cuda:{int(name) % torch.cuda.device_count()}" if str(name).isdigit() else device
 
 
 def record_path(out_dir: str | os.PathLike, name: str) -> Path:
