@@ -48,18 +48,30 @@ def weights_path() -> Path:
     return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else REPO / "runs" / "uga_unet_v1.safetensors"
 
 
+def weights_digest(path: Path) -> str:
+    """Hash of the tensors only (copies with other metadata share the feature cache)."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    digest = hashlib.sha1()
+    for key in sorted(tensors):
+        digest.update(key.encode() + tensors[key].tobytes())
+    return digest.hexdigest()[:10]
+
+
 def features(dataset: str, samples: int, compute: bool = True) -> dict:
     """Cached per-image features, true Dice and tumour flag of a dataset (computed where missing)."""
     folder, mpp = DATASETS[dataset]
     weights = weights_path()
-    digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:10]
+    digest = weights_digest(weights)
     cache = CACHE / f"{dataset}_{digest}_s{samples}_{quality.QC_TTA}.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     if not compute:
         return done
     model = load_model(weights, "cpu")
     factor = working_factor(model, mpp)
-    paths = list_images(DATA / folder / "images")
+    # a fixed shuffled order, so that a partial cache (--cached-only) mixes classes and patients
+    paths = sorted(list_images(DATA / folder / "images"), key=lambda p: hashlib.sha1(p.stem.encode()).hexdigest())
     for i, path in enumerate(paths):
         if path.stem in done:
             continue
@@ -68,7 +80,7 @@ def features(dataset: str, samples: int, compute: bool = True) -> dict:
         dice_value = dice(pred, mask)
         done[path.stem] = {"row": row, "dice": dice_value, "tumour": bool(mask.any())}
         print(f"\r{dataset}: {i + 1}/{len(paths)} features", end="", file=sys.stderr, flush=True)
-        if (i + 1) % 10 == 0 or i + 1 == len(paths):
+        if (i + 1) % 5 == 0 or i + 1 == len(paths):
             atomic_write_json(cache, done)
     print(file=sys.stderr)
     return done
