@@ -161,3 +161,14 @@ def test_run_qc_real_tiles_tiny_model(umcu_pairs, tiny_model):
     assert out["threshold"] == 0.8 and out["alpha"] == 0.1
     first, again = (quality.compute_features(tiny_model, test[0].image, 0.5, samples=2)[0] for _ in range(2))
     assert first == again  # seeded dropout: QC is reproducible
+
+
+def test_shipped_calibration_matches_the_features(rng):
+    qc = quality.default_qc_model()
+    samples = np.zeros((8, 64, 64))
+    samples[:, 5:30, 5:30] = 0.8
+    row = quality.image_features(_maps(samples), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert set(qc.features) == set(row) and qc.method in quality.METHODS
+    assert "camelyon16_rumc" in qc.info["calibration"]  # never a test split
+    pred, accepted = qc.predict([row])
+    assert 0 <= pred[0] <= 1 and accepted.dtype == bool
