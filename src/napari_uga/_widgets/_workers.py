@@ -92,3 +92,40 @@ def finetune_worker(
         finetune_events, model, list(annotations), factor, config, seed, cancel, threads,
         _start_thread=False, _ignore_errors=True,
     )  # fmt: skip
+
+
+def qc_steps(
+    model_path: str | None,
+    pairs: list[Pair] | None,
+    folder: tuple[str, str | None] | None,
+    calibration: tuple[str, str] | None,
+    settings: dict,
+):
+    """Load the network and the images, then run :func:`napari_uga.quality.iter_qc` (yields progress)."""
+    from ..io import load_pairs
+    from ..models import load_model, working_factor
+    from ..quality import QCModel, iter_qc
+
+    model = load_model(model_path, "auto")
+    pairs = load_pairs(*folder) if pairs is None else pairs
+    cal = load_pairs(*calibration) if calibration else None
+    qc_model = QCModel.load(settings["qc_model"]) if settings["qc_model"] else None
+    factor = working_factor(model, settings["mpp"])
+    result = yield from iter_qc(
+        model, pairs, cal, settings["alpha"], settings["delta"], settings["threshold"], settings["method"],
+        factor=factor, qc_model=qc_model,
+    )  # fmt: skip
+    return result
+
+
+def qc_worker(
+    model_path: str | None,
+    pairs: list[Pair] | None,
+    folder: tuple[str, str | None] | None,
+    calibration: tuple[str, str] | None,
+    settings: dict,
+) -> GeneratorWorker:
+    """An unstarted worker yielding (done, total) and returning (QC report, QC model)."""
+    return create_worker(
+        qc_steps, model_path, pairs, folder, calibration, settings, _start_thread=False, _ignore_errors=True
+    )

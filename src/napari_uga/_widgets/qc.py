@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.layers import Image
-from napari.qt.threading import GeneratorWorker, create_worker
+from napari.qt.threading import GeneratorWorker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QColor
@@ -35,9 +35,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..io import InputError, Pair, list_images, load_pairs, read_image
-from ..quality import METHODS, QCModel, image_patches, iter_qc
+from ..io import InputError, Pair, list_images, read_image
+from ..quality import METHODS, QCModel, image_patches
 from ..selection import Box
+from ._workers import qc_worker
 
 if TYPE_CHECKING:
     import napari
@@ -47,27 +48,6 @@ BOXES = "uga: qc"
 OPENED = "uga: qc image"
 ACCEPT_COLOR, REVIEW_COLOR = "#2e7d32", "#c62828"
 BACKGROUND, FOREGROUND = "#262930", "#d0d0d0"
-
-
-def qc_job(
-    model_path: str | None,
-    pairs: list[Pair] | None,
-    folder: tuple[str, str | None] | None,
-    calibration: tuple[str, str] | None,
-    settings: dict,
-):
-    """Worker body: load the network and the images, then run :func:`iter_qc` (yields progress)."""
-    from ..models import load_model, working_factor
-
-    model = load_model(model_path, "auto")
-    if pairs is None:
-        pairs = load_pairs(*folder)
-    cal = load_pairs(*calibration) if calibration else None
-    qc_model = QCModel.load(settings["qc_model"]) if settings["qc_model"] else None
-    factor = working_factor(model, settings["mpp"])
-    result = yield from iter_qc(model, pairs, cal, settings["alpha"], settings["delta"], settings["threshold"],
-                                settings["method"], factor=factor, qc_model=qc_model)  # fmt: skip
-    return result
 
 
 class QCWidget(QWidget):
@@ -232,9 +212,7 @@ class QCWidget(QWidget):
             show_error(str(exc))
             return
         model = self.model_edit.text().strip() or None
-        worker = create_worker(
-            qc_job, model, pairs, folder, calibration, settings, _start_thread=False, _ignore_errors=True
-        )
+        worker = qc_worker(model, pairs, folder, calibration, settings)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)
         worker.errored.connect(self._on_error)
