@@ -52,13 +52,13 @@ def ebhi_patient_split(seed: int = 0):
     return pool, test
 
 
-def splits(dataset: str):
+def splits(dataset: str, ebhi_mpp: float):
     """(name, pool, test, mpp) for each split of a dataset."""
     if dataset == "umcu":
         left, right = position_split(load_pairs(DATA / "camelyon16_umcu" / "images", DATA / "camelyon16_umcu" / "masks"))
         return [("umcu left->right", left, right, 0.226), ("umcu right->left", right, left, 0.226)]
     pool, test = ebhi_patient_split()
-    return [("ebhi patients", pool, test, 0.97)]
+    return [("ebhi patients", pool, test, ebhi_mpp)]
 
 
 def main() -> None:
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="uncertainty,random")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--tag", default="default", help="name of this configuration in the output files")
+    parser.add_argument("--ebhi-mpp", type=float, default=0.97, help="µm/px assumed for EBHI tiles (about 1)")
     defaults = LoopConfig()
     for field, value in vars(defaults).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
@@ -78,8 +79,8 @@ def main() -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     model = load_model(args.model, "auto")
     replay = replay_pairs()
-    results = {"config": vars(config), "tag": args.tag, "splits": {}}
-    for name, pool, test, mpp in splits(args.dataset):
+    results = {"config": vars(config), "tag": args.tag, "ebhi_mpp": args.ebhi_mpp, "splits": {}}
+    for name, pool, test, mpp in splits(args.dataset, args.ebhi_mpp):
         factor = working_factor(model, mpp)
         curves = {}
         for strategy in args.strategies.split(","):
