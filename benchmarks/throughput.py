@@ -127,13 +127,13 @@ def end_to_end_rows(model: UNet, side: int, samples: int, repeats: int, device: 
     factor = working_factor(model, 0.243)
 
     def run() -> object:
-        return compute_uncertainty_safe(model, image, samples=samples, factor=factor, batch_size=4, output_scale="working")
+        return compute_uncertainty_safe(model, image, samples=samples, factor=factor, tile=512, batch_size=1, output_scale="working")
 
     seconds = median_time(run, max(1, repeats // 2), device)
     level0 = side * side / 1e6
     return [
         {
-            "what": f"compute_uncertainty T={samples}, {side}^2 px level 0 -> {round(side * factor)}^2 working",
+            "what": f"compute_uncertainty T={samples}, {side}^2 px level 0 -> {round(side * factor)}^2 working, 512 px tiles",
             "seconds": seconds,
             "mpx_s": level0 / seconds,
             "note": f"level-0 Mpx/s (working-scale {level0 * factor**2 / seconds:.2f})",

@@ -38,7 +38,7 @@ class BatchOptions:
     mpp: float | None = None
     block: int = 2048
     margin: int = 64
-    batch_size: int = 4
+    batch_size: int = 1  # inference tiles (512 px working scale) per network call
     split_above: int = 4096 * 4096  # source pixels; larger TIFFs are split into blocks
     device: str = "auto"
     threads: int = 0  # torch threads per worker (0 = leave torch's default)
@@ -160,7 +160,7 @@ def _qc_row(qc: dict | None, rows: Sequence[dict]) -> dict:
 def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict | None, key: str) -> dict:
     """One image or small slide in one task: maps at the image's resolution, OME-TIFFs, QC, record."""
     from .models import DEFAULT_MPP
-    from .slides import output_paths, write_pyramid_array
+    from .slides import INFER_TILE, output_paths, write_pyramid_array
     from .uncertainty import compute_uncertainty_safe
 
     start = time.perf_counter()
@@ -169,7 +169,7 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
     image, mpp = _read_small(Path(path), opts.mpp)
     mpp = mpp or DEFAULT_MPP
     factor = mpp / model.config.input_mpp
-    maps = compute_uncertainty_safe(model, image, samples=opts.samples, tta=opts.tta, factor=factor, batch_size=opts.batch_size)
+    maps = compute_uncertainty_safe(model, image, samples=opts.samples, tta=opts.tta, factor=factor, tile=INFER_TILE, batch_size=opts.batch_size)
     name = _name(Path(path))
     paths = output_paths(out_dir, name)
     write_pyramid_array(paths["probability"], maps.probability, mpp, name=f"{name} probability")

@@ -27,7 +27,8 @@ from .io import InputError, tissue_mask
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff")
 MAP_NAMES = ("probability", "entropy", "prediction")
 SCRATCH_MAPS = ("probability", "entropy", "mutual_information", "variance")
-TILE = 256
+TILE = 256  # output TIFF tile side
+INFER_TILE = 512  # working-scale inference tile; with batch size 1 the network's activations stay < 1 GB at T=8
 TISSUE_SIDE = 2048  # the tissue level is the finest whose longer side is at most this
 _UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -265,7 +266,7 @@ def process_block(
     index: tuple[int, int],
     samples: int = 8,
     tta: str = "none",
-    batch_size: int = 4,
+    batch_size: int = 1,
     mpp: float | None = None,
     with_qc: bool = False,
 ) -> list[dict]:
@@ -296,7 +297,7 @@ def process_block(
         oy, ox = round(sy0 * plan.factor), round(sx0 * plan.factor)
         tissue = _block_tissue(np.asarray(group["tissue"]), group.attrs["tissue_scale"], (oy, ox, out_h, out_w))
         maps = compute_uncertainty_safe(
-            model, window, samples=samples, tta=tta, factor=plan.factor, batch_size=batch_size, keep_samples=with_qc, output_scale="working", tissue=tissue
+            model, window, samples=samples, tta=tta, factor=plan.factor, tile=INFER_TILE, batch_size=batch_size, keep_samples=with_qc, output_scale="working", tissue=tissue
         )
         rows = [_block_features(maps, window, plan.factor, samples)] if with_qc else []
     for key in SCRATCH_MAPS:
@@ -447,7 +448,7 @@ def process_slide(
     mpp: float | None = None,
     block: int = 2048,
     margin: int = 64,
-    batch_size: int = 4,
+    batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Plan, run every tissue block and write the three pyramids of one slide, in this process.
