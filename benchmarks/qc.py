@@ -140,6 +140,10 @@ def evaluate(data: dict, dataset: str, splits: int, alpha: float, delta: float, 
             m: quality.fit_qc_model(cal_rows, truth[cal], alpha, delta, threshold, m, groups=cal_groups)
             for m in METHODS
         }
+        loose = min(0.5, 2 * alpha)
+        fitted[f"regressor, alpha={loose:g}"] = quality.fit_qc_model(
+            cal_rows, truth[cal], loose, delta, threshold, "regressor", groups=cal_groups
+        )
         if shipped is not None:
             fitted["shipped (RUMC, no target labels)"] = shipped
         baseline = np.array([r["mc_pairwise_dice"] for r in rows])
