@@ -122,3 +122,25 @@ def test_demo_opens_the_dock_through_the_manifest(make_napari_viewer, tmp_path):
     assert widget.image_combo.currentText() == "Camelyon demo slide"
     assert "ground truth" in viewer.layers and viewer.layers["Camelyon demo slide"].multiscale
     assert widget.session_edit.text().startswith(str(tmp_path))
+
+
+def test_worker_error_is_a_notification_and_the_session_stays_usable(qtbot, wait_idle, dock):
+    from napari.utils.notifications import notification_manager
+
+    _compute_and_propose(qtbot, wait_idle, dock)
+    dock.config.crop = 20  # not a multiple of the tiny U-Net's 8: the network fails inside the worker
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        dock.submit()
+        wait_idle(dock)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert any(n.severity == "error" for n in seen), (seen, dock.status.text())
+    assert dock.status.text().startswith("Failed:")
+    assert dock.session.current_round == 0 and dock.session.pending_ids() == [1]  # the correction is kept
+    dock.config.crop = 128
+    dock.next_patch()
+    dock.submit()
+    wait_idle(dock)
+    assert dock.session.current_round == 1

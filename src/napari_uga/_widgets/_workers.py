@@ -2,7 +2,8 @@
 
 Workers get arrays, models and settings, never layers or widgets, and report back only
 through the worker's signals (``yielded``, ``returned``, ``errored``, ``finished``), which
-napari delivers on the main thread. Errors also become napari notifications.
+napari delivers on the main thread. The dock turns ``errored`` into a notification (napari
+0.9's own relay does not run: its mixin's ``__init__`` is skipped by the sip base class).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from ..models import UNet
 from ..selection import Candidate, score_candidates
 from ..training import CancelToken, ProgressEvent, resize_image
 from ..uncertainty import UncertaintyMaps, compute_uncertainty
+
+
+class WorkerError(Exception):
+    """A failure inside a generator worker.
+
+    superqt's ``GeneratorWorker`` takes a ``RuntimeError`` from the generator for a deleted
+    worker: it only warns and never emits ``errored`` or ``finished``. Torch raises
+    ``RuntimeError`` for most failures (shape mismatch, out of memory), so they are re-raised
+    as this type to reach the dock.
+    """
 
 
 @dataclass
@@ -66,7 +77,10 @@ def finetune_events(
         import torch
 
         torch.set_num_threads(threads)
-    result: FinetuneResult | None = yield from finetune(model, annotations, _replay(), factor, config, seed, cancel)
+    try:
+        result: FinetuneResult | None = yield from finetune(model, annotations, _replay(), factor, config, seed, cancel)
+    except RuntimeError as exc:
+        raise WorkerError(f"fine-tuning failed: {exc}") from exc
     return result
 
 

@@ -8,6 +8,8 @@ all state from a :class:`~napari_uga.session.Session` folder (layers are views o
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +49,7 @@ from .training import TrainingWidget
 if TYPE_CHECKING:
     import napari
 
+LOG = logging.getLogger(__name__)
 PROBABILITY = "uga: probability"
 UNCERTAINTY = "uga: uncertainty"
 PREDICTION = "uga: prediction"
@@ -56,6 +59,7 @@ CURRENT_EDGE = "#00e5ff"
 QUEUED_EDGE = "#ffd400"
 DONE_EDGE = "#7cfc00"
 NEXT_KEY, PREVIOUS_KEY = "n", "Shift-N"
+TRAIN_THREADS = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the UI (see benchmarks/ui_stall.py)
 
 
 def uncertainty_colormap() -> Colormap:
@@ -277,6 +281,9 @@ class AnnotateWidget(QWidget):
             follow_up()
 
     def _failed(self, exc: Exception) -> None:
+        """A worker raised: notify (napari 0.9 does not relay worker errors itself), keep the session."""
+        LOG.error("UGA worker failed", exc_info=exc)
+        show_error(f"UGA: {exc}")
         self.training.end(f"Failed: {exc}")
         self._set_status(f"Failed: {exc}. The session is unchanged.")
 
@@ -440,7 +447,7 @@ class AnnotateWidget(QWidget):
         pending = self.session.pending_ids()
         annotations = self.session.load_annotations()
         seed = len(self.session.annotations)
-        worker = finetune_worker(self.model, annotations, self._factor(), self.config, seed, self.token)
+        worker = finetune_worker(self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS)
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
         worker.aborted.connect(lambda: self._finetuned(None, pending))
