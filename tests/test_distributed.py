@@ -64,7 +64,7 @@ def test_batch_tiles_and_split_slide_with_qc_failure_and_rerun(client, sample_di
     for name in [t.stem for t in tiles] + ["slide"]:
         assert _outputs_complete(out, name)
         assert 0.0 <= by_name[name]["dice_pred"] <= 1.0 and isinstance(by_name[name]["accepted"], bool)
-    assert not list(out.rglob(".*.partial")) and not (out / ".scratch" / "slide.zarr").exists()
+    assert not list(out.rglob(".*.partial")) and not (out / ".scratch").exists()
     rows = (out / "qc.csv").read_text().splitlines()
     assert rows[0] == "name,dice_pred,accepted" and len(rows) == 6
     assert rows[-1] == "slide," + f"{slide['dice_pred']:.4f}," + str(slide["accepted"]).lower()

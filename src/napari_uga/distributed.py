@@ -281,8 +281,8 @@ def submit_all(client, inputs: Sequence[Path], out_dir: Path, model_path: str, o
             large = _is_large(path, opts)
             if large:
                 plan = plan_slide(path, out_dir / ".scratch" / f"{name}.zarr", input_mpp, opts.mpp, block=opts.block, margin=opts.margin)
-        except InputError as exc:
-            early.append(_failed(path, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a slide that cannot be planned fails alone
+            early.append(_failed(path, str(exc) if isinstance(exc, InputError) else exc))
             continue
         if not large:
             future = client.submit(image_task, str(path), str(out_dir), model_path, options, qc, settings, key=f"image-{name}-{time.time_ns()}", resources=resources, retries=1)
@@ -340,6 +340,8 @@ def run_batch(
     order = {_name(p): i for i, p in enumerate(inputs)}
     records.sort(key=lambda r: order.get(r["name"], len(order)))
     summary = _summary(records, time.perf_counter() - start, n_tasks)
+    if (out_dir / ".scratch").is_dir() and not any((out_dir / ".scratch").iterdir()):
+        (out_dir / ".scratch").rmdir()
     write_qc_csv(out_dir / "qc.csv", records)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
