@@ -117,7 +117,12 @@ def tta_rows(model: UNet, x: torch.Tensor, samples: int, repeats: int, device: t
     mpx = x.shape[0] * x.shape[-1] * x.shape[-2] / 1e6
     return [
         {"what": f"TTA flips looped (4 calls, T={samples})", "seconds": loop, "mpx_s": mpx / loop},
-        {"what": f"TTA flips batched (1 call, T={samples})", "seconds": batched, "mpx_s": mpx / batched, "speedup": loop / batched},
+        {
+            "what": f"TTA flips batched (1 call, T={samples})",
+            "seconds": batched,
+            "mpx_s": mpx / batched,
+            "speedup": loop / batched,
+        },
     ]
 
 
@@ -127,7 +132,9 @@ def end_to_end_rows(model: UNet, side: int, samples: int, repeats: int, device: 
     factor = working_factor(model, 0.243)
 
     def run() -> object:
-        return compute_uncertainty_safe(model, image, samples=samples, factor=factor, tile=512, batch_size=1, output_scale="working")
+        return compute_uncertainty_safe(
+            model, image, samples=samples, factor=factor, tile=512, batch_size=1, output_scale="working"
+        )
 
     seconds = median_time(run, max(1, repeats // 2), device)
     level0 = side * side / 1e6
@@ -165,7 +172,12 @@ def print_table(rows: list[dict]) -> None:
         mpx = f"{r['mpx_s']:.2f}" if "mpx_s" in r else ""
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['what']:<68} {r['seconds']:>9.3f} {mpx:>8} {speed:>8}")
-        for key in ("max_abs_diff_deterministic", "max_abs_diff_mean_prob_fast_vs_naive", "max_abs_diff_mean_prob_naive_vs_naive", "note"):
+        for key in (
+            "max_abs_diff_deterministic",
+            "max_abs_diff_mean_prob_fast_vs_naive",
+            "max_abs_diff_mean_prob_naive_vs_naive",
+            "note",
+        ):
             if key in r:
                 print(f"    {key}: {r[key] if isinstance(r[key], str) else f'{r[key]:.3g}'}")
 
@@ -194,14 +206,22 @@ def main() -> None:
     if not args.skip_finetune:
         rows.append(finetune_row(model, device))
     load_after = os.getloadavg()
-    print(f"device {device}, torch threads {torch.get_num_threads()}, model: {source}, batch {args.batch} x {args.side}^2 px")
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, model: {source}, batch {args.batch} x {args.side}^2 px"
+    )
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
     if device.type != "cuda":
         print("GPU rows (channels-last + fp16 autocast) not measured: no CUDA device")
     print_table(rows)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"device": str(device), "threads": torch.get_num_threads(), "model": source, "load": [load_before, load_after], "rows": rows}
+        payload = {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "model": source,
+            "load": [load_before, load_after],
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(payload, indent=2))
 
 

@@ -42,7 +42,9 @@ def _outputs_complete(out: Path, name: str) -> bool:
     return (out / f"{name}.json").is_file() and all((out / f"{name}_{k}.ome.tif").is_file() for k in MAP_NAMES)
 
 
-def test_batch_tiles_and_split_slide_with_qc_failure_and_rerun(client, sample_dir, tiny_model, tiny_model_path, tmp_path):
+def test_batch_tiles_and_split_slide_with_qc_failure_and_rerun(
+    client, sample_dir, tiny_model, tiny_model_path, tmp_path
+):
     images = tmp_path / "in"
     tiles = _tiles(sample_dir, images, 3)
     write_synthetic_slide(images / "slide.ome.tif", (1600, 2000), n_regions=3, tissue_fraction=0.15, seed=2)
@@ -52,7 +54,9 @@ def test_batch_tiles_and_split_slide_with_qc_failure_and_rerun(client, sample_di
     options = BatchOptions(samples=2, block=256, split_above=1000 * 1000, threads=1)
     out = tmp_path / "out"
     seen = []
-    summary = run_batch(client, list_inputs(images), out, tiny_model_path, options, qc, progress=lambda d, t: seen.append((d, t)))
+    summary = run_batch(
+        client, list_inputs(images), out, tiny_model_path, options, qc, progress=lambda d, t: seen.append((d, t))
+    )
 
     assert summary["n_inputs"] == 5 and summary["n_ok"] == 4 and summary["n_failed"] == 1
     assert seen[-1] == (5, 5)
@@ -122,9 +126,18 @@ def test_cli_batch_on_external_scheduler(sample_dir, tiny_model_path, tmp_path, 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     dask = str(Path(sys.executable).parent / "dask")
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], stderr=subprocess.DEVNULL
+        )
+    ]
     try:
-        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"], stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+                stderr=subprocess.DEVNULL,
+            )
+        )
         with distributed.Client(address, timeout="60s") as c:
             c.wait_for_workers(1, timeout=60)
         code = main(["batch", "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--scheduler", address,

@@ -125,12 +125,19 @@ def finished_record(out_dir: str | os.PathLike, name: str, key: str) -> dict | N
     except (OSError, json.JSONDecodeError):
         return None
     outputs = record.get("outputs", {})
-    if record.get("status") != "ok" or record.get("settings") != key or not outputs or not all(Path(p).is_file() for p in outputs.values()):
+    if (
+        record.get("status") != "ok"
+        or record.get("settings") != key
+        or not outputs
+        or not all(Path(p).is_file() for p in outputs.values())
+    ):
         return None
     return record
 
 
-def calibrate_qc(model, pairs: Sequence, factor: float, samples: int, progress: Callable[[int, int], None] | None = None) -> dict:
+def calibrate_qc(
+    model, pairs: Sequence, factor: float, samples: int, progress: Callable[[int, int], None] | None = None
+) -> dict:
     """Fit a QC model on labelled target-domain tiles (on the client); returns its dict for the tasks."""
     from .metrics import dice
     from .quality import compute_features, fit_qc_model
@@ -169,7 +176,9 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
     image, mpp = _read_small(Path(path), opts.mpp)
     mpp = mpp or DEFAULT_MPP
     factor = mpp / model.config.input_mpp
-    maps = compute_uncertainty_safe(model, image, samples=opts.samples, tta=opts.tta, factor=factor, tile=INFER_TILE, batch_size=opts.batch_size)
+    maps = compute_uncertainty_safe(
+        model, image, samples=opts.samples, tta=opts.tta, factor=factor, tile=INFER_TILE, batch_size=opts.batch_size
+    )
     name = _name(Path(path))
     paths = output_paths(out_dir, name)
     write_pyramid_array(paths["probability"], maps.probability, mpp, name=f"{name} probability")
@@ -215,7 +224,9 @@ def block_task(plan: dict, index: tuple[int, int], model_path: str, options: dic
 
     opts = BatchOptions(**options)
     model = cached_model(model_path, opts.device, opts.threads)
-    return process_block(model, SlidePlan.from_dict(plan), tuple(index), opts.samples, opts.tta, opts.batch_size, opts.mpp, with_qc)
+    return process_block(
+        model, SlidePlan.from_dict(plan), tuple(index), opts.samples, opts.tta, opts.batch_size, opts.mpp, with_qc
+    )
 
 
 def finalize_task(plan: dict, out_dir: str, qc: dict | None, key: str, start: float, *block_rows: list[dict]) -> dict:
@@ -257,10 +268,19 @@ def _has_gpu_workers(client) -> bool:
 
 def _failed(path: Path, error: BaseException | str) -> dict:
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"name": _name(path), "path": str(path), "status": "failed", "error": message, "dice_pred": None, "accepted": None}
+    return {
+        "name": _name(path),
+        "path": str(path),
+        "status": "failed",
+        "error": message,
+        "dice_pred": None,
+        "accepted": None,
+    }
 
 
-def submit_all(client, inputs: Sequence[Path], out_dir: Path, model_path: str, opts: BatchOptions, qc: dict | None) -> tuple[dict, list[dict], int]:
+def submit_all(
+    client, inputs: Sequence[Path], out_dir: Path, model_path: str, opts: BatchOptions, qc: dict | None
+) -> tuple[dict, list[dict], int]:
     """Submit every unfinished input; returns {future: input path}, records for skipped/failed inputs, task count."""
     from .slides import plan_slide
 
@@ -280,21 +300,59 @@ def submit_all(client, inputs: Sequence[Path], out_dir: Path, model_path: str, o
         try:
             large = _is_large(path, opts)
             if large:
-                plan = plan_slide(path, out_dir / ".scratch" / f"{name}.zarr", input_mpp, opts.mpp, block=opts.block, margin=opts.margin)
+                plan = plan_slide(
+                    path,
+                    out_dir / ".scratch" / f"{name}.zarr",
+                    input_mpp,
+                    opts.mpp,
+                    block=opts.block,
+                    margin=opts.margin,
+                )
         except Exception as exc:  # noqa: BLE001 - a slide that cannot be planned fails alone
             early.append(_failed(path, str(exc) if isinstance(exc, InputError) else exc))
             continue
         if not large:
-            future = client.submit(image_task, str(path), str(out_dir), model_path, options, qc, settings, key=f"image-{name}-{time.time_ns()}", resources=resources, retries=1)
+            future = client.submit(
+                image_task,
+                str(path),
+                str(out_dir),
+                model_path,
+                options,
+                qc,
+                settings,
+                key=f"image-{name}-{time.time_ns()}",
+                resources=resources,
+                retries=1,
+            )
             finals[future] = path
             n_tasks += 1
             continue
         plan_dict = plan.to_dict()
         blocks = [
-            client.submit(block_task, plan_dict, list(index), model_path, options, qc is not None, key=f"block-{name}-{index[0]}-{index[1]}-{time.time_ns()}", resources=resources, retries=1)
+            client.submit(
+                block_task,
+                plan_dict,
+                list(index),
+                model_path,
+                options,
+                qc is not None,
+                key=f"block-{name}-{index[0]}-{index[1]}-{time.time_ns()}",
+                resources=resources,
+                retries=1,
+            )
             for index in plan.blocks
         ]
-        future = client.submit(finalize_task, plan_dict, str(out_dir), qc, settings, time.time(), *blocks, key=f"finalize-{name}-{time.time_ns()}", retries=1)
+        future = client.submit(
+            finalize_task,
+            plan_dict,
+            str(out_dir),
+            qc,
+            settings,
+            time.time(),
+            *blocks,
+            key=f"finalize-{name}-{time.time_ns()}",
+            retries=1,
+        )
         finals[future] = path
         n_tasks += len(blocks) + 1
     return finals, early, n_tasks

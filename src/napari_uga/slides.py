@@ -98,7 +98,7 @@ class Slide:
         if mpp is not None and self.mpp is None:
             raise InputError(f"mpp: {mpp} µm/px is outside the plausible range 0.01-20")
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Slide:  # noqa: PYI034 - Python 3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc) -> None:
@@ -246,7 +246,11 @@ def plan_slide(
     blocks = tuple(
         (by, bx)
         for by, bx in grid
-        if _block_tissue(tissue, scale, (by * block, bx * block, min(block, shape[0] - by * block), min(block, shape[1] - bx * block))).any()
+        if _block_tissue(
+            tissue,
+            scale,
+            (by * block, bx * block, min(block, shape[0] - by * block), min(block, shape[1] - bx * block)),
+        ).any()
     )
     scratch = Path(scratch)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -255,7 +259,20 @@ def plan_slide(
         group.create_array(key, shape=shape, chunks=(block, block), dtype="float32", fill_value=0.0)
     group.create_array("tissue", data=tissue)
     group.attrs["tissue_scale"] = scale
-    plan = SlidePlan(str(path), slide_name(path), level, factor, input_mpp, shape, block, margin, blocks, len(grid), str(scratch), source_shape)
+    plan = SlidePlan(
+        str(path),
+        slide_name(path),
+        level,
+        factor,
+        input_mpp,
+        shape,
+        block,
+        margin,
+        blocks,
+        len(grid),
+        str(scratch),
+        source_shape,
+    )
     group.attrs["plan"] = plan.to_dict()
     return plan
 
@@ -297,7 +314,16 @@ def process_block(
         oy, ox = round(sy0 * plan.factor), round(sx0 * plan.factor)
         tissue = _block_tissue(np.asarray(group["tissue"]), group.attrs["tissue_scale"], (oy, ox, out_h, out_w))
         maps = compute_uncertainty_safe(
-            model, window, samples=samples, tta=tta, factor=plan.factor, tile=INFER_TILE, batch_size=batch_size, keep_samples=with_qc, output_scale="working", tissue=tissue
+            model,
+            window,
+            samples=samples,
+            tta=tta,
+            factor=plan.factor,
+            tile=INFER_TILE,
+            batch_size=batch_size,
+            keep_samples=with_qc,
+            output_scale="working",
+            tissue=tissue,
         )
         rows = [_block_features(maps, window, plan.factor, samples)] if with_qc else []
     for key in SCRATCH_MAPS:
@@ -329,10 +355,14 @@ def _build_pyramid(group, key: str, min_side: int = TILE, block: int = 2048) -> 
     while min(levels[-1].shape) >= 2 * min_side:
         src = levels[-1]
         shape = (-(-src.shape[0] // 2), -(-src.shape[1] // 2))
-        dst = group.create_array(f"{key}_{len(levels)}", shape=shape, chunks=(block // 2, block // 2), dtype="float32", overwrite=True)
+        dst = group.create_array(
+            f"{key}_{len(levels)}", shape=shape, chunks=(block // 2, block // 2), dtype="float32", overwrite=True
+        )
         for y in range(0, src.shape[0], block):
             for x in range(0, src.shape[1], block):
-                dst[y // 2 : (y + block) // 2, x // 2 : (x + block) // 2] = _pool2(np.asarray(src[y : y + block, x : x + block]))
+                dst[y // 2 : (y + block) // 2, x // 2 : (x + block) // 2] = _pool2(
+                    np.asarray(src[y : y + block, x : x + block])
+                )
         levels.append(dst)
     return levels
 
@@ -351,7 +381,14 @@ def _to_prediction(values: np.ndarray) -> np.ndarray:
     return (values >= 0.5).astype(np.uint8)
 
 
-def write_pyramid(path: str | os.PathLike, levels: list, mpp: float, dtype: str = "float32", transform: Callable[[np.ndarray], np.ndarray] | None = None, name: str = "") -> Path:
+def write_pyramid(
+    path: str | os.PathLike,
+    levels: list,
+    mpp: float,
+    dtype: str = "float32",
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    name: str = "",
+) -> Path:
     """Stream lazy 2-D levels into a tiled, zlib-compressed pyramidal OME-TIFF (sub-IFDs), atomically.
 
     Level 0 carries the OME pixel size (µm) and every level its resolution tags.
@@ -361,8 +398,21 @@ def write_pyramid(path: str | os.PathLike, levels: list, mpp: float, dtype: str 
     transform = transform or (lambda v: v.astype(dtype, copy=False))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    options = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "minisblack", "resolutionunit": "CENTIMETER", "dtype": dtype}
-    metadata = {"axes": "YX", "Name": name, "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+    options = {
+        "tile": (TILE, TILE),
+        "compression": "zlib",
+        "photometric": "minisblack",
+        "resolutionunit": "CENTIMETER",
+        "dtype": dtype,
+    }
+    metadata = {
+        "axes": "YX",
+        "Name": name,
+        "PhysicalSizeX": mpp,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": mpp,
+        "PhysicalSizeYUnit": "µm",
+    }
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             for i, level in enumerate(levels):
@@ -377,7 +427,9 @@ def write_pyramid(path: str | os.PathLike, levels: list, mpp: float, dtype: str 
     return path
 
 
-def write_pyramid_array(path: str | os.PathLike, values: np.ndarray, mpp: float, dtype: str = "float32", name: str = "") -> Path:
+def write_pyramid_array(
+    path: str | os.PathLike, values: np.ndarray, mpp: float, dtype: str = "float32", name: str = ""
+) -> Path:
     """Write an in-memory 2-D map as a pyramidal OME-TIFF (levels by 2 x 2 mean pooling)."""
     levels = [np.asarray(values)]
     while min(levels[-1].shape) >= 2 * TILE:
@@ -402,7 +454,9 @@ def finalize_slide(plan: SlidePlan, out_dir: str | os.PathLike, keep_scratch: bo
     probability = _build_pyramid(group, "probability")
     write_pyramid(paths["probability"], probability, plan.working_mpp, name=f"{plan.name} probability")
     write_pyramid(paths["entropy"], _build_pyramid(group, "entropy"), plan.working_mpp, name=f"{plan.name} entropy")
-    write_pyramid(paths["prediction"], probability, plan.working_mpp, "uint8", _to_prediction, f"{plan.name} prediction")
+    write_pyramid(
+        paths["prediction"], probability, plan.working_mpp, "uint8", _to_prediction, f"{plan.name} prediction"
+    )
     if not keep_scratch:
         shutil.rmtree(plan.scratch, ignore_errors=True)
     return paths
@@ -493,7 +547,9 @@ def read_pyramid(path: str | os.PathLike) -> list:
     return [da.from_zarr(group[k]) for k in keys]
 
 
-def _synthetic_tile(y0: float, x0: float, shape: tuple[int, int], ds: float, blobs: np.ndarray, seed: int) -> np.ndarray:
+def _synthetic_tile(
+    y0: float, x0: float, shape: tuple[int, int], ds: float, blobs: np.ndarray, seed: int
+) -> np.ndarray:
     """RGB tile of the synthetic slide: glass, with pink tissue and purple nuclei inside ``blobs``."""
     yy = (y0 + np.arange(shape[0])[:, None] + 0.5) * ds
     xx = (x0 + np.arange(shape[1])[None, :] + 0.5) * ds
@@ -510,7 +566,12 @@ def _synthetic_tile(y0: float, x0: float, shape: tuple[int, int], ds: float, blo
 
 
 def write_synthetic_slide(
-    path: str | os.PathLike, shape: tuple[int, int], mpp: float = 0.243, n_regions: int = 6, tissue_fraction: float = 0.05, seed: int = 0
+    path: str | os.PathLike,
+    shape: tuple[int, int],
+    mpp: float = 0.243,
+    n_regions: int = 6,
+    tissue_fraction: float = 0.05,
+    seed: int = 0,
 ) -> Path:
     """Write a lazily generated H&E-like pyramidal OME-TIFF (mostly glass) for tests and benchmarks.
 
@@ -523,8 +584,20 @@ def write_synthetic_slide(
     centres = rng.uniform(radius, np.array(shape) - radius, size=(n_regions, 2))
     blobs = np.column_stack([centres, radius * rng.uniform(0.7, 1.3, (n_regions, 2))])
     n_levels = max(1, int(math.log2(max(shape) / 512)) + 1)
-    options = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "rgb", "resolutionunit": "CENTIMETER", "dtype": "uint8"}
-    metadata = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+    options = {
+        "tile": (TILE, TILE),
+        "compression": "zlib",
+        "photometric": "rgb",
+        "resolutionunit": "CENTIMETER",
+        "dtype": "uint8",
+    }
+    metadata = {
+        "axes": "YXS",
+        "PhysicalSizeX": mpp,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": mpp,
+        "PhysicalSizeYUnit": "µm",
+    }
 
     def tiles(ds: int) -> Iterator[np.ndarray]:
         h, w = -(-shape[0] // ds), -(-shape[1] // ds)

@@ -16,11 +16,18 @@ def register(sub) -> None:
     p.add_argument("--scheduler", default=None, help="Dask scheduler address (default: a local cluster)")
     p.add_argument("--workers", type=int, default=2, help="local cluster worker processes (CPU)")
     p.add_argument("--samples", type=int, default=8, help="MC-dropout samples T")
-    p.add_argument("--qc-calibration", type=Path, default=None, help="folder with images/ and masks/ of labelled target-domain tiles")
+    p.add_argument(
+        "--qc-calibration",
+        type=Path,
+        default=None,
+        help="folder with images/ and masks/ of labelled target-domain tiles",
+    )
     p.add_argument("--model", type=Path, default=None, help="weights (.safetensors); default: the shipped model")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the files do not say (default 0.243)")
-    p.add_argument("--block", type=int, default=2048, help="working-scale block side for large slides (multiple of 256)")
+    p.add_argument(
+        "--block", type=int, default=2048, help="working-scale block side for large slides (multiple of 256)"
+    )
     p.add_argument("--no-qc", action="store_true", help="skip quality control")
     p.set_defaults(handler=run)
 
@@ -50,7 +57,9 @@ def _qc_dict(args: argparse.Namespace, model) -> dict | None:
     pairs = load_pairs(folder / "images", folder / "masks")
     bar = progress_bar(len(pairs), "qc calibration", args.json)
     try:
-        return calibrate_qc(model, pairs, working_factor(model, args.mpp), args.samples, lambda d, t: bar.update(d - bar.n))
+        return calibrate_qc(
+            model, pairs, working_factor(model, args.mpp), args.samples, lambda d, t: bar.update(d - bar.n)
+        )
     finally:
         bar.close()
 
@@ -74,7 +83,9 @@ def run(args: argparse.Namespace) -> dict:
     client = make_client(args.scheduler, args.workers)
     bar = progress_bar(len(inputs), "batch", args.json)
     try:
-        summary = run_batch(client, inputs, args.out, model_path, options, qc, progress=lambda d, t: bar.update(d - bar.n))
+        summary = run_batch(
+            client, inputs, args.out, model_path, options, qc, progress=lambda d, t: bar.update(d - bar.n)
+        )
     finally:
         bar.close()
         cluster = client.cluster
