@@ -1,7 +1,8 @@
 """Make the README screenshots from a real napari session (rerunnable).
 
 Opens napari with the demo slide and the UGA dock, computes the uncertainty, proposes
-patches, runs one fine-tuning round, and writes:
+patches, corrects two patches with the demo ground truth (standing in for the pathologist), runs
+one fine-tuning round, and writes:
 
 - ``docs/images/overlay.png``: the canvas with the uncertainty overlay, prediction outline
   and ranked proposals;
@@ -53,12 +54,11 @@ def settle(app, seconds: float = 1.0) -> None:
     wait_until(app, lambda: time.monotonic() > end)
 
 
-def frame_boxes(viewer, boxes, margin: float = 1.25) -> None:
-    """Centre the camera on the boxes' bounding box and zoom to fit it."""
+def frame_boxes(viewer, boxes, width: int, margin: float = 1.3) -> None:
+    """Frame the rows holding the boxes, across the image's whole ``width``."""
     y0 = min(b.y for b in boxes)
-    x0 = min(b.x for b in boxes)
     y1 = max(b.y + b.h for b in boxes)
-    x1 = max(b.x + b.w for b in boxes)
+    x0, x1 = 0, width
     camera = viewer.scene.camera
     camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
     height, width = viewer.canvas.size
@@ -75,7 +75,8 @@ def main() -> None:
 
     import napari
 
-    from napari_uga._widgets.annotate import ANNOTATION, PREDICTION, UNCERTAINTY
+    from napari_uga._sample_data import TRUTH_NAME
+    from napari_uga._widgets.annotate import ANNOTATION, UNCERTAINTY
     from napari_uga._widgets.demo import open_demo
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -90,23 +91,22 @@ def main() -> None:
     wait_until(app, lambda: dock.worker is None)
     dock.propose()
     viewer.layers.selection.active = viewer.layers[UNCERTAINTY]
-    frame_boxes(viewer, dock.proposals)
+    frame_boxes(viewer, dock.proposals, viewer.layers[UNCERTAINTY].data.shape[1])
     settle(app)
     overlay = viewer.screenshot(canvas_only=True, flash=False)
     napari.utils.io.imsave(str(args.out / "overlay.png"), overlay)
 
-    first = dock.proposals[0]
+    truth = viewer.layers[TRUTH_NAME].data[0]
     annotation = viewer.layers[ANNOTATION]
-    yy, xx = np.ogrid[: first.h, : first.w]
-    stroke = (yy - first.h * 0.6) ** 2 + (xx - first.w * 0.4) ** 2 < (first.h * 0.12) ** 2
-    region = annotation.data[first.y : first.y + first.h, first.x : first.x + first.w]
-    region[stroke] = 1  # a correction painted with the brush
+    for _ in range(2):  # the script plays the pathologist: the demo ground truth is the correction
+        patch = dock.proposals[dock.session.queue_position]
+        annotation.data[patch.y : patch.y + patch.h, patch.x : patch.x + patch.w] = patch.crop(np.asarray(truth))
+        dock.next_patch()
     annotation.refresh()
-    dock.next_patch()
     dock.submit()
     wait_until(app, lambda: dock.worker is None and dock.session.current_round == 1)
-    dock.go_to(0)
-    viewer.layers[PREDICTION].visible = True
+    dock.go_to(2)
+    viewer.layers[UNCERTAINTY].opacity = 0.4
     settle(app, 2.0)
     window = viewer.screenshot(canvas_only=False, flash=False)
     napari.utils.io.imsave(str(args.out / "dock.png"), window)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_uga._widgets.annotate import PREDICTION, UNCERTAINTY
 
@@ -30,3 +31,13 @@ def test_overlay_is_visible_where_uncertainty_is_high(qtbot, make_dock, wait_idl
     qtbot.waitUntil(lambda: np.abs(_centre_patch(viewer) - without).mean() > 20, timeout=10_000)
     full = viewer.screenshot(canvas_only=True, flash=False)[..., :3]
     assert full.std() > 10  # not a blank or uniform frame
+
+
+def test_uncertainty_contrast_shows_the_top_half_of_tissue_values():
+    from napari_uga._widgets.annotate import uncertainty_limits
+
+    ramp = np.concatenate([np.zeros(100), np.linspace(0.1, 0.6, 1001)])  # glass is zero
+    low, high = uncertainty_limits(ramp)
+    assert low == pytest.approx(0.35) and high == pytest.approx(0.5975, abs=1e-3)
+    assert uncertainty_limits(np.full(50, 0.693))[0] == 0.0  # a flat map is shown from zero
+    assert uncertainty_limits(np.zeros(10)) == (0.0, 1e-3)

@@ -41,22 +41,31 @@ class MapsResult:
     candidates: list[Candidate]
 
 
+MIN_TISSUE = 0.6  # a patch worth an annotator's time is mostly tissue (tissue edges are uncertain but cheap)
+
+
 @lru_cache(maxsize=1)
 def _replay() -> tuple[Pair, ...]:
     return tuple(replay_pairs())
 
 
 def compute_maps(model: UNet, name: str, image, samples: int, factor: float, config: LoopConfig) -> MapsResult:
-    """Uncertainty maps of ``image`` (glass skipped) and every tissue patch scored for the proposal queue."""
+    """Uncertainty maps of ``image`` and every tissue patch scored for the proposal queue.
+
+    Tiles without tissue are skipped, and the maps are zero on glass (no tissue, no tumour,
+    nothing to annotate), so the overlay and the Dice only speak about tissue.
+    """
     rgb = np.asarray(image)
-    tissue = tissue_mask(resize_image(rgb, factor))
-    maps = compute_uncertainty(model, rgb, samples=samples, tta=config.tta, factor=factor, tissue=tissue)
-    rows = np.minimum((np.arange(rgb.shape[0]) * factor).astype(int), tissue.shape[0] - 1)
-    cols = np.minimum((np.arange(rgb.shape[1]) * factor).astype(int), tissue.shape[1] - 1)
+    tissue_small = tissue_mask(resize_image(rgb, factor))
+    maps = compute_uncertainty(model, rgb, samples=samples, tta=config.tta, factor=factor, tissue=tissue_small)
+    rows = np.minimum((np.arange(rgb.shape[0]) * factor).astype(int), tissue_small.shape[0] - 1)
+    cols = np.minimum((np.arange(rgb.shape[1]) * factor).astype(int), tissue_small.shape[1] - 1)
+    tissue = tissue_small[np.ix_(rows, cols)]
+    for array in (maps.probability, maps.entropy, maps.mutual_information, maps.variance):
+        array[~tissue] = 0
     candidates = score_candidates(
-        name, rgb, maps.layer(config.measure), maps.probability, tissue[np.ix_(rows, cols)],
-        patch=config.patch, how=config.aggregate,
-    )  # fmt: skip
+        name, rgb, maps.layer(config.measure), maps.probability, tissue, config.patch, config.aggregate, MIN_TISSUE
+    )
     return MapsResult(maps, candidates)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
-from napari.utils.colormaps import Colormap
+from napari.utils.colormaps import Colormap, DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
     QComboBox,
@@ -55,9 +55,11 @@ UNCERTAINTY = "uga: uncertainty"
 PREDICTION = "uga: prediction"
 PROPOSALS = "uga: proposals"
 ANNOTATION = "uga: annotation"
-CURRENT_EDGE = "#00e5ff"
+CURRENT_EDGE = "#ffffff"
 QUEUED_EDGE = "#ffd400"
 DONE_EDGE = "#7cfc00"
+PREDICTION_COLOR = "#00e5ff"
+ANNOTATION_COLOR = "#39ff14"
 NEXT_KEY, PREVIOUS_KEY = "n", "Shift-N"
 TRAIN_THREADS = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the UI (see benchmarks/ui_stall.py)
 
@@ -70,6 +72,20 @@ def uncertainty_colormap() -> Colormap:
     colors = colormaps["inferno"](0.15 + 0.85 * t)
     colors[:, 3] = np.clip(t * 1.6, 0, 1)
     return Colormap(colors, name="uga inferno", controls=t)
+
+
+def uncertainty_limits(values: np.ndarray) -> tuple[float, float]:
+    """Contrast from the median to the 99.5th percentile of the tissue (non-zero) pixels: the top half glows.
+
+    A flat map (spread under 5 % of its level, e.g. an untrained model) is shown from zero instead.
+    """
+    tissue = values[values > 0]
+    if tissue.size == 0:
+        return 0.0, 1e-3
+    low, high = np.percentile(tissue, [50, 99.5])
+    if high - low < 0.05 * high:
+        low = 0.0
+    return float(low), float(max(high, low + 1e-3))
 
 
 def level0(layer: Image):
@@ -152,9 +168,10 @@ class AnnotateWidget(QWidget):
         self.training = TrainingWidget()
         self.training.cancel_requested.connect(self.cancel)
         self.history = QTableWidget(0, 4)
-        self.history.setHorizontalHeaderLabels(["Round", "Patches", "Loss", "Dice (truth)"])
+        self.history.setHorizontalHeaderLabels(["Round", "Patches", "Loss", "Dice"])
         self.history.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.history.verticalHeader().setVisible(False)
+        self.history.setToolTip(f"Dice of the prediction against a '{TRUTH_NAME}' labels layer, when one is loaded")
         self.history.setMaximumHeight(150)
         self.undo_button = QPushButton("Undo round")
         self.undo_button.clicked.connect(self.undo_round)
@@ -292,7 +309,7 @@ class AnnotateWidget(QWidget):
         maps = result.maps
         image = self.image_layer()
         place = {"scale": image.scale, "translate": image.translate}
-        high = float(np.percentile(maps.entropy, 99.5)) or 1e-3
+        limits = uncertainty_limits(maps.entropy)
         _upsert(
             self.viewer,
             Image,
@@ -310,13 +327,21 @@ class AnnotateWidget(QWidget):
             UNCERTAINTY,
             maps.entropy,
             colormap=uncertainty_colormap(),
-            contrast_limits=(0, high),
+            contrast_limits=limits,
             opacity=0.8,
             **place,
         )
-        self.viewer.layers[UNCERTAINTY].contrast_limits = (0, high)
-        _upsert(self.viewer, Labels, PREDICTION, maps.prediction, opacity=0.9, **place)
-        self.viewer.layers[PREDICTION].contour = 2
+        self.viewer.layers[UNCERTAINTY].contrast_limits = limits
+        prediction = _upsert(
+            self.viewer,
+            Labels,
+            PREDICTION,
+            maps.prediction,
+            opacity=0.9,
+            colormap=_one_color(PREDICTION_COLOR),
+            **place,
+        )
+        prediction.contour = 2
         self._score_round(maps.prediction)
         self._set_status(
             f"Uncertainty of round {self.session.current_round}: bright = the model is unsure. Propose patches next."
@@ -372,7 +397,12 @@ class AnnotateWidget(QWidget):
             image = self.image_layer()
             shape = level0(image).shape[:2]
             layer = self.viewer.add_labels(
-                np.zeros(shape, np.uint8), name=ANNOTATION, opacity=0.5, scale=image.scale, translate=image.translate
+                np.zeros(shape, np.uint8),
+                name=ANNOTATION,
+                opacity=0.45,
+                colormap=_one_color(ANNOTATION_COLOR),
+                scale=image.scale,
+                translate=image.translate,
             )
             layer.brush_size = 12
         return self.viewer.layers[ANNOTATION]
@@ -553,6 +583,11 @@ class AnnotateWidget(QWidget):
         """Cancel training before the dock goes away."""
         self.shutdown()
         super().closeEvent(event)
+
+
+def _one_color(color: str) -> DirectLabelColormap:
+    """Label 1 (tumour) in ``color``, everything else transparent."""
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: color})
 
 
 def _spin(low: int, high: int, value: int, tip: str) -> QSpinBox:
