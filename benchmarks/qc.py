@@ -34,8 +34,8 @@ DATA = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else REPO
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "runs" / "qc_cache"
 DATASETS = {"umcu": ("camelyon16_umcu", None), "ebhi": ("ebhi_seg", 1.0), "rumc": ("camelyon16_rumc", None)}
-METHODS = [*quality.SCORE_METHODS, "linear", "regressor"]
-PLOTTED = ("pairwise_dice", "tta_dice", "soft_dice", "entropy", "linear", "regressor")
+METHODS = [*quality.SCORE_METHODS, "linear", "regressor", "auto"]
+PLOTTED = ("pairwise_dice", "tta_dice", "soft_dice", "entropy", "linear", "regressor", "auto")
 
 
 WEIGHTS: list[Path] = []  # set by --weights
@@ -121,8 +121,10 @@ def split(groups: list[str], tumour: np.ndarray, seed: int) -> np.ndarray:
     return np.array([g in cal for g in groups])
 
 
-def evaluate(data: dict, dataset: str, splits: int, alpha: float, delta: float, threshold: float) -> tuple[dict, dict]:
-    """Metrics per method and split, and the seed-0 test predictions for the plot."""
+def evaluate(
+    data: dict, dataset: str, splits: int, alpha: float, delta: float, threshold: float
+) -> tuple[dict, dict, dict]:
+    """Metrics per method and split, the seed-0 test predictions (plot), and what ``auto`` picked."""
     names = sorted(data)
     rows = [data[n]["row"] for n in names]
     truth = np.array([data[n]["dice"] for n in names])
@@ -131,6 +133,7 @@ def evaluate(data: dict, dataset: str, splits: int, alpha: float, delta: float, 
     shipped = quality.default_qc_model() if quality.DEFAULT_QC_FILE.is_file() else None
     results: dict[str, list[dict]] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    selected: dict[str, int] = {}
     for seed in range(splits):
         cal = split(groups, tumour, seed)
         cal_rows = [r for r, c in zip(rows, cal, strict=True) if c]
@@ -141,8 +144,8 @@ def evaluate(data: dict, dataset: str, splits: int, alpha: float, delta: float, 
             for m in METHODS
         }
         loose = min(0.5, 2 * alpha)
-        fitted[f"regressor, alpha={loose:g}"] = quality.fit_qc_model(
-            cal_rows, truth[cal], loose, delta, threshold, "regressor", groups=cal_groups
+        fitted[f"auto, alpha={loose:g}"] = quality.fit_qc_model(
+            cal_rows, truth[cal], loose, delta, threshold, "auto", groups=cal_groups
         )
         if shipped is not None:
             fitted["shipped (RUMC, no target labels)"] = shipped
@@ -150,11 +153,13 @@ def evaluate(data: dict, dataset: str, splits: int, alpha: float, delta: float, 
         cut = quality.conformal_cut(baseline[cal], truth[cal], threshold, alpha, delta)
         predictions = {"baseline: raw MC pairwise Dice": (baseline[~cal], baseline[~cal] >= cut)}
         predictions.update({m: qc.predict(test_rows) for m, qc in fitted.items()})
+        picked = fitted["auto"].method
+        selected[picked] = selected.get(picked, 0) + 1
         for method, (pred, accepted) in predictions.items():
             results.setdefault(method, []).append(quality.qc_metrics(pred, truth[~cal], accepted, threshold))
             if seed == 0:
                 curves[method] = (pred, truth[~cal])
-    return results, curves
+    return results, curves, selected
 
 
 def summarise(results: dict) -> dict:
@@ -178,6 +183,8 @@ def table(summary: dict, dataset: str, n_images: int, splits: int) -> str:
     lines = [f"### {dataset} ({n_images} images, {splits} calibration/test splits)", "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]  # fmt: skip
     for method, stats in summary.items():
+        if method == "auto_selected":
+            continue
         cells = []
         for k in keys:
             s = stats[k]
@@ -253,9 +260,10 @@ def main() -> None:
         data = features(dataset, args.samples, compute=not args.cached_only)
         if args.features_only:
             continue
-        results, curves[dataset] = evaluate(data, dataset, args.splits, args.alpha, args.delta, args.threshold)
-        everything[dataset] = summarise(results)
+        results, curves[dataset], picked = evaluate(data, dataset, args.splits, args.alpha, args.delta, args.threshold)
+        everything[dataset] = {**summarise(results), "auto_selected": picked}
         report.append(table(everything[dataset], dataset, len(data), args.splits))
+        report.append(f"`auto` selected (splits): {picked}")
     if args.features_only:
         return
     header = (f"QC benchmark: alpha={args.alpha}, delta={args.delta}, threshold={args.threshold}, "

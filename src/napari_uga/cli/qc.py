@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.1, help="accepted images fail with rate <= alpha")
     p.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability >= 1 - delta")
     p.add_argument("--threshold", type=float, default=0.8, help="Dice that counts as a good segmentation")
-    p.add_argument("--method", default=None, help="QC method (default: the calibration's, else regressor)")
+    p.add_argument("--method", default=None, help="QC method (default: the QC model's, else auto)")
     p.add_argument("--samples", type=int, default=None, help="MC samples per TTA view (default 8)")
     p.add_argument("--qc-model", type=Path, default=None, help="QC model JSON (default: the shipped calibration)")
     p.add_argument("--save-qc-model", type=Path, default=None, help="write the fitted QC model as JSON")
