@@ -98,10 +98,10 @@ def main() -> None:
 
     truth = viewer.layers[TRUTH_NAME].data[0]
     annotation = viewer.layers[ANNOTATION]
-    for _ in range(2):  # the script plays the pathologist: the demo ground truth is the correction
-        patch = dock.proposals[dock.session.queue_position]
+    for index in range(2):  # the script plays the pathologist: the demo ground truth is the correction
+        dock.go_to(index)
+        patch = dock.proposals[index]
         annotation.data[patch.y : patch.y + patch.h, patch.x : patch.x + patch.w] = patch.crop(np.asarray(truth))
-        dock.next_patch()
     annotation.refresh()
     dock.submit()
     wait_until(app, lambda: dock.worker is None and dock.session.current_round == 1)
