@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--ebhi-mpp", type=float, default=0.97, help="µm/px assumed for EBHI tiles (about 1)")
     defaults = LoopConfig()
     for field, value in vars(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
     args = parser.parse_args()
     config = LoopConfig(**{f: getattr(args, f) for f in vars(defaults)})
     budgets = [int(b) for b in args.budgets.split(",")]

@@ -57,6 +57,7 @@ class LoopConfig:
     crop: int = 128
     replay_share: float = 0.5
     batch: int = 5
+    freeze_norm: bool = True
 
 
 @dataclass
@@ -112,7 +113,9 @@ def finetune(
         replay_scaled = [to_working_scale(p.image, p.mask, rf) for p in replay]
         replay_sampler = PatchSampler([s[0] for s in replay_scaled], [s[1] for s in replay_scaled], crop=config.crop)
         sampler = MixedSampler([sampler, replay_sampler], [1 - config.replay_share, config.replay_share])
-    steps = train_steps(tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune")
+    steps = train_steps(
+        tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune", freeze_norm=config.freeze_norm
+    )
     losses = yield from steps
     if cancel is not None and cancel.is_set():
         return None

@@ -164,8 +164,11 @@ def train_steps(
     cancel: CancelToken | None = None,
     stage: str = "train",
     weight_decay: float = 1e-4,
+    freeze_norm: bool = False,
 ) -> Iterator[ProgressEvent]:
     """Train ``model`` in place for ``steps`` steps (AdamW, cosine schedule), yielding events.
+
+    ``freeze_norm`` keeps batch-norm statistics fixed (for fine-tuning on a few patches).
 
     Returns (as the generator's value) the list of per-step losses; stops early and
     cleanly when ``cancel`` is set, leaving the model with the last completed step.
@@ -177,6 +180,10 @@ def train_steps(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))
     )
     model.train()
+    if freeze_norm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     losses: list[float] = []
     try:
         for step in range(1, steps + 1):
