@@ -51,10 +51,10 @@ class LoopConfig:
     measure: str = "entropy"
     aggregate: str = "mean"
     diversity: str = "none"
-    steps: int = 80
-    lr: float = 3e-4
+    steps: int = 40
+    lr: float = 5e-4
     batch_size: int = 8
-    crop: int = 128
+    crop: int = 96
     replay_share: float = 0.5
     batch: int = 5
     freeze_norm: bool = True
