@@ -93,12 +93,16 @@ def finetune_events(
     return result
 
 
+def _unstarted(function, *args, **options) -> FunctionWorker | GeneratorWorker:
+    """A napari worker running ``function(*args)``, not started, whose errors only go to ``errored``."""
+    return create_worker(function, *args, _start_thread=False, _ignore_errors=True, **options)
+
+
 def maps_worker(model: UNet, name: str, image, samples: int, factor: float, config: LoopConfig) -> FunctionWorker:
     """An unstarted worker returning :class:`MapsResult`."""
-    return create_worker(
-        compute_maps, model, name, image, samples, factor, config,
-        _start_thread=False, _ignore_errors=True, _progress={"desc": "UGA uncertainty maps"},
-    )  # fmt: skip
+    return _unstarted(
+        compute_maps, model, name, image, samples, factor, config, _progress={"desc": "UGA uncertainty maps"}
+    )
 
 
 def finetune_worker(
@@ -111,10 +115,7 @@ def finetune_worker(
     threads: int | None = None,
 ) -> GeneratorWorker:
     """An unstarted worker yielding progress events and returning a ``FinetuneResult`` (or ``None``)."""
-    return create_worker(
-        finetune_events, model, list(annotations), factor, config, seed, cancel, threads,
-        _start_thread=False, _ignore_errors=True,
-    )  # fmt: skip
+    return _unstarted(finetune_events, model, list(annotations), factor, config, seed, cancel, threads)
 
 
 def qc_steps(
@@ -149,6 +150,4 @@ def qc_worker(
     settings: dict,
 ) -> GeneratorWorker:
     """An unstarted worker yielding (done, total) and returning (QC report, QC model)."""
-    return create_worker(
-        qc_steps, model_path, pairs, folder, calibration, settings, _start_thread=False, _ignore_errors=True
-    )
+    return _unstarted(qc_steps, model_path, pairs, folder, calibration, settings)

@@ -32,7 +32,6 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
 from .._sample_data import TRUTH_NAME
@@ -43,6 +42,7 @@ from ..models import working_factor
 from ..selection import Box, Proposal, select
 from ..session import Session
 from ..training import CancelToken
+from ._common import WorkerDock, follow_layers, refill_combo, zoom_to_box
 from ._workers import MapsResult, finetune_worker, maps_worker
 from .training import TrainingWidget
 
@@ -93,7 +93,7 @@ def level0(layer: Image):
     return layer.data[0] if layer.multiscale else layer.data
 
 
-class AnnotateWidget(QWidget):
+class AnnotateWidget(WorkerDock):
     """Dock widget driving one uncertainty-guided annotation session on an image layer."""
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
@@ -110,9 +110,7 @@ class AnnotateWidget(QWidget):
         self.token = CancelToken()
         self.config = LoopConfig()
         self._build()
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
-        self._refresh_layers()
+        follow_layers(self.viewer, self._refresh_layers)
         self._update_controls()
 
     # -- construction ------------------------------------------------------------
@@ -203,14 +201,10 @@ class AnnotateWidget(QWidget):
         layout.addStretch(1)
 
     def _refresh_layers(self, event=None) -> None:
-        current = self.image_combo.currentText()
         names = [
             layer.name for layer in self.viewer.layers if isinstance(layer, Image) and not layer.name.startswith("uga:")
         ]
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentText(current)
+        refill_combo(self.image_combo, names)
 
     def _update_controls(self) -> None:
         busy = self.worker is not None
@@ -422,7 +416,7 @@ class AnnotateWidget(QWidget):
             annotation.refresh()
             self.opened.add(index)
         self._color_queue()
-        self._zoom_to(patch)
+        zoom_to_box(self.viewer, self.image_layer(), patch)
         annotation.selected_label = 1
         annotation.mode = "paint"
         self.viewer.layers.selection.active = annotation
@@ -439,14 +433,6 @@ class AnnotateWidget(QWidget):
 
     def _annotated(self, box: Box) -> bool:
         return any((a["y"], a["x"], a["h"], a["w"]) == (box.y, box.x, box.h, box.w) for a in self.session.annotations)
-
-    def _zoom_to(self, box: Box) -> None:
-        image = self.image_layer()
-        scale = np.asarray(image.scale[-2:])
-        center = (np.array([box.y + box.h / 2, box.x + box.w / 2]) * scale) + np.asarray(image.translate[-2:])
-        camera = self.viewer.scene.camera  # napari >= 0.9 (``viewer.camera`` before)
-        camera.center = tuple(center)
-        camera.zoom = min(self.viewer.canvas.size) / (1.6 * max(box.h, box.w) * float(scale.max()))
 
     def next_patch(self) -> None:
         """Go to the next patch of the queue (wraps around)."""
@@ -571,18 +557,6 @@ class AnnotateWidget(QWidget):
         folder = QFileDialog.getExistingDirectory(self, "Open a napari-uga session folder")
         if folder:
             self.open_session(folder)
-
-    def shutdown(self, timeout_ms: int = 5000) -> None:
-        """Stop a running worker and wait for it (called when the dock closes)."""
-        worker = self.worker
-        self.cancel()
-        if worker is not None:
-            worker.await_workers(timeout_ms)
-
-    def closeEvent(self, event) -> None:
-        """Cancel training before the dock goes away."""
-        self.shutdown()
-        super().closeEvent(event)
 
 
 def _one_color(color: str) -> DirectLabelColormap:

@@ -32,12 +32,12 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
 from ..io import InputError, Pair, list_images, read_image
 from ..quality import METHODS, QCModel, image_patches
 from ..selection import Box
+from ._common import WorkerDock, follow_layers, refill_combo, zoom_to_box
 from ._workers import qc_worker
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ ACCEPT_COLOR, REVIEW_COLOR = "#2e7d32", "#c62828"
 BACKGROUND, FOREGROUND = "#262930", "#d0d0d0"
 
 
-class QCWidget(QWidget):
+class QCWidget(WorkerDock):
     """Run QC, list images / patches worst first (colour-coded), zoom on click, draw the risk-coverage curve."""
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
@@ -61,9 +61,7 @@ class QCWidget(QWidget):
         self.boxes: dict[str, Box] = {}
         self.paths: dict[str, Path] = {}
         self._build()
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
-        self._refresh_layers()
+        follow_layers(self.viewer, self._refresh_layers)
 
     # -- construction ------------------------------------------------------------
     def _build(self) -> None:
@@ -146,16 +144,12 @@ class QCWidget(QWidget):
         layout.addWidget(self.canvas)
 
     def _refresh_layers(self, event=None) -> None:
-        current = self.image_combo.currentText()
         names = [
             layer.name
             for layer in self.viewer.layers
             if isinstance(layer, Image) and layer.rgb and layer.name != OPENED
         ]
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentText(current)
+        refill_combo(self.image_combo, names)
 
     def _browse_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Images to check")
@@ -322,12 +316,7 @@ class QCWidget(QWidget):
 
     def zoom_to(self, box: Box) -> None:
         """Centre the camera on a patch of the checked image."""
-        layer = self.viewer.layers[box.image]
-        scale = np.asarray(layer.scale[-2:])
-        center = np.array([box.y + box.h / 2, box.x + box.w / 2]) * scale + np.asarray(layer.translate[-2:])
-        camera = self.viewer.camera
-        camera.center = tuple(center)
-        camera.zoom = min(self.viewer.canvas.size) / (1.6 * max(box.h, box.w) * float(scale.max()))
+        zoom_to_box(self.viewer, self.viewer.layers[box.image], box)
 
     def open_image(self, path: Path) -> None:
         """Show one checked image of the folder (replacing the previous one)."""
@@ -337,18 +326,6 @@ class QCWidget(QWidget):
         else:
             self.viewer.add_image(data, name=OPENED, rgb=True)
         self.viewer.reset_view()
-
-    def shutdown(self, timeout_ms: int = 5000) -> None:
-        """Stop a running QC and wait for it (the dock is closing)."""
-        worker = self.worker
-        self.cancel()
-        if worker is not None:
-            worker.await_workers(timeout_ms)
-
-    def closeEvent(self, event) -> None:
-        """Stop the worker before the dock goes away."""
-        self.shutdown()
-        super().closeEvent(event)
 
 
 def _double(low: float, high: float, value: float, tip: str) -> QDoubleSpinBox:
