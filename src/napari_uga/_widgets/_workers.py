@@ -80,16 +80,20 @@ def finetune_events(
 ) -> Iterator[ProgressEvent]:
     """Drive :func:`napari_uga.loop.finetune` with the shipped replay tiles; returns its result.
 
-    ``threads`` caps torch's CPU threads for the run (fewer threads leave a core to the UI).
+    ``threads`` caps torch's CPU threads for the run (fewer threads leave a core to the UI);
+    the process-wide setting is restored afterwards.
     """
-    if threads is not None:
-        import torch
+    import torch
 
+    previous = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
     try:
         result: FinetuneResult | None = yield from finetune(model, annotations, _replay(), factor, config, seed, cancel)
     except RuntimeError as exc:
         raise WorkerError(f"fine-tuning failed: {exc}") from exc
+    finally:
+        torch.set_num_threads(previous)
     return result
 
 
