@@ -38,7 +38,7 @@ def test_cancel_returns_none_without_weights(tiny_model, umcu_pairs):
 
 
 def test_oracle_loop_on_a_tiny_budget(tiny_model, umcu_pairs):
-    pool, test = umcu_pairs[::2][:8], umcu_pairs[1::2][:4]
+    pool, test = umcu_pairs[::4][:5], umcu_pairs[1::8][:2]
     config = LoopConfig(steps=3, batch=2, batch_size=4, samples=2)
     traj = simulate(tiny_model, pool, test, [0, 2, 3], "uncertainty", 0, 0.5, config)
     assert traj.budgets == [0, 2, 3]
