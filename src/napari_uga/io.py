@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,12 +197,3 @@ def write_array(path: str | os.PathLike, array: np.ndarray) -> Path:
     atomic_write_bytes(path, _encode(np.asarray(array), path.suffix.lower()))
     return path
 
-
-def iter_existing(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Paths that exist, as Path objects, raising InputError for the first missing one."""
-    out = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise InputError(f"{p}: no such file or folder")
-        out.append(p)
-    return out

@@ -12,7 +12,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -158,12 +157,6 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     model.load_state_dict(state)
     device = pick_device(device) if isinstance(device, str) else device
     return model.to(device).eval()
-
-
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed torch and return a numpy generator from the same seed."""
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
