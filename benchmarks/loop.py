@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--tag", default="default", help="name of this configuration in the output files")
     parser.add_argument("--ebhi-mpp", type=float, default=0.97, help="µm/px assumed for EBHI tiles (about 1)")
+    parser.add_argument("--replay", type=Path, default=None, help="replay folder with images/ and masks/ (default: shipped)")
+    parser.add_argument("--only", default="", help="run only the splits whose name contains this (e.g. right->left)")
     defaults = LoopConfig()
     for field, value in vars(defaults).items():
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
@@ -79,9 +81,11 @@ def main() -> None:
     config = LoopConfig(**{f: getattr(args, f) for f in vars(defaults)})
     budgets = [int(b) for b in args.budgets.split(",")]
     model = load_model(args.model, "auto")
-    replay = replay_pairs()
+    replay = replay_pairs(args.replay)
     results = {"config": vars(config), "tag": args.tag, "ebhi_mpp": args.ebhi_mpp, "splits": {}}
     for name, pool, test, mpp in splits(args.dataset, args.ebhi_mpp):
+        if args.only not in name:
+            continue
         factor = working_factor(model, mpp)
         curves = {}
         for strategy in args.strategies.split(","):

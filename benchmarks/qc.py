@@ -64,7 +64,7 @@ def features(dataset: str, samples: int, compute: bool = True) -> dict:
     folder, mpp = DATASETS[dataset]
     weights = weights_path()
     digest = weights_digest(weights)
-    cache = CACHE / f"{dataset}_{digest}_s{samples}_{quality.QC_TTA}.json"
+    cache = CACHE / f"{dataset}_{digest}_s{samples}_{quality.QC_TTA}_f{quality.QC_FEATURES_VERSION}.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     if not compute:
         return done

@@ -72,12 +72,16 @@ class UNet(nn.Module):
         """Input sides must be a multiple of this."""
         return 2**self.config.depth
 
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic features N x base x H x W; ``x`` is float RGB in [0, 1], N x 3 x H x W."""
-        x = (x - self.mean) / self.std
-        feats = [self.down[0](x)]
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features at every level, finest first; ``x`` is float RGB in [0, 1], N x 3 x H x W."""
+        feats = [self.down[0]((x - self.mean) / self.std)]
         for block in self.down[1:]:
             feats.append(block(F.max_pool2d(feats[-1], 2)))
+        return feats
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic features N x base x H x W; ``x`` is float RGB in [0, 1], N x 3 x H x W."""
+        feats = self.encode(x)
         x = feats[-1]
         for up, dec, skip in zip(self.up, self.dec, reversed(feats[:-1]), strict=True):
             x = dec(torch.cat([up(x), skip], dim=1))

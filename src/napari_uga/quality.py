@@ -37,6 +37,7 @@ from .uncertainty import UncertaintyMaps
 
 QC_SAMPLES = 8  # MC-dropout samples per TTA view
 QC_TTA = "flips"
+QC_FEATURES_VERSION = 2  # 2: feature_distance added; caches of feature rows key on it
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
 DEFAULT_METHOD = "auto"
@@ -52,6 +53,7 @@ SCORE_METHODS: dict[str, tuple[str, bool]] = {
     "entropy": ("entropy_region", False),
     "mutual_information": ("mi_region", False),
     "area_cv": ("area_cv", False),
+    "feature_distance": ("feature_distance", False),
 }
 METHODS = ("auto", *SCORE_METHODS, "regressor", "linear")
 # ``auto`` picks among these (simple first) by out-of-fold normalised AURC on the calibration images
@@ -185,10 +187,13 @@ def compute_features(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Run the network (MC dropout x TTA) on one image; return its QC features and prediction.
 
+    The features are :func:`image_features` plus ``feature_distance`` (:mod:`napari_uga.ood`).
+
     The dropout masks are drawn from a fixed seed (without touching the global RNG), so QC is reproducible.
     """
     import torch
 
+    from .ood import feature_distance
     from .uncertainty import compute_uncertainty
 
     with torch.random.fork_rng(devices=[]):
@@ -196,7 +201,7 @@ def compute_features(
         maps = compute_uncertainty(
             model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True
         )
-    return image_features(maps, image, samples), maps.prediction
+    return {**image_features(maps, image, samples), "feature_distance": feature_distance(model, image, factor)}, maps.prediction
 
 
 def _starts(length: int, size: int) -> list[int]:

@@ -325,7 +325,7 @@ def process_block(
             output_scale="working",
             tissue=tissue,
         )
-        rows = [_block_features(maps, window, plan.factor, samples)] if with_qc else []
+        rows = [_block_features(model, maps, window, plan.factor, samples)] if with_qc else []
     for key in SCRATCH_MAPS:
         values = maps.layer(key)[y0 - oy : y0 - oy + bh, x0 - ox : x0 - ox + bw]
         pad = ((0, bh - values.shape[0]), (0, bw - values.shape[1]))
@@ -333,14 +333,15 @@ def process_block(
     return rows
 
 
-def _block_features(maps, window: _Window, factor: float, samples: int) -> dict:
+def _block_features(model, maps, window: _Window, factor: float, samples: int) -> dict:
     """QC features of a block from its working-scale maps and its image resized to working scale."""
+    from .ood import feature_distance
     from .quality import image_features
     from .uncertainty import _read_tile
 
     h, w = maps.probability.shape
     image = (_read_tile(window, 0, 0, h, w, factor).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return image_features(maps, image, samples)
+    return {**image_features(maps, image, samples), "feature_distance": feature_distance(model, image, 1.0)}
 
 
 def _pool2(values: np.ndarray) -> np.ndarray:

@@ -99,6 +99,7 @@ class PatchSampler:
     augment: bool = True
     zoom: float = 0.2
     weights: Sequence[float] | None = None
+    strength: float = 1.0
     _probs: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +121,7 @@ class PatchSampler:
         y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
         image, mask = image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
         if self.augment:
-            rgb, mask = augment(image, mask, rng)
+            rgb, mask = augment(image, mask, rng, self.strength)
         else:
             rgb = image.astype(np.float32) / 255.0
         return rgb, mask, side
@@ -222,6 +223,31 @@ def evaluate(model: UNet, pairs, factor: float) -> dict:
     }
 
 
+def balanced_weights(images, masks, seed: int = 0, clusters: int = 4) -> np.ndarray:
+    """Tile weights giving tumour and tumour-free tiles equal shares, split equally over appearance clusters.
+
+    Rare tissue (a few stroma or fat tiles among many lymphocyte tiles) is drawn as often as
+    the common kind of its class, so the network sees every tissue type the data holds.
+    """
+    from sklearn.cluster import KMeans
+
+    from .selection import appearance_features
+
+    has_tumour = np.array([bool(np.any(m)) for m in masks])
+    features = np.stack([appearance_features(im) for im in images])
+    weights = np.zeros(len(images))
+    classes = np.unique(has_tumour)
+    for value in classes:
+        members = np.flatnonzero(has_tumour == value)
+        scaled = (features[members] - features[members].mean(0)) / (features[members].std(0) + 1e-6)
+        k = min(clusters, len(members))
+        labels = KMeans(k, n_init=4, random_state=seed).fit_predict(scaled) if k > 1 else np.zeros(len(members), int)
+        for label in np.unique(labels):
+            group = members[labels == label]
+            weights[group] = 1.0 / (len(classes) * len(np.unique(labels)) * len(group))
+    return weights
+
+
 def fit(
     model: UNet,
     train_pairs,
@@ -234,15 +260,21 @@ def fit(
     crop: int = 128,
     val_every: int = 250,
     cancel: CancelToken | None = None,
+    balance: bool = False,
+    strength: float = 1.0,
 ) -> Iterator[ProgressEvent]:
     """Train from scratch with periodic validation; keeps the weights with the best validation Dice.
+
+    ``balance`` draws tiles by :func:`balanced_weights` instead of uniformly; ``strength``
+    scales the colour augmentation (see :func:`augment`).
 
     Returns ``{"val_dice": best, "step": best_step, "losses": [...]}`` as the generator's value.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     scaled = [to_working_scale(p.image, p.mask, factor) for p in train_pairs]
-    sampler = PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=crop)
+    weights = balanced_weights([p.image for p in train_pairs], [p.mask for p in train_pairs], seed) if balance else None
+    sampler = PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=crop, weights=weights, strength=strength)
     best = {"val_dice": -1.0, "step": 0, "state": None}
     losses: list[float] = []
     done = 0

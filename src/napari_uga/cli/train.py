@@ -17,9 +17,14 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output weights (.safetensors)")
     p.add_argument("--val-pattern", default=None, help="images whose name contains this are held out for validation")
     p.add_argument(
-        "--val-side", choices=("all", "right"), default="all",
-        help="hold out all matching tiles, or only the right half by position (overlapping tiles kept together)",
+        "--val-side", choices=("all", "left", "right"), default="all",
+        help="hold out all matching tiles, or only their left or right half by position (overlapping tiles kept together)",
     )
+    p.add_argument(
+        "--balance", action="store_true",
+        help="draw tumour and tumour-free tiles equally, and each appearance cluster within them equally",
+    )
+    p.add_argument("--augment-strength", type=float, default=1.0, help="scale of the stain and colour jitter")
     p.add_argument("--epochs", type=int, default=8, help="validation rounds; the best one is kept")
     p.add_argument("--steps-per-epoch", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -36,10 +41,10 @@ def run(args: argparse.Namespace) -> dict:
 
     pairs = load_pairs(args.images, args.masks)
     val = [p for p in pairs if args.val_pattern and args.val_pattern in p.name]
-    if val and args.val_side == "right":
+    if val and args.val_side != "all":
         from ..splits import position_split
 
-        val = position_split(val)[1]
+        val = position_split(val)[args.val_side == "right"]
     names = {p.name for p in val}
     pairs = [p for p in pairs if p.name not in names]
     if not pairs:
@@ -48,12 +53,15 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError("train: --epochs and --steps-per-epoch must be at least 1")
     model = UNet(ModelConfig(base=args.base)).to(pick_device(args.device))
     steps = args.epochs * args.steps_per_epoch
-    run = fit(model, pairs, val, steps, seed=args.seed, factor=working_factor(model, args.mpp), val_every=args.steps_per_epoch)
+    run = fit(model, pairs, val, steps, seed=args.seed, factor=working_factor(model, args.mpp), val_every=args.steps_per_epoch,
+              balance=args.balance, strength=args.augment_strength)
     result = drive(run, progress_bar(steps, "train", args.json))
     extra = {
         "train_images": [p.name for p in pairs],
         "val_images": [p.name for p in val],
         "seed": args.seed,
+        "balance": args.balance,
+        "augment_strength": args.augment_strength,
         "steps": steps,
         "steps_per_epoch": args.steps_per_epoch,
         "best_step": result["step"],
