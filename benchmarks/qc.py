@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import hashlib
 import json
@@ -33,8 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "runs" / "qc_cache"
-DATASETS = {"umcu": ("camelyon16_umcu", None), "ebhi": ("ebhi_seg", 1.0), "rumc": ("camelyon16_rumc", None)}
+DATASETS = {"umcu": ("camelyon16_umcu", None), "ebhi": ("ebhi_seg", 0.243), "rumc": ("camelyon16_rumc", None)}
 METHODS = [*quality.SCORE_METHODS, "linear", "regressor", "auto"]
+FDR_ROWS = ("auto", "linear", "regressor")  # also scored with conformal selection (expected precision)
 PLOTTED = ("pairwise_dice", "tta_dice", "soft_dice", "entropy", "linear", "regressor", "auto")
 
 
@@ -64,7 +66,7 @@ def features(dataset: str, samples: int, compute: bool = True) -> dict:
     folder, mpp = DATASETS[dataset]
     weights = weights_path()
     digest = weights_digest(weights)
-    cache = CACHE / f"{dataset}_{digest}_s{samples}_{quality.QC_TTA}_f{quality.QC_FEATURES_VERSION}.json"
+    cache = CACHE / f"{dataset}_{digest}_s{samples}_{quality.QC_TTA}_f{quality.QC_FEATURES_VERSION}_mpp{mpp}.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     if not compute:
         return done
@@ -147,6 +149,8 @@ def evaluate(
         fitted[f"auto, alpha={loose:g}"] = quality.fit_qc_model(
             cal_rows, truth[cal], loose, delta, threshold, "auto", groups=cal_groups
         )
+        for m in FDR_ROWS:
+            fitted[f"{m}, rule fdr"] = dataclasses.replace(fitted[m], rule="fdr")
         if shipped is not None:
             fitted["shipped (RUMC, no target labels)"] = shipped
         baseline = np.array([r["mc_pairwise_dice"] for r in rows])
@@ -248,9 +252,12 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true", help="use only images whose features are cached")
     parser.add_argument("--weights", type=Path, default=None, help="network weights (default: the shipped model)")
     parser.add_argument("--write-shipped", action="store_true", help="fit and save the shipped calibration")
+    parser.add_argument("--ebhi-mpp", type=float, default=0.243,
+                        help="µm/px assumed for EBHI (0.243: the scale where the network does best, as in benchmarks/loop.py)")
     args = parser.parse_args()
     if args.weights is not None:
         WEIGHTS.append(args.weights)
+    DATASETS["ebhi"] = ("ebhi_seg", args.ebhi_mpp)
     if args.write_shipped:
         write_shipped(args.samples, args.alpha, args.delta, args.threshold, quality.DEFAULT_METHOD)
         return
@@ -267,7 +274,7 @@ def main() -> None:
     if args.features_only:
         return
     header = (f"QC benchmark: alpha={args.alpha}, delta={args.delta}, threshold={args.threshold}, "
-              f"{args.samples} MC samples x {quality.QC_TTA} TTA, weights {weights_path().name}")  # fmt: skip
+              f"{args.samples} MC samples x {quality.QC_TTA} TTA, weights {weights_path().name}, EBHI at {args.ebhi_mpp} µm/px")  # fmt: skip
     text = header + "\n\n" + "\n\n".join(report) + "\n"
     print(text)
     (RESULTS / "qc.md").write_text(text)

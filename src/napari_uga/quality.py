@@ -11,9 +11,11 @@ Pipeline (one call: :func:`run_qc`):
    isotonic calibration to Dice) or a random-forest regressor over all features. It is fitted
    on labelled calibration images; out-of-fold (cross-fitted) predictions are used for the
    acceptance rule, never in-sample ones.
-3. The acceptance rule (:func:`conformal_cut`) is a Learn-then-Test fixed-sequence binomial
-   test: the lowest cut on predicted Dice such that, with probability >= 1 - delta, the accepted
-   images have Dice > threshold with precision >= 1 - alpha.
+3. The acceptance rule, ``rule="ltt"`` (:func:`conformal_cut`): a Learn-then-Test fixed-sequence
+   binomial test, the lowest cut on predicted Dice such that, with probability >= 1 - delta, the
+   accepted images have Dice > threshold with precision >= 1 - alpha. Or ``rule="fdr"``
+   (:func:`conformal_selection`): conformal selection, whose accepted set has an expected share
+   of failures (false discovery rate) <= alpha; it needs far fewer calibration images.
 
 Models are stored as JSON (the calibration rows and settings); the regressor is refitted
 deterministically at load time, so nothing is ever unpickled.
@@ -41,6 +43,8 @@ QC_FEATURES_VERSION = 2  # 2: feature_distance added; caches of feature rows key
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
 DEFAULT_METHOD = "auto"
+RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or expected precision >= 1 - alpha
+DEFAULT_RULE = "ltt"
 DEFAULT_QC_FILE = Path(__file__).parent / "weights" / "qc_calibration.json"
 
 # Single-feature methods: feature name and whether larger values mean a better segmentation.
@@ -322,6 +326,36 @@ def conformal_cut(
     return cut
 
 
+def min_accepted(alpha: float, delta: float) -> int:
+    """Fewest accepted calibration images (all good) with which Learn-then-Test can accept anything."""
+    return math.ceil(math.log(delta) / math.log(1 - alpha))
+
+
+def conformal_selection(
+    cal_scores: np.ndarray, cal_dice: np.ndarray, scores: np.ndarray, threshold: float = 0.8, alpha: float = 0.1
+) -> np.ndarray:
+    """Accept test images by conformal selection (Jin & Candes, JMLR 2023): FDR <= alpha.
+
+    Each test image gets the conformal p-value of "this segmentation fails" (Dice <= threshold):
+    p = (1 + #calibration failures scored at least as high) / (n + 1); Benjamini-Hochberg at level
+    ``alpha`` over the test images then accepts a set whose expected share of failures is at most
+    ``alpha`` for exchangeable calibration and test images (ties counted against acceptance, so
+    it is conservative). With no failure above it, one image alone passes once n >= 1/alpha - 1.
+    """
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha must lie in (0, 1), got {alpha}")
+    cal_scores = np.asarray(cal_scores, float)
+    failed = np.asarray(cal_dice, float) <= threshold
+    scores = np.asarray(scores, float)
+    if not len(scores):
+        return np.zeros(0, bool)
+    above = (cal_scores[failed][None, :] >= scores[:, None]).sum(1)
+    p_values = (1 + above) / (len(cal_scores) + 1)
+    ranked = np.sort(p_values)
+    passing = np.flatnonzero(ranked <= alpha * np.arange(1, len(ranked) + 1) / len(ranked) + 1e-12)
+    return p_values <= ranked[passing[-1]] if len(passing) else np.zeros(len(scores), bool)
+
+
 # ----------------------------------------------------------------------------- estimators
 
 
@@ -410,10 +444,11 @@ def _fit_cached(method: str, names: list[str], rows: Sequence[dict[str, float]],
 
 @dataclass
 class QCModel:
-    """A fitted quality model: predicted Dice per image and the conformal acceptance cut.
+    """A fitted quality model: predicted Dice per image and the conformal acceptance rule.
 
-    The JSON form keeps the calibration rows and true Dice; the estimator is refitted from them
-    (deterministically) when loading.
+    ``rule`` ``ltt`` accepts predicted Dice >= ``cut``; ``fdr`` accepts by conformal selection
+    against ``oof`` (the calibration images' out-of-fold predicted Dice). The JSON form keeps the
+    calibration rows and true Dice; the estimator is refitted from them (deterministically) when loading.
     """
 
     method: str
@@ -427,6 +462,8 @@ class QCModel:
     samples: int = QC_SAMPLES
     tta: str = QC_TTA
     info: dict = field(default_factory=dict)
+    rule: str = DEFAULT_RULE
+    oof: list[float] = field(default_factory=list)
     estimator: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -434,10 +471,12 @@ class QCModel:
             self.estimator = _fit_cached(self.method, self.features, self.rows, self.dice_true)
 
     def predict(self, rows: Sequence[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted Dice and acceptance (predicted Dice >= the conformal cut) for feature rows."""
+        """Predicted Dice and acceptance (by :attr:`rule`) for feature rows, judged together."""
         if not rows:
             return np.zeros(0), np.zeros(0, bool)
         pred = _predict(self.method, self.estimator, _matrix(rows, self.features))
+        if self.rule == "fdr":
+            return pred, conformal_selection(self.oof, self.dice_true, pred, self.threshold, self.alpha)
         return pred, pred >= self.cut
 
     def to_dict(self) -> dict:
@@ -453,6 +492,8 @@ class QCModel:
             "samples": self.samples,
             "tta": self.tta,
             "info": self.info,
+            "rule": self.rule,
+            "oof": [float(v) for v in self.oof],
             "rows": [{k: float(v) for k, v in r.items()} for r in self.rows],
             "dice_true": [float(d) for d in self.dice_true],
         }
@@ -463,7 +504,7 @@ class QCModel:
         try:
             if d.get("format") != "napari-uga-qc/1":
                 raise KeyError("format")
-            return cls(
+            model = cls(
                 method=d["method"],
                 features=list(d["features"]),
                 rows=[dict(r) for r in d["rows"]],
@@ -475,9 +516,14 @@ class QCModel:
                 samples=int(d["samples"]),
                 tta=str(d["tta"]),
                 info=dict(d.get("info", {})),
+                rule=_checked_rule(d.get("rule", "ltt")),
+                oof=[float(x) for x in d.get("oof", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a napari-uga QC model ({exc})") from None
+        if model.rule == "fdr" and len(model.oof) != len(model.dice_true):
+            raise InputError("not a napari-uga QC model (rule fdr needs one out-of-fold score per calibration image)")
+        return model
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model as JSON (atomically)."""
@@ -499,6 +545,12 @@ class QCModel:
         return cls.from_dict(data)
 
 
+def _checked_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise InputError(f"unknown acceptance rule {rule!r}; choose one of {', '.join(RULES)}")
+    return rule
+
+
 def fit_qc_model(
     rows: Sequence[dict[str, float]],
     dice_true: Sequence[float],
@@ -510,6 +562,7 @@ def fit_qc_model(
     samples: int = QC_SAMPLES,
     tta: str = QC_TTA,
     info: dict | None = None,
+    rule: str = DEFAULT_RULE,
 ) -> QCModel:
     """Fit a QC model on labelled calibration rows; the cut comes from out-of-fold predictions.
 
@@ -521,7 +574,9 @@ def fit_qc_model(
         (ridge), or ``auto``: the simplest ``AUTO_CANDIDATES`` member within ``AUTO_TOLERANCE`` of the
         best out-of-fold normalised AURC.
     groups : e.g. patient ids, so cross-fitting never predicts an image from its own group.
+    rule : ``ltt`` (the cut above) or ``fdr`` (conformal selection against the out-of-fold scores).
     """
+    _checked_rule(rule)
     if method not in METHODS:
         raise InputError(f"unknown QC method {method!r}; choose one of {', '.join(METHODS)}")
     if len(rows) != len(dice_true) or len(rows) < 2:
@@ -535,7 +590,9 @@ def fit_qc_model(
         oof = cross_fit(method, _matrix(rows, _feature_names(method, rows)), y, groups)
     cut = conformal_cut(oof, y, threshold, alpha, delta)
     names = _feature_names(method, rows)
-    return QCModel(method, names, [dict(r) for r in rows], y.tolist(), cut, threshold, alpha, delta, samples, tta, info)
+    return QCModel(
+        method, names, [dict(r) for r in rows], y.tolist(), cut, threshold, alpha, delta, samples, tta, info, rule, oof.tolist()
+    )
 
 
 def _select_method(
@@ -586,17 +643,33 @@ def qc_report(
         "alpha": qc.alpha,
         "delta": qc.delta,
         "method": qc.method,
-        "cut": None if math.isinf(qc.cut) else qc.cut,
+        "rule": qc.rule,
+        "cut": None if qc.rule == "fdr" or math.isinf(qc.cut) else qc.cut,
+        "note": _acceptance_note(qc, bool(accepted.any())),
         "metrics": metrics,
     }
 
 
-def refit_for(qc: QCModel, alpha: float, delta: float, threshold: float, method: str | None = None) -> QCModel:
+def _acceptance_note(qc: QCModel, any_accepted: bool) -> str:
+    """Why nothing was accepted, when the calibration set is what limits it ("" otherwise)."""
+    if any_accepted:
+        return ""
+    good = int(np.sum(np.asarray(qc.dice_true) > qc.threshold))
+    if qc.rule == "ltt" and good < min_accepted(qc.alpha, qc.delta):
+        return (f"nothing can be accepted: the calibration holds {good} images with Dice > {qc.threshold}, and "
+                f"Learn-then-Test needs at least {min_accepted(qc.alpha, qc.delta)} at alpha={qc.alpha}, "
+                f"delta={qc.delta}; add calibration images, or use rule 'fdr' (expected precision)")
+    return "nothing accepted: no image is predicted reliably enough for the stated error rate"
+
+
+def refit_for(
+    qc: QCModel, alpha: float, delta: float, threshold: float, method: str | None = None, rule: str | None = None
+) -> QCModel:
     """``qc`` itself, or refitted from its stored calibration rows when the guarantee or method differ."""
     wanted = (alpha, delta, threshold, method or qc.method)
-    if wanted == (qc.alpha, qc.delta, qc.threshold, qc.method):
+    if wanted == (qc.alpha, qc.delta, qc.threshold, qc.method) and rule in (None, qc.rule):
         return qc
-    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info)
+    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info, rule=rule or qc.rule)
 
 
 def iter_qc(
@@ -610,13 +683,16 @@ def iter_qc(
     samples: int = QC_SAMPLES,
     factor: float = 0.5,
     qc_model: QCModel | None = None,
+    rule: str | None = None,
 ) -> Generator[tuple[int, int], None, tuple[dict, QCModel]]:
     """QC as a generator: yields (images done, images total); returns (report, fitted QC model).
 
     With ``calibration_pairs`` (labelled target-domain images) a new QC model is fitted on them;
     otherwise ``qc_model`` or the shipped calibration is used, refitted from its stored rows
-    when ``alpha``/``delta``/``threshold``/``method`` differ from its own (:func:`refit_for`).
+    when ``alpha``/``delta``/``threshold``/``method``/``rule`` differ from its own (:func:`refit_for`).
     """
+    if rule is not None:
+        _checked_rule(rule)
     if not pairs:
         raise InputError("qc: no images to check")
     if calibration_pairs and any(p.mask is None for p in calibration_pairs):
@@ -633,10 +709,11 @@ def iter_qc(
             yield done, total
         info = {"calibration_images": [p.name for p in calibration_pairs]}
         qc = fit_qc_model(
-            cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples, info=info
+            cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples, info=info,
+            rule=rule or DEFAULT_RULE,
         )
     else:
-        qc = refit_for(qc_model or default_qc_model(), alpha, delta, threshold, method)
+        qc = refit_for(qc_model or default_qc_model(), alpha, delta, threshold, method, rule)
     rows, truth = [], []
     for pair in pairs:
         row, pred = compute_features(model, pair.image, factor, qc.samples, qc.tta)
@@ -659,6 +736,7 @@ def run_qc(
     factor: float = 0.5,
     qc_model: QCModel | None = None,
     progress: Callable[[int, int], None] | None = None,
+    rule: str | None = None,
 ) -> dict:
     """QC of images in one call: features, predicted Dice, conformal acceptance, metrics.
 
@@ -670,6 +748,7 @@ def run_qc(
     alpha, delta, threshold, method : the acceptance guarantee and the QC method.
     samples, factor : MC samples per TTA view, source-to-working scale.
     qc_model : a fitted QC model to use instead of the shipped calibration.
+    rule : ``ltt`` or ``fdr`` (:data:`RULES`); default: the QC model's own, else ``ltt``.
     progress : called with (images done, images total), calibration images included.
 
     Returns
@@ -677,7 +756,7 @@ def run_qc(
     dict with ``per_image`` (name, dice_pred, accepted, dice_true), ``threshold``, ``alpha``,
     ``delta``, ``method``, ``cut`` and ``metrics`` (empty without masks).
     """
-    steps = iter_qc(model, pairs, calibration_pairs, alpha, delta, threshold, method, samples, factor, qc_model)
+    steps = iter_qc(model, pairs, calibration_pairs, alpha, delta, threshold, method, samples, factor, qc_model, rule)
     while True:
         try:
             done, total = next(steps)

@@ -81,6 +81,34 @@ def test_conformal_cut_refuses_too_small_calibration_and_stricter_alpha_cuts_hig
         quality.conformal_cut(s, y, alpha=1.5)
 
 
+def test_conformal_selection_controls_the_false_discovery_rate_with_small_calibration_sets():
+    rng = np.random.default_rng(2)
+    alpha, draws, n, m = 0.1, 2000, 16, 16
+    fdp, coverage = [], []
+    for _ in range(draws):
+        s = rng.uniform(size=n + m)
+        good = rng.uniform(size=n + m) < np.minimum(1, 1.5 * s)
+        accepted = quality.conformal_selection(s[:n], good[:n].astype(float), s[n:], threshold=0.8, alpha=alpha)
+        fdp.append(float((~good[n:][accepted]).mean()) if accepted.any() else 0.0)
+        coverage.append(accepted.mean())
+    # the expected share of failures among the accepted stays at alpha (3 standard errors of the mean)
+    assert np.mean(fdp) <= alpha + 3 * np.std(fdp) / math.sqrt(draws)
+    assert np.mean(coverage) > 0.15  # 16 calibration images: Learn-then-Test accepts nothing here
+    assert math.isinf(quality.conformal_cut(s[:n], good[:n].astype(float), alpha=alpha, delta=0.1))
+
+
+def test_conformal_selection_hand_computed():
+    cal = np.array([0.9, 0.8, 0.3, 0.2])
+    dice_true = np.array([1.0, 0.5, 1.0, 0.1])  # failures scored 0.8 and 0.2
+    # p-values (1 + failures scored >= s) / 5: 0.95 -> 0.2, 0.85 -> 0.2, 0.5 -> 0.4
+    # Benjamini-Hochberg at 0.3 over 3 images: 0.2 <= 0.3 * 2/3 passes, 0.4 > 0.3 does not
+    test = np.array([0.95, 0.85, 0.5])
+    assert quality.conformal_selection(cal, dice_true, test, alpha=0.3).tolist() == [True, True, False]
+    assert quality.conformal_selection(cal, dice_true, test, alpha=0.5).all()  # 0.4 <= 0.5 * 3/3
+    assert not quality.conformal_selection(cal, dice_true, np.array([0.95]), alpha=0.1).any()  # 1/5 > 0.1
+    assert quality.conformal_selection(cal, dice_true, np.zeros(0)).shape == (0,)
+
+
 def _maps(samples: np.ndarray) -> UncertaintyMaps:
     prob = samples.mean(0).astype(np.float32)
     zeros = np.zeros_like(prob)
@@ -129,6 +157,10 @@ def test_fit_predict_and_json_round_trip(tmp_path, rng, method):
     np.testing.assert_allclose(loaded.predict(rows)[0], pred)
     assert loaded.cut == qc.cut and loaded.method == qc.method
     assert qc.method == method or (method == "auto" and qc.method in quality.AUTO_CANDIDATES)
+    fdr = quality.refit_for(loaded, qc.alpha, qc.delta, qc.threshold, rule="fdr")
+    assert fdr.rule == "fdr" and len(fdr.oof) == len(rows)
+    again = quality.QCModel.load(fdr.save(tmp_path / "fdr.json"))
+    assert again.rule == "fdr" and np.array_equal(again.predict(rows)[1], fdr.predict(rows)[1])
 
 
 def test_load_rejects_bad_files(tmp_path):
@@ -141,6 +173,8 @@ def test_load_rejects_bad_files(tmp_path):
         quality.QCModel.load(bad)
     with pytest.raises(InputError, match="unknown QC method"):
         quality.fit_qc_model([{"a": 1.0}] * 3, [1.0] * 3, method="magic")
+    with pytest.raises(InputError, match="unknown acceptance rule"):
+        quality.fit_qc_model([{"a": 1.0}] * 3, [1.0] * 3, rule="magic")
 
 
 def test_run_qc_real_tiles_tiny_model(umcu_pairs, tiny_model):

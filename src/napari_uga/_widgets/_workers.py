@@ -141,7 +141,7 @@ def qc_steps(
     factor = working_factor(model, settings["mpp"])
     result = yield from iter_qc(
         model, pairs, cal, settings["alpha"], settings["delta"], settings["threshold"], settings["method"],
-        factor=factor, qc_model=qc_model,
+        factor=factor, qc_model=qc_model, rule=settings.get("rule"),
     )  # fmt: skip
     return result
 

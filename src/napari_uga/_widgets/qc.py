@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io import InputError, Pair, list_images, read_image
-from ..quality import METHODS, QCModel, image_patches
+from ..quality import METHODS, RULES, QCModel, image_patches
 from ..selection import Box
 from ._common import WorkerDock, follow_layers, refill_combo, zoom_to_box
 from ._workers import qc_worker
@@ -88,6 +88,12 @@ class QCWidget(WorkerDock):
         self.method_combo.addItems(["(calibration's)", *METHODS])
         self.alpha_spin = _double(0.01, 0.5, 0.1, "accepted images fail (Dice <= threshold) at most at this rate")
         self.threshold_spin = _double(0.05, 0.99, 0.8, "a Dice above this is a good segmentation")
+        self.rule_combo = QComboBox()
+        self.rule_combo.addItems(["(calibration's)", *RULES])
+        self.rule_combo.setToolTip(
+            "ltt: precision >= 1 - alpha with probability 0.9 (needs >= 22 good calibration images at alpha 0.1); "
+            "fdr: expected precision >= 1 - alpha (conformal selection; ~10 calibration images suffice)"
+        )
         self.mpp_spin = _double(0.0, 20.0, 0.0, "µm per pixel of the images (0: the layer's, else Camelyon 0.243)")
         browse = QPushButton("…")
         browse.setMaximumWidth(28)
@@ -109,6 +115,7 @@ class QCWidget(WorkerDock):
         form.addRow("Method", self.method_combo)
         form.addRow("Alpha", self.alpha_spin)
         form.addRow("Dice threshold", self.threshold_spin)
+        form.addRow("Guarantee", self.rule_combo)
         form.addRow("µm / px", self.mpp_spin)
 
         self.run_button = QPushButton("Run QC")
@@ -164,6 +171,7 @@ class QCWidget(WorkerDock):
             "delta": 0.1,
             "threshold": self.threshold_spin.value(),
             "method": None if method not in METHODS else method,
+            "rule": None if self.rule_combo.currentText() not in RULES else self.rule_combo.currentText(),
             "mpp": self.mpp_spin.value() or None,
             "qc_model": self.qc_model_edit.text().strip() or None,
         }
@@ -262,8 +270,11 @@ class QCWidget(WorkerDock):
         self.table.sortItems(1, Qt.SortOrder.AscendingOrder)
         accepted = sum(r["accepted"] for r in rows)
         cut = report["cut"]
-        text = (f"{accepted}/{len(rows)} accepted (predicted Dice ≥ {'—' if cut is None else f'{cut:.3f}'}; "
+        rule = "conformal selection" if report["rule"] == "fdr" else f"predicted Dice ≥ {'—' if cut is None else f'{cut:.3f}'}"
+        text = (f"{accepted}/{len(rows)} accepted ({rule}; "
                 f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, method {report['method']}).")  # fmt: skip
+        if report["note"]:
+            text += " " + report["note"] + "."
         metrics = report["metrics"]
         if metrics:
             text += " " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)

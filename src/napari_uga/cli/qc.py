@@ -18,6 +18,12 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.1, help="accepted images fail with rate <= alpha")
     p.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability >= 1 - delta")
     p.add_argument("--threshold", type=float, default=0.8, help="Dice that counts as a good segmentation")
+    p.add_argument(
+        "--rule", choices=("ltt", "fdr"), default=None,
+        help="acceptance guarantee: ltt = precision >= 1-alpha with probability >= 1-delta (Learn-then-Test); "
+        "fdr = expected precision >= 1-alpha (conformal selection, works with ~10 calibration images); "
+        "default: the QC model's own, else ltt",
+    )
     p.add_argument("--method", default=None, help="QC method (default: the QC model's, else auto)")
     p.add_argument("--samples", type=int, default=None, help="MC samples per TTA view (default 8)")
     p.add_argument("--qc-model", type=Path, default=None, help="QC model JSON (default: the shipped calibration)")
@@ -58,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model_from_args(args)
     factor = working_factor(model, args.mpp)
     steps = iter_qc(model, pairs, calibration, args.alpha, args.delta, args.threshold, args.method,
-                    args.samples or QC_SAMPLES, factor, qc)  # fmt: skip
+                    args.samples or QC_SAMPLES, factor, qc, args.rule)  # fmt: skip
     payload, qc = drive_steps(steps, progress_bar(len(pairs) + len(calibration or []), "qc", args.json))
     if args.save_qc_model is not None:
         qc.save(args.save_qc_model)
@@ -77,17 +83,25 @@ def drive_steps(steps, bar):
         bar.refresh()
 
 
+def _guarantee(payload: dict) -> str:
+    """The acceptance rule in words."""
+    precision = f"Dice > {payload['threshold']} with precision >= {1 - payload['alpha']:.2f}"
+    if payload["rule"] == "fdr":
+        return f"accepted by conformal selection ({precision} in expectation)"
+    cut = payload["cut"]
+    return (f"accept when predicted Dice >= {'none' if cut is None else f'{cut:.3f}'} "
+            f"({precision} w.p. >= {1 - payload['delta']:.2f})")
+
+
 def _human(payload: dict) -> str:
     lines = [f"{'name':40s} {'dice_pred':>9s} {'decision':>8s} {'dice_true':>9s}"]
     for row in sorted(payload["per_image"], key=lambda r: r["dice_pred"]):
         true = "-" if row["dice_true"] is None else f"{row['dice_true']:.3f}"
         decision = "accept" if row["accepted"] else "review"
         lines.append(f"{row['name'][:40]:40s} {row['dice_pred']:9.3f} {decision:>8s} {true:>9s}")
-    cut = payload["cut"]
-    lines.append(
-        f"method {payload['method']}, accept when predicted Dice >= {'none' if cut is None else f'{cut:.3f}'} "
-        f"(Dice > {payload['threshold']} with precision >= {1 - payload['alpha']:.2f} w.p. >= {1 - payload['delta']:.2f})"
-    )
+    lines.append(f"method {payload['method']}, {_guarantee(payload)}")
+    if payload["note"]:
+        lines.append(payload["note"])
     if payload["metrics"]:
         lines.append(" ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in payload["metrics"].items()))
     return "\n".join(lines)
