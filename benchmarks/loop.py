@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_uga.io import load_pairs
-from napari_uga.loop import LoopConfig, replay_pairs, simulate
+from napari_uga.loop import SHIFTS, LoopConfig, config_for, replay_pairs, simulate
 from napari_uga.models import load_model, working_factor
 from napari_uga.plots import plot_curves
 from napari_uga.splits import position_split
@@ -52,6 +52,9 @@ def ebhi_patient_split(seed: int = 0):
     return pool, test
 
 
+SHIFT_OF = {"umcu": "centre", "ebhi": "organ"}  # UMCU: another hospital and scanner; EBHI: colon, not lymph node
+
+
 def splits(dataset: str, ebhi_mpp: float):
     """(name, pool, test, mpp) for each split of a dataset."""
     if dataset == "umcu":
@@ -73,16 +76,18 @@ def main() -> None:
     parser.add_argument("--ebhi-mpp", type=float, default=0.97, help="µm/px assumed for EBHI tiles (about 1)")
     parser.add_argument("--replay", type=Path, default=None, help="replay folder with images/ and masks/ (default: shipped)")
     parser.add_argument("--only", default="", help="run only the splits whose name contains this (e.g. right->left)")
+    parser.add_argument("--shift", choices=tuple(SHIFTS), default=None, help="loop preset (default: centre for UMCU, organ for EBHI)")
     defaults = LoopConfig()
     for field, value in vars(defaults).items():
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help=f"overrides the preset (centre: {value})")
     args = parser.parse_args()
-    config = LoopConfig(**{f: getattr(args, f) for f in vars(defaults)})
+    overrides = {f: getattr(args, f) for f in vars(defaults) if getattr(args, f) is not None}
+    config = config_for(args.shift or SHIFT_OF[args.dataset], **overrides)
     budgets = [int(b) for b in args.budgets.split(",")]
     model = load_model(args.model, "auto")
     replay = replay_pairs(args.replay)
-    results = {"config": vars(config), "tag": args.tag, "ebhi_mpp": args.ebhi_mpp, "splits": {}}
+    results = {"config": vars(config), "shift": args.shift or SHIFT_OF[args.dataset], "tag": args.tag, "ebhi_mpp": args.ebhi_mpp, "splits": {}}
     for name, pool, test, mpp in splits(args.dataset, args.ebhi_mpp):
         if args.only not in name:
             continue

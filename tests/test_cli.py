@@ -73,7 +73,7 @@ def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
     code = main(["simulate", "--pool-images", str(pool / "images"), "--pool-masks", str(pool / "masks"),
                  "--test-images", str(test / "images"), "--test-masks", str(test / "masks"), "--budgets", "0,1",
                  "--strategy", "random", "--seeds", "2", "--model", str(tiny_model_path), "--patch-size", "128",
-                 "--steps", "2", "--samples", "2", "--replay-share", "0", "--json"])
+                 "--steps", "2", "--samples", "2", "--shift", "organ", "--json"])  # organ: no replay
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["strategy"] == "random"

@@ -60,6 +60,24 @@ class LoopConfig:
     freeze_norm: bool = True
 
 
+# What differs from the training data decides how hard fine-tuning may pull (benchmarks/loop.py):
+SHIFTS: dict[str, dict] = {
+    # new centre or scanner, same tissue: the model is mostly right; frozen batch norm and a large
+    # replay share keep a few patches from swinging it
+    "centre": {},
+    # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay
+    # contradicts its labels, and more steps are needed to learn it
+    "organ": {"steps": 120, "replay_share": 0.0, "freeze_norm": False},
+}
+
+
+def config_for(shift: str = "centre", **overrides) -> LoopConfig:
+    """The :class:`LoopConfig` of a kind of domain shift (:data:`SHIFTS`), with explicit overrides."""
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}; choose one of {', '.join(SHIFTS)}")
+    return LoopConfig(**{**SHIFTS[shift], **overrides})
+
+
 @dataclass
 class FinetuneResult:
     """The fine-tuned copy of the model and its per-step losses."""

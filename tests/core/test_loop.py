@@ -1,9 +1,10 @@
 """Fine-tuning with replay, cancellation and the oracle loop, with real training steps."""
 
 import numpy as np
+import pytest
 import torch
 
-from napari_uga.loop import LoopConfig, Oracle, finetune, replay_pairs, simulate
+from napari_uga.loop import LoopConfig, Oracle, config_for, finetune, replay_pairs, simulate
 from napari_uga.selection import Box
 from napari_uga.training import CancelToken, evaluate
 
@@ -47,3 +48,26 @@ def test_oracle_loop_on_a_tiny_budget(tiny_model, umcu_pairs):
     assert len(set(picked)) == 3  # never the same patch twice
     assert traj.dice_global[0] == evaluate(tiny_model, test, 0.5)["dice_global"]
     assert all(0 <= d <= 1 for d in traj.dice_global)
+
+
+def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):
+    oracle = Oracle(umcu_pairs)
+    annotations = [oracle.annotate(Box(p.name, 0, 0, 256, 256)) for p in umcu_pairs[:2]]
+    stats = {k for k in tiny_model.state_dict() if k.endswith(("running_mean", "running_var"))}
+    for shift, changes in (("centre", False), ("organ", True)):
+        config = config_for(shift, steps=2, batch_size=4)
+        run = finetune(tiny_model, annotations, replay_pairs(), 0.5, config)
+        tuned = _last(run).model.state_dict()
+        moved = any(not torch.equal(tuned[k], tiny_model.state_dict()[k]) for k in stats)
+        assert moved == changes, shift
+    assert config_for("organ", steps=7).steps == 7 and config_for("organ").replay_share == 0
+    with pytest.raises(ValueError, match="unknown shift"):
+        config_for("planet")
+
+
+def _last(run):
+    while True:
+        try:
+            next(run)
+        except StopIteration as stop:
+            return stop.value

@@ -144,3 +144,12 @@ def test_worker_error_is_a_notification_and_the_session_stays_usable(qtbot, wait
     dock.submit()
     wait_idle(dock)
     assert dock.session.current_round == 1
+
+
+def test_domain_shift_preset_sets_the_fine_tuning(dock):
+    assert dock.config.freeze_norm and dock.config.replay_share > 0  # new centre: gentle, with replay
+    dock.shift_combo.setCurrentIndex(1)  # new organ / tissue
+    assert not dock.config.freeze_norm and dock.config.replay_share == 0
+    assert dock.steps_spin.value() == dock.config.steps == 120
+    dock.shift_combo.setCurrentIndex(0)
+    assert dock.config.freeze_norm and dock.steps_spin.value() == 40

@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 
 from .._sample_data import TRUTH_NAME
 from ..io import InputError
-from ..loop import LoopConfig
+from ..loop import config_for
 from ..metrics import dice
 from ..models import working_factor
 from ..selection import Box, Proposal, select
@@ -59,6 +59,7 @@ CURRENT_EDGE = "#ffffff"
 QUEUED_EDGE = "#ffd400"
 DONE_EDGE = "#7cfc00"
 PREDICTION_COLOR = "#00e5ff"
+SHIFT_LABELS = {"centre": "new centre / scanner (same tissue)", "organ": "new organ / tissue"}
 ANNOTATION_COLOR = "#39ff14"
 NEXT_KEY, PREVIOUS_KEY = "n", "Shift-N"
 TRAIN_THREADS = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the UI (see benchmarks/ui_stall.py)
@@ -108,7 +109,7 @@ class AnnotateWidget(WorkerDock):
         self.worker = None
         self._follow_up = None
         self.token = CancelToken()
-        self.config = LoopConfig()
+        self.config = config_for("centre")
         self._build()
         follow_layers(self.viewer, self._refresh_layers)
         self._update_controls()
@@ -147,6 +148,13 @@ class AnnotateWidget(WorkerDock):
         self.next_button.setToolTip(f"Next patch ({NEXT_KEY.upper()})")
         self.next_button.clicked.connect(self.next_patch)
         self.counter = QLabel("no patches")
+        self.shift_combo = QComboBox()
+        self.shift_combo.addItems(list(SHIFT_LABELS.values()))
+        self.shift_combo.setToolTip(
+            "What differs from the model's training data. New centre: gentle fine-tuning with replay of the "
+            "training tiles. New organ: batch-norm statistics adapt, more steps, no replay."
+        )
+        self.shift_combo.currentIndexChanged.connect(self._shift_changed)
         self.steps_spin = _spin(1, 2000, self.config.steps, "Fine-tuning steps per round")
         self.submit_button = QPushButton("Submit batch && fine-tune")
         self.submit_button.clicked.connect(self.submit)
@@ -160,6 +168,7 @@ class AnnotateWidget(WorkerDock):
         patches = QFormLayout()
         patches.addRow("Patches", propose_row)
         patches.addRow(queue_row)
+        patches.addRow("Domain shift", self.shift_combo)
         patches.addRow("Steps", self.steps_spin)
         patches.addRow(self.submit_button)
 
@@ -456,6 +465,12 @@ class AnnotateWidget(WorkerDock):
         self.opened = set()
         self._color_queue()
         self._start_finetune()
+
+    def _shift_changed(self) -> None:
+        """Apply the preset of the chosen domain shift (the steps box shows its steps; edit it after)."""
+        shift = list(SHIFT_LABELS)[self.shift_combo.currentIndex()]
+        self.config = config_for(shift, samples=self.config.samples, batch=self.config.batch, patch=self.config.patch)
+        self.steps_spin.setValue(self.config.steps)
 
     def _start_finetune(self) -> None:
         self.config.steps = self.steps_spin.value()

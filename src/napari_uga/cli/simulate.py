@@ -25,10 +25,15 @@ def register(sub) -> None:
 
 
 def add_loop_options(p: argparse.ArgumentParser) -> None:
-    """Loop settings shared with the demo (defaults from :class:`~napari_uga.loop.LoopConfig`)."""
-    from ..loop import LoopConfig
+    """Loop settings shared with the demo (defaults from :class:`~napari_uga.loop.LoopConfig` and ``--shift``)."""
+    from ..loop import SHIFTS, LoopConfig
 
     d = LoopConfig()
+    p.add_argument(
+        "--shift", choices=tuple(SHIFTS), default="centre",
+        help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay) or "
+        "organ (tissue; batch norm adapts, more steps, no replay); explicit options below override it",
+    )
     p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
     p.add_argument("--tta", choices=("none", "flips", "d4"), default=d.tta)
     p.add_argument("--measure", choices=("entropy", "mutual_information", "variance"), default=d.measure)
@@ -37,25 +42,37 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
         "--diversity", choices=("none", "clusters", "balanced", "clusters+balanced"), default=d.diversity,
         help="spread the picks over appearance clusters and/or predicted classes",
     )
-    p.add_argument("--steps", type=int, default=d.steps, help="fine-tune steps per labelled batch")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--replay-share", type=float, default=d.replay_share, help="share of each batch from the replay tiles")
+    p.add_argument("--steps", type=int, default=None, help=f"fine-tune steps per labelled batch (centre: {d.steps})")
+    p.add_argument("--lr", type=float, default=None, help=f"fine-tune learning rate (default {d.lr})")
+    p.add_argument(
+        "--replay-share", type=float, default=None, help=f"share of each batch from the replay tiles (centre: {d.replay_share})"
+    )
+    p.add_argument(
+        "--norm", choices=("frozen", "adapted"), default=None,
+        help="batch-norm statistics while fine-tuning (centre: frozen, organ: adapted)",
+    )
     p.add_argument("--batch", type=int, default=d.batch, help="patches annotated per round")
 
 
 def loop_config(args: argparse.Namespace, patch: int):
     """A :class:`LoopConfig` from the command-line options."""
     from ..io import InputError
-    from ..loop import LoopConfig
+    from ..loop import config_for
 
-    if args.steps < 1 or args.batch < 1 or args.samples < 1 or patch < 16:
-        raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
-    if not 0 <= args.replay_share < 1:
-        raise InputError("--replay-share must be in [0, 1)")
-    return LoopConfig(
-        patch=patch, samples=args.samples, tta=args.tta, measure=args.measure, aggregate=args.aggregate,
-        diversity=args.diversity, steps=args.steps, lr=args.lr, replay_share=args.replay_share, batch=args.batch,
+    explicit = {"steps": args.steps, "lr": args.lr, "replay_share": args.replay_share}
+    if args.norm is not None:
+        explicit["freeze_norm"] = args.norm == "frozen"
+    config = config_for(
+        args.shift, patch=patch, samples=args.samples, tta=args.tta, measure=args.measure, aggregate=args.aggregate,
+        diversity=args.diversity, batch=args.batch, **{k: v for k, v in explicit.items() if v is not None},
     )
+    if config.steps < 1 or config.batch < 1 or config.samples < 1 or patch < 16:
+        raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
+    if not 0 <= config.replay_share < 1:
+        raise InputError("--replay-share must be in [0, 1)")
+    if not config.lr > 0:
+        raise InputError("--lr must be positive")
+    return config
 
 
 def parse_budgets(text: str) -> list[int]:
