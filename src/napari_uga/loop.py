@@ -67,7 +67,7 @@ SHIFTS: dict[str, dict] = {
     "centre": {},
     # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay
     # contradicts its labels, and more steps are needed to learn it
-    "organ": {"steps": 120, "replay_share": 0.0, "freeze_norm": False},
+    "organ": {"steps": 200, "replay_share": 0.0, "freeze_norm": False},
 }
 
 

@@ -150,6 +150,6 @@ def test_domain_shift_preset_sets_the_fine_tuning(dock):
     assert dock.config.freeze_norm and dock.config.replay_share > 0  # new centre: gentle, with replay
     dock.shift_combo.setCurrentIndex(1)  # new organ / tissue
     assert not dock.config.freeze_norm and dock.config.replay_share == 0
-    assert dock.steps_spin.value() == dock.config.steps == 120
+    assert dock.steps_spin.value() == dock.config.steps == 200
     dock.shift_combo.setCurrentIndex(0)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40

@@ -32,7 +32,7 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shift", choices=tuple(SHIFTS), default="centre",
         help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay) or "
-        "organ (tissue; batch norm adapts, more steps, no replay); explicit options below override it",
+        "organ (tissue; batch norm adapts, 200 steps, no replay); explicit options below override it",
     )
     p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
     p.add_argument("--tta", choices=("none", "flips", "d4"), default=d.tta)
