@@ -62,6 +62,16 @@ def main() -> None:
 
 Produced by `.venv/bin/python scripts/model_card.py` on CPU.
 
+## Known failure: fibrous stroma
+On UMCU, 5 of its 16 tumour-free tiles come out entirely as tumour: all are fibrous stroma or capsule
+(pink collagen, few nuclei). The training centre teaches exactly that: its tumour-free tiles are
+nearly all lymphocytes, two of its tumour tiles are mostly stroma inside the lesion outline (mask
+fractions 0.70 and 0.97: the Camelyon polygons are coarse), and its one stroma-only tumour-free tile
+(tumor_064 x27558) sits in the validation half. A retrain that moved it into training
+(`--val-side left --balance`, seed 0) was worse: its validation side (3 tumour tiles, all tumour)
+was too easy, it kept step 750, and it missed every UMCU tumour tile (UMCU dice_global 0.000), so
+it was not shipped. Fixing this needs cleaner masks or tumour-free stroma from more slides.
+
 ## Intended use and limits
 Research and annotation support, not diagnosis. Trained on one centre and one scanner: expect
 false positives on unfamiliar stains and organs; the annotation loop and QC exist for that.
