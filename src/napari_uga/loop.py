@@ -43,7 +43,7 @@ class Annotation:
 
 @dataclass
 class LoopConfig:
-    """Settings of the annotation loop (defaults measured in ``benchmarks/loop.py``)."""
+    """Settings of the annotation loop; the defaults are the ``centre`` preset (measured in ``benchmarks/loop.py``)."""
 
     patch: int = 256
     samples: int = 8
@@ -58,16 +58,17 @@ class LoopConfig:
     replay_share: float = 0.5
     batch: int = 5
     freeze_norm: bool = True
+    anchor: float = 0.3
 
 
 # What differs from the training data decides how hard fine-tuning may pull (benchmarks/loop.py):
 SHIFTS: dict[str, dict] = {
-    # new centre or scanner, same tissue: the model is mostly right; frozen batch norm and a large
-    # replay share keep a few patches from swinging it
+    # new centre or scanner, same tissue: the model is mostly right; frozen batch norm, a large
+    # replay share and an L2 pull towards the starting weights keep a few patches from swinging it
     "centre": {},
     # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay
     # contradicts its labels, and more steps are needed to learn it
-    "organ": {"steps": 200, "replay_share": 0.0, "freeze_norm": False},
+    "organ": {"steps": 200, "replay_share": 0.0, "freeze_norm": False, "anchor": 0.0},
 }
 
 
@@ -132,7 +133,8 @@ def finetune(
         replay_sampler = PatchSampler([s[0] for s in replay_scaled], [s[1] for s in replay_scaled], crop=config.crop)
         sampler = MixedSampler([sampler, replay_sampler], [1 - config.replay_share, config.replay_share])
     steps = train_steps(
-        tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune", freeze_norm=config.freeze_norm
+        tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune",
+        freeze_norm=config.freeze_norm, anchor=config.anchor,
     )
     losses = yield from steps
     if cancel is not None and cancel.is_set():

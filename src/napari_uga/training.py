@@ -166,10 +166,13 @@ def train_steps(
     stage: str = "train",
     weight_decay: float = 1e-4,
     freeze_norm: bool = False,
+    anchor: float = 0.0,
 ) -> Iterator[ProgressEvent]:
     """Train ``model`` in place for ``steps`` steps (AdamW, cosine schedule), yielding events.
 
-    ``freeze_norm`` keeps batch-norm statistics fixed (for fine-tuning on a few patches).
+    ``freeze_norm`` keeps batch-norm statistics fixed (for fine-tuning on a few patches);
+    ``anchor`` > 0 adds ``anchor * sum((w - w_start)^2)`` to the loss (L2-SP, Li et al. 2018), so
+    fine-tuning stays near the weights it started from.
 
     Returns (as the generator's value) the list of per-step losses; stops early and
     cleanly when ``cancel`` is set, leaving the model with the last completed step.
@@ -186,6 +189,7 @@ def train_steps(
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
     losses: list[float] = []
+    start = [p.detach().clone() for p in model.parameters()] if anchor > 0 else []
     try:
         for step in range(1, steps + 1):
             if cancel is not None and cancel.is_set():
@@ -193,6 +197,8 @@ def train_steps(
                 break
             x, y = sampler.batch(batch_size, rng)
             loss = dice_bce_loss(model(x.to(device)), y.to(device))
+            if start:
+                loss = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -61,6 +61,7 @@ def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(ti
         moved = any(not torch.equal(tuned[k], tiny_model.state_dict()[k]) for k in stats)
         assert moved == changes, shift
     assert config_for("organ", steps=7).steps == 7 and config_for("organ").replay_share == 0
+    assert config_for("centre") == LoopConfig()
     with pytest.raises(ValueError, match="unknown shift"):
         config_for("planet")
 
@@ -71,3 +72,14 @@ def _last(run):
             next(run)
         except StopIteration as stop:
             return stop.value
+
+
+def test_anchor_keeps_the_fine_tuned_weights_near_the_start(tiny_model, umcu_pairs):
+    oracle = Oracle(umcu_pairs)
+    annotations = [oracle.annotate(Box(p.name, 0, 0, 256, 256)) for p in umcu_pairs[:2]]
+
+    def drift(anchor: float) -> float:
+        tuned = _last(finetune(tiny_model, annotations, [], 0.5, LoopConfig(steps=6, batch_size=4, anchor=anchor)))
+        return sum(float(((p - q) ** 2).sum()) for p, q in zip(tuned.model.parameters(), tiny_model.parameters()))
+
+    assert drift(100.0) < 0.5 * drift(0.0)

@@ -31,7 +31,8 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     d = LoopConfig()
     p.add_argument(
         "--shift", choices=tuple(SHIFTS), default="centre",
-        help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay) or "
+        help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay and an "
+        "L2 pull to the starting weights) or "
         "organ (tissue; batch norm adapts, 200 steps, no replay); explicit options below override it",
     )
     p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
@@ -48,6 +49,10 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
         "--replay-share", type=float, default=None, help=f"share of each batch from the replay tiles (centre: {d.replay_share})"
     )
     p.add_argument(
+        "--anchor", type=float, default=None,
+        help=f"L2 pull of the fine-tuned weights towards the starting ones (centre: {d.anchor}, organ: 0)",
+    )
+    p.add_argument(
         "--norm", choices=("frozen", "adapted"), default=None,
         help="batch-norm statistics while fine-tuning (centre: frozen, organ: adapted)",
     )
@@ -59,7 +64,7 @@ def loop_config(args: argparse.Namespace, patch: int):
     from ..io import InputError
     from ..loop import config_for
 
-    explicit = {"steps": args.steps, "lr": args.lr, "replay_share": args.replay_share}
+    explicit = {"steps": args.steps, "lr": args.lr, "replay_share": args.replay_share, "anchor": args.anchor}
     if args.norm is not None:
         explicit["freeze_norm"] = args.norm == "frozen"
     config = config_for(
@@ -70,8 +75,8 @@ def loop_config(args: argparse.Namespace, patch: int):
         raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
     if not 0 <= config.replay_share < 1:
         raise InputError("--replay-share must be in [0, 1)")
-    if not config.lr > 0:
-        raise InputError("--lr must be positive")
+    if not config.lr > 0 or config.anchor < 0:
+        raise InputError("--lr must be positive and --anchor not negative")
     return config
 
 
