@@ -70,7 +70,11 @@ fractions 0.70 and 0.97: the Camelyon polygons are coarse), and its one stroma-o
 (tumor_064 x27558) sits in the validation half. A retrain that moved it into training
 (`--val-side left --balance`, seed 0) was worse: its validation side (3 tumour tiles, all tumour)
 was too easy, it kept step 750, and it missed every UMCU tumour tile (UMCU dice_global 0.000), so
-it was not shipped. Fixing this needs cleaner masks or tumour-free stroma from more slides.
+it was not shipped. Neither was a retrain on all 57 RUMC tiles with the shipped recipe and seed
+(fixed 1,500 steps, no validation): it also missed the UMCU tumour (UMCU dice_global 0.065). The
+shipped network's zero-shot Dice on the other centre is fragile across training runs; the
+annotation loop is what makes it reliable there. Fixing the stroma error needs cleaner masks or
+tumour-free stroma from more slides.
 
 ## Intended use and limits
 Research and annotation support, not diagnosis. Trained on one centre and one scanner: expect
