@@ -1,6 +1,6 @@
-"""Seconds for one fine-tune round on 10 annotated patches with the default LoopConfig.
+"""Seconds for one fine-tune round on 10 annotated patches with a loop preset (default: centre).
 
-Usage: ``.venv/bin/python benchmarks/finetune_round.py [--repeats 3] [--threads 2]``
+Usage: ``.venv/bin/python benchmarks/finetune_round.py [--repeats 3] [--threads 2] [--shift centre|organ]``
 Prints each run, the median and the machine's load average (other jobs slow it down).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from napari_uga.io import load_pairs
-from napari_uga.loop import LoopConfig, Oracle, finetune, replay_pairs
+from napari_uga.loop import SHIFTS, Oracle, config_for, finetune, replay_pairs
 from napari_uga.models import load_model, pick_device
 from napari_uga.selection import Box
 
@@ -28,20 +28,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--shift", choices=tuple(SHIFTS), default="centre")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pairs = load_pairs(SAMPLE / "images", SAMPLE / "masks")[:10]
     oracle = Oracle(pairs)
     annotations = [oracle.annotate(Box(p.name, 0, 0, 256, 256)) for p in pairs]
     model = load_model(None, pick_device(args.device))
-    replay = replay_pairs()
+    config = config_for(args.shift)
+    replay = replay_pairs() if config.replay_share > 0 else []
     times = []
     for seed in range(args.repeats):
         started = time.perf_counter()
-        for _ in finetune(model, annotations, replay, 0.5, LoopConfig(), seed=seed):
+        for _ in finetune(model, annotations, replay, 0.5, config, seed=seed):
             pass
         times.append(time.perf_counter() - started)
-    print(f"fine-tune round, 10 patches, {LoopConfig().steps} steps on {model.head_out.weight.device}: "
+    print(f"fine-tune round ({args.shift}), 10 patches, {config.steps} steps on {model.head_out.weight.device}: "
           f"runs {[round(t, 1) for t in times]} s, median {statistics.median(times):.1f} s, load average {os.getloadavg()}")
 
 
