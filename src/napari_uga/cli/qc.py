@@ -24,7 +24,7 @@ def register(sub) -> None:
         "fdr = expected precision >= 1-alpha (conformal selection, works with ~10 calibration images); "
         "default: the QC model's own, else ltt",
     )
-    p.add_argument("--method", default=None, help="QC method (default: the QC model's, else auto)")
+    p.add_argument("--method", default=None, help="QC method (default: the QC model's, else regressor, a random forest)")
     p.add_argument("--samples", type=int, default=None, help="MC samples per TTA view (default 8)")
     p.add_argument("--qc-model", type=Path, default=None, help="QC model JSON (default: the shipped calibration)")
     p.add_argument("--save-qc-model", type=Path, default=None, help="write the fitted QC model as JSON")
