@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from napari_uga.cli import main
-from napari_uga.io import write_array
+from napari_uga.io import InputError, write_array
 from napari_uga.models import load_model
 
 UGA = [sys.executable, "-m", "napari_uga.cli"]
@@ -145,3 +145,19 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, sample_dir, case, expecte
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_explicit_loop_options_override_the_shift_preset():
+    import argparse
+
+    from napari_uga.cli.simulate import add_loop_options, loop_config
+
+    parser = argparse.ArgumentParser()
+    add_loop_options(parser)
+    organ = loop_config(parser.parse_args(["--shift", "organ"]), 256)
+    assert (organ.steps, organ.replay_share, organ.freeze_norm, organ.anchor) == (200, 0.0, False, 0.0)
+    mixed = loop_config(parser.parse_args(["--shift", "organ", "--steps", "7", "--replay-share", "0.3",
+                                           "--norm", "frozen", "--anchor", "0.5"]), 128)  # fmt: skip
+    assert (mixed.steps, mixed.replay_share, mixed.freeze_norm, mixed.anchor, mixed.patch) == (7, 0.3, True, 0.5, 128)
+    with pytest.raises(InputError, match="--anchor"):
+        loop_config(parser.parse_args(["--anchor", "-1"]), 256)

@@ -46,12 +46,13 @@ def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path
     # the saved QC model reproduces the predictions without calibration images and without masks
     proc = subprocess.run(
         [sys.executable, "-m", "napari_uga.cli", "qc", "--images", str(test / "images"), "--qc-model", str(saved),
-         "--model", str(tiny_model_path), "--json"],
+         "--model", str(tiny_model_path), "--rule", "fdr", "--json"],
         check=False, capture_output=True, text=True, env={**os.environ, "DISPLAY": ""},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout)
     assert again["metrics"] == {} and all(r["dice_true"] is None for r in again["per_image"])
+    assert out["rule"] == "ltt" and again["rule"] == "fdr" and again["cut"] is None
     np.testing.assert_allclose([r["dice_pred"] for r in again["per_image"]], [r["dice_pred"] for r in out["per_image"]])
 
 

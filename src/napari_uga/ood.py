@@ -69,7 +69,7 @@ def _reference(model: UNet, replay: Sequence | None = None):
         factor = working_factor(model)
         vectors = np.concatenate([bottleneck_vectors(model, p.image, factor) for p in pairs])
         if len(_REFERENCES) >= 4:
-            _REFERENCES.pop(next(iter(_REFERENCES)))
+            _REFERENCES.pop(next(iter(_REFERENCES), None), None)  # tolerant of a concurrent eviction
         _REFERENCES[key] = LedoitWolf().fit(vectors)
     return _REFERENCES[key]
 

@@ -15,7 +15,8 @@ Pipeline (one call: :func:`run_qc`):
    binomial test, the lowest cut on predicted Dice such that, with probability >= 1 - delta, the
    accepted images have Dice > threshold with precision >= 1 - alpha. Or ``rule="fdr"``
    (:func:`conformal_selection`): conformal selection, whose accepted set has an expected share
-   of failures (false discovery rate) <= alpha; it needs far fewer calibration images.
+   of failures (false discovery rate, an empty selection counting as none) <= alpha; it needs far
+   fewer calibration images.
 
 Models are stored as JSON (the calibration rows and settings); the regressor is refitted
 deterministically at load time, so nothing is ever unpickled.
@@ -27,7 +28,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,11 @@ from .uncertainty import UncertaintyMaps
 
 QC_SAMPLES = 8  # MC-dropout samples per TTA view
 QC_TTA = "flips"
-QC_FEATURES_VERSION = 3  # 2: feature_distance; 3: stain inside the prediction. Feature caches key on it
+QC_FEATURES_VERSION = 4  # 2: feature_distance; 3-4: stain inside the prediction. Feature caches key on it
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
 DEFAULT_METHOD = "regressor"  # best AUROC and nAURC on both benchmark domains (docs/qc.md)
-RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or expected precision >= 1 - alpha
+RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or false discovery rate <= alpha
 DEFAULT_RULE = "ltt"
 DEFAULT_QC_FILE = Path(__file__).parent / "weights" / "qc_calibration.json"
 
@@ -132,7 +133,8 @@ def _foreground_stain(image: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     region = region if region.any() else np.ones(pred.shape, bool)
     hed = rgb2hed(rgb[region][None])[0]
     hematoxylin, eosin = float(hed[:, 0].mean()), float(hed[:, 1].mean())
-    return {"fg_hematoxylin": hematoxylin, "fg_eosin": eosin, "fg_he_ratio": hematoxylin / (abs(eosin) + 1e-3)}
+    share = hematoxylin / (abs(hematoxylin) + abs(eosin) + 1e-6)  # bounded in [-1, 1], unlike a ratio
+    return {"fg_hematoxylin": hematoxylin, "fg_eosin": eosin, "fg_hematoxylin_share": share}
 
 
 def _view_agreement(binary: np.ndarray, samples: int) -> tuple[float, float]:
@@ -355,8 +357,8 @@ def conformal_selection(
 
     Each test image gets the conformal p-value of "this segmentation fails" (Dice <= threshold):
     p = (1 + #calibration failures scored at least as high) / (n + 1); Benjamini-Hochberg at level
-    ``alpha`` over the test images then accepts a set whose expected share of failures is at most
-    ``alpha`` for exchangeable calibration and test images (ties counted against acceptance, so
+    ``alpha`` over the test images then accepts a set whose expected share of failures (an empty
+    selection counting as none) is at most ``alpha`` for exchangeable calibration and test images (ties counted against acceptance, so
     it is conservative). With no failure above it, one image alone passes once n >= 1/alpha - 1.
     """
     if not 0 < alpha < 1:
@@ -675,18 +677,30 @@ def _acceptance_note(qc: QCModel, any_accepted: bool) -> str:
     if qc.rule == "ltt" and good < min_accepted(qc.alpha, qc.delta):
         return (f"nothing can be accepted: the calibration holds {good} images with Dice > {qc.threshold}, and "
                 f"Learn-then-Test needs at least {min_accepted(qc.alpha, qc.delta)} at alpha={qc.alpha}, "
-                f"delta={qc.delta}; add calibration images, or use rule 'fdr' (expected precision)")
+                f"delta={qc.delta}; add calibration images, or use rule 'fdr' (false discovery rate)")
+    if qc.rule == "fdr" and len(qc.dice_true) + 1 < 1 / qc.alpha:
+        return (f"nothing can be accepted: conformal selection needs at least {math.ceil(1 / qc.alpha - 1)} "
+                f"calibration images at alpha={qc.alpha}, and the calibration holds {len(qc.dice_true)}")
     return "nothing accepted: no image is predicted reliably enough for the stated error rate"
 
 
 def refit_for(
     qc: QCModel, alpha: float, delta: float, threshold: float, method: str | None = None, rule: str | None = None
 ) -> QCModel:
-    """``qc`` itself, or refitted from its stored calibration rows when the guarantee or method differ."""
+    """``qc`` for another guarantee, rule or method.
+
+    With the same method and stored out-of-fold scores, only the cut is recomputed from them (the
+    cross-fitting, grouped by slide or patient when the model was fitted, is kept); a new method, or
+    a model file without out-of-fold scores, is refitted from the stored calibration rows.
+    """
+    rule = _checked_rule(rule or qc.rule)
+    if (method or qc.method) == qc.method and len(qc.oof) == len(qc.dice_true):
+        cut = qc.cut if (alpha, delta, threshold) == (qc.alpha, qc.delta, qc.threshold) else conformal_cut(
+            np.asarray(qc.oof), np.asarray(qc.dice_true), threshold, alpha, delta
+        )
+        return replace(qc, alpha=alpha, delta=delta, threshold=threshold, rule=rule, cut=cut)
     wanted = (alpha, delta, threshold, method or qc.method)
-    if wanted == (qc.alpha, qc.delta, qc.threshold, qc.method) and rule in (None, qc.rule):
-        return qc
-    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info, rule=rule or qc.rule)
+    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info, rule=rule)
 
 
 def iter_qc(

@@ -172,7 +172,8 @@ def train_steps(
 
     ``freeze_norm`` keeps batch-norm statistics fixed (for fine-tuning on a few patches);
     ``anchor`` > 0 adds ``anchor * sum((w - w_start)^2)`` to the loss (L2-SP, Li et al. 2018), so
-    fine-tuning stays near the weights it started from.
+    fine-tuning stays near the weights this call starts from (in the loop: the previous round's);
+    the reported losses are the data loss alone.
 
     Returns (as the generator's value) the list of per-step losses; stops early and
     cleanly when ``cancel`` is set, leaving the model with the last completed step.
@@ -196,14 +197,15 @@ def train_steps(
                 yield progress_event(stage, step - 1, steps, "cancelled")
                 break
             x, y = sampler.batch(batch_size, rng)
-            loss = dice_bce_loss(model(x.to(device)), y.to(device))
+            task = dice_bce_loss(model(x.to(device)), y.to(device))
+            loss = task
             if start:
-                loss = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))
+                loss = task + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(task.detach()))  # the data loss alone, comparable with or without an anchor
             yield progress_event(stage, step, steps, f"step {step}/{steps}", loss=losses[-1])
     finally:
         model.eval()

@@ -158,9 +158,34 @@ def test_fit_predict_and_json_round_trip(tmp_path, rng, method):
     assert loaded.cut == qc.cut and loaded.method == qc.method
     assert qc.method == method or (method == "auto" and qc.method in quality.AUTO_CANDIDATES)
     fdr = quality.refit_for(loaded, qc.alpha, qc.delta, qc.threshold, rule="fdr")
-    assert fdr.rule == "fdr" and len(fdr.oof) == len(rows)
+    assert fdr.rule == "fdr" and fdr.oof == qc.oof  # the cross-fitted scores are kept, not refitted
+    looser = quality.refit_for(qc, 0.3, qc.delta, qc.threshold)
+    assert looser.cut <= qc.cut and looser.oof == qc.oof
     again = quality.QCModel.load(fdr.save(tmp_path / "fdr.json"))
     assert again.rule == "fdr" and np.array_equal(again.predict(rows)[1], fdr.predict(rows)[1])
+
+
+def test_older_files_load_as_learn_then_test_and_fdr_needs_its_scores(rng):
+    rows, truth = _synthetic_rows(rng, 30)
+    old = quality.fit_qc_model(rows, truth, method="pairwise_dice").to_dict()
+    del old["rule"], old["oof"]  # a QC model written before the rule existed
+    loaded = quality.QCModel.from_dict(old)
+    assert loaded.rule == "ltt" and loaded.oof == []
+    refitted = quality.refit_for(loaded, 0.1, 0.1, 0.8, rule="fdr")
+    assert refitted.rule == "fdr" and len(refitted.oof) == 30
+    with pytest.raises(InputError, match="out-of-fold"):
+        quality.QCModel.from_dict({**old, "rule": "fdr", "oof": [0.5]})
+
+
+def test_report_note_says_why_nothing_is_accepted(rng):
+    rows, truth = _synthetic_rows(rng, 8)
+    ltt = quality.fit_qc_model(rows, truth, method="pairwise_dice")
+    note = quality.qc_report(ltt, ["a"] * 8, rows, [None] * 8)["note"]
+    assert "Learn-then-Test needs at least 22" in note
+    fdr = quality.refit_for(ltt, 0.1, 0.1, 0.8, rule="fdr")
+    report = quality.qc_report(fdr, ["a"] * 8, rows, [None] * 8)
+    assert report["rule"] == "fdr" and report["cut"] is None
+    assert "needs at least 9 calibration images" in report["note"]
 
 
 def test_load_rejects_bad_files(tmp_path):

@@ -80,6 +80,8 @@ def test_cancel_keeps_no_partial_checkpoint(qtbot, wait_idle, dock):
 
 def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer):
     _compute_and_propose(qtbot, wait_idle, dock)
+    dock.shift_combo.setCurrentIndex(1)  # new organ: no replay, batch norm adapts
+    dock.steps_spin.setValue(3)
     first = dock.proposals[0]
     dock.viewer.layers[ANNOTATION].data[first.y : first.y + 40, first.x : first.x + 40] = 1
     dock.next_patch()
@@ -102,6 +104,8 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     assert PROBABILITY in viewer.layers and reopened.result is not None
     assert reopened.history.rowCount() == 2
     assert not reopened.image_combo.isEnabled()  # the session is bound to its image
+    assert reopened.shift_combo.currentIndex() == 1 and reopened.steps_spin.value() == 3
+    assert not reopened.config.freeze_norm
 
 
 def test_bad_model_file_is_a_notification_not_a_crash(dock, tmp_path):

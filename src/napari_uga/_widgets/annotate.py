@@ -258,7 +258,7 @@ class AnnotateWidget(WorkerDock):
     def _start_session(self, layer: Image) -> None:
         folder = Path(self.session_edit.text()).expanduser()
         model_path = self.model_edit.text().strip() or None
-        session = Session.create(folder, model_path, {"loop": vars(self.config)})
+        session = Session.create(folder, model_path, {"loop": self._loop_record()})
         source = layer.source.path
         if source:
             session.add_image(layer.name, path=source, mpp=layer.metadata.get("mpp"))
@@ -466,14 +466,30 @@ class AnnotateWidget(WorkerDock):
         self._color_queue()
         self._start_finetune()
 
+    def _shift(self) -> str:
+        return list(SHIFT_LABELS)[self.shift_combo.currentIndex()]
+
+    def _loop_record(self) -> dict:
+        """The loop settings as saved in the session (a copy, with the domain-shift preset)."""
+        return {**vars(self.config), "shift": self._shift()}
+
     def _shift_changed(self) -> None:
         """Apply the preset of the chosen domain shift (the steps box shows its steps; edit it after)."""
-        shift = list(SHIFT_LABELS)[self.shift_combo.currentIndex()]
-        self.config = config_for(shift, samples=self.config.samples, batch=self.config.batch, patch=self.config.patch)
+        self.config = config_for(
+            self._shift(), samples=self.config.samples, batch=self.config.batch, patch=self.config.patch
+        )
         self.steps_spin.setValue(self.config.steps)
+
+    def _restore_loop(self, record: dict) -> None:
+        """Domain shift and steps of a reopened session."""
+        if record.get("shift") in SHIFT_LABELS:
+            self.shift_combo.setCurrentIndex(list(SHIFT_LABELS).index(record["shift"]))
+        if isinstance(record.get("steps"), int):
+            self.steps_spin.setValue(record["steps"])
 
     def _start_finetune(self) -> None:
         self.config.steps = self.steps_spin.value()
+        self.session.config["loop"] = self._loop_record()
         self.token = CancelToken()
         pending = self.session.pending_ids()
         annotations = self.session.load_annotations()
@@ -482,7 +498,8 @@ class AnnotateWidget(WorkerDock):
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
         worker.aborted.connect(lambda: self._finetuned(None, pending))
-        self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches (+ replay)…")
+        replay = " (+ replay)" if self.config.replay_share > 0 else ""
+        self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches{replay}…")
         self._run(worker, f"Saved {len(pending)} patches to {self.session.folder}; fine-tuning in the background.")
 
     def _finetuned(self, result, pending: list[int]) -> None:
@@ -537,6 +554,7 @@ class AnnotateWidget(WorkerDock):
             self.viewer.add_image(data, **{**meta, "name": name})
         self.result = None
         self._adopt(session, name)
+        self._restore_loop(session.config.get("loop", {}))
         annotation = self._annotation_layer()
         annotation.data[:] = 0
         for item in session.load_annotations():

@@ -92,7 +92,8 @@ class QCWidget(WorkerDock):
         self.rule_combo.addItems(["(calibration's)", *RULES])
         self.rule_combo.setToolTip(
             "ltt: precision >= 1 - alpha with probability 0.9 (needs >= 22 good calibration images at alpha 0.1); "
-            "fdr: expected precision >= 1 - alpha (conformal selection; ~10 calibration images suffice)"
+            "fdr: false discovery rate <= alpha, i.e. the expected share of failures among the accepted, an empty "
+            "selection counting as none (conformal selection; ~10 calibration images suffice)"
         )
         self.mpp_spin = _double(0.0, 20.0, 0.0, "µm per pixel of the images (0: the layer's, else Camelyon 0.243)")
         browse = QPushButton("…")

@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument(
         "--rule", choices=("ltt", "fdr"), default=None,
         help="acceptance guarantee: ltt = precision >= 1-alpha with probability >= 1-delta (Learn-then-Test); "
-        "fdr = expected precision >= 1-alpha (conformal selection, works with ~10 calibration images); "
+        "fdr = false discovery rate <= alpha: expected share of failures among the accepted, an empty selection "
+        "counting as none (conformal selection, works with ~10 calibration images); "
         "default: the QC model's own, else ltt",
     )
     p.add_argument("--method", default=None, help="QC method (default: the QC model's, else regressor, a random forest)")
@@ -87,7 +88,7 @@ def _guarantee(payload: dict) -> str:
     """The acceptance rule in words."""
     precision = f"Dice > {payload['threshold']} with precision >= {1 - payload['alpha']:.2f}"
     if payload["rule"] == "fdr":
-        return f"accepted by conformal selection ({precision} in expectation)"
+        return f"accepted by conformal selection (expected share of Dice <= {payload['threshold']} among the accepted <= {payload['alpha']})"
     cut = payload["cut"]
     return (f"accept when predicted Dice >= {'none' if cut is None else f'{cut:.3f}'} "
             f"({precision} w.p. >= {1 - payload['delta']:.2f})")
