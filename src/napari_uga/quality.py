@@ -43,7 +43,7 @@ QC_TTA = "flips"
 QC_FEATURES_VERSION = 4  # 2: feature_distance; 3-4: stain inside the prediction. Feature caches key on it
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
-DEFAULT_METHOD = "regressor"  # best AUROC and nAURC on both benchmark domains (docs/qc.md)
+DEFAULT_METHOD = "regressor"  # best nAURC on both benchmark domains, best AUROC on UMCU (docs/qc.md)
 RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or false discovery rate <= alpha
 DEFAULT_RULE = "ltt"
 DEFAULT_QC_FILE = Path(__file__).parent / "weights" / "qc_calibration.json"
