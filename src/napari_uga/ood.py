@@ -58,14 +58,15 @@ def bottleneck_vectors(model: UNet, image: np.ndarray, factor: float) -> np.ndar
     return np.concatenate(rows)
 
 
-def _reference(model: UNet, replay: Sequence | None = None):
+def _reference(model: UNet):
+    """The Ledoit-Wolf Gaussian of the replay tiles' bottleneck vectors under this network's weights."""
     from sklearn.covariance import LedoitWolf
 
     from .loop import replay_pairs
 
     key = _fingerprint(model)
     if key not in _REFERENCES:
-        pairs = replay_pairs() if replay is None else replay
+        pairs = replay_pairs()
         factor = working_factor(model)
         vectors = np.concatenate([bottleneck_vectors(model, p.image, factor) for p in pairs])
         if len(_REFERENCES) >= 4:
