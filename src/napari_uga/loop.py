@@ -114,8 +114,12 @@ def finetune(
     seed: int = 0,
     cancel: CancelToken | None = None,
     replay_factor: float | None = None,
+    origin: UNet | None = None,
 ) -> Iterator[ProgressEvent]:
     """Fine-tune a copy of ``model`` on annotated patches plus a replay share; yields progress.
+
+    ``origin`` is the model the session started from: the anchor (``config.anchor``) pulls
+    towards it, so drift cannot add up over rounds (default: ``model`` itself).
 
     Returns a :class:`FinetuneResult` (the generator's value), or ``None`` when cancelled,
     so a cancelled run never leaves half-trained weights behind.
@@ -135,6 +139,7 @@ def finetune(
     steps = train_steps(
         tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune",
         freeze_norm=config.freeze_norm, anchor=config.anchor,
+        anchor_to=None if origin is None else list(origin.parameters()),
     )
     losses = yield from steps
     if cancel is not None and cancel.is_set():
@@ -236,7 +241,10 @@ def simulate(
                 break
             annotations += [oracle.annotate(p) for p in picks]
             result.picks.append([p.as_dict() for p in picks])
-            run = finetune(current, annotations, replay, factor, config, seed + len(annotations), replay_factor=replay_factor)
+            run = finetune(
+                current, annotations, replay, factor, config, seed + len(annotations), replay_factor=replay_factor,
+                origin=model,
+            )
             current = _drain(run, on_event).model
         result.budgets.append(budget)
         result.dice_global.append(evaluate(current, test, factor)["dice_global"])

@@ -167,13 +167,14 @@ def train_steps(
     weight_decay: float = 1e-4,
     freeze_norm: bool = False,
     anchor: float = 0.0,
+    anchor_to: Sequence[torch.Tensor] | None = None,
 ) -> Iterator[ProgressEvent]:
     """Train ``model`` in place for ``steps`` steps (AdamW, cosine schedule), yielding events.
 
     ``freeze_norm`` keeps batch-norm statistics fixed (for fine-tuning on a few patches);
-    ``anchor`` > 0 adds ``anchor * sum((w - w_start)^2)`` to the loss (L2-SP, Li et al. 2018), so
-    fine-tuning stays near the weights this call starts from (in the loop: the previous round's);
-    the reported losses are the data loss alone.
+    ``anchor`` > 0 adds ``anchor * sum((w - w0)^2)`` to the loss (L2-SP, Li et al. 2018), so
+    fine-tuning stays near ``w0``: ``anchor_to`` (e.g. the model a session started from), else
+    the weights this call starts from. The reported losses are the data loss alone.
 
     Returns (as the generator's value) the list of per-step losses; stops early and
     cleanly when ``cancel`` is set, leaving the model with the last completed step.
@@ -190,7 +191,8 @@ def train_steps(
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
     losses: list[float] = []
-    start = [p.detach().clone() for p in model.parameters()] if anchor > 0 else []
+    reference = model.parameters() if anchor_to is None else anchor_to
+    start = [p.detach().clone().to(device) for p in reference] if anchor > 0 else []
     try:
         for step in range(1, steps + 1):
             if cancel is not None and cancel.is_set():

@@ -1,5 +1,7 @@
 """Fine-tuning with replay, cancellation and the oracle loop, with real training steps."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,15 @@ def test_anchor_keeps_the_fine_tuned_weights_near_the_start(tiny_model, umcu_pai
         return sum(float(((p - q) ** 2).sum()) for p, q in zip(tuned.model.parameters(), tiny_model.parameters()))
 
     assert drift(100.0) < 0.5 * drift(0.0)
+
+    moved = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05)
+    config = LoopConfig(steps=6, batch_size=4, anchor=100.0, lr=1e-2)
+    tuned = _last(finetune(moved, annotations, [], 0.5, config, origin=tiny_model)).model
+
+    def distance(a, b):
+        return sum(float(((p - q) ** 2).sum()) for p, q in zip(a.parameters(), b.parameters()))
+
+    assert distance(tuned, tiny_model) < distance(moved, tiny_model)  # pulled back to the session's start

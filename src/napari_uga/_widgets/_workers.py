@@ -77,8 +77,11 @@ def finetune_events(
     seed: int,
     cancel: CancelToken,
     threads: int | None = None,
+    origin: UNet | None = None,
 ) -> Iterator[ProgressEvent]:
     """Drive :func:`napari_uga.loop.finetune` with the shipped replay tiles; returns its result.
+
+    ``origin``: the session's starting model, which the fine-tuning anchor pulls towards.
 
     ``threads`` caps torch's CPU threads for the run (fewer threads leave a core to the UI);
     the process-wide setting is restored afterwards.
@@ -89,7 +92,9 @@ def finetune_events(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        result: FinetuneResult | None = yield from finetune(model, annotations, _replay(), factor, config, seed, cancel)
+        result: FinetuneResult | None = yield from finetune(
+            model, annotations, _replay(), factor, config, seed, cancel, origin=origin
+        )
     except RuntimeError as exc:
         raise WorkerError(f"fine-tuning failed: {exc}") from exc
     finally:
@@ -117,9 +122,10 @@ def finetune_worker(
     seed: int,
     cancel: CancelToken,
     threads: int | None = None,
+    origin: UNet | None = None,
 ) -> GeneratorWorker:
     """An unstarted worker yielding progress events and returning a ``FinetuneResult`` (or ``None``)."""
-    return _unstarted(finetune_events, model, list(annotations), factor, config, seed, cancel, threads)
+    return _unstarted(finetune_events, model, list(annotations), factor, config, seed, cancel, threads, origin)
 
 
 def qc_steps(

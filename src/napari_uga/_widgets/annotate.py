@@ -494,7 +494,10 @@ class AnnotateWidget(WorkerDock):
         pending = self.session.pending_ids()
         annotations = self.session.load_annotations()
         seed = len(self.session.annotations)
-        worker = finetune_worker(self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS)
+        origin = self.session.load_model(0, device=self.device_combo.currentText())  # the anchor's reference
+        worker = finetune_worker(
+            self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS, origin
+        )
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
         worker.aborted.connect(lambda: self._finetuned(None, pending))
