@@ -64,7 +64,7 @@ class LoopConfig:
 # What differs from the training data decides how hard fine-tuning may pull (benchmarks/loop.py):
 SHIFTS: dict[str, dict] = {
     # new centre or scanner, same tissue: the model is mostly right; frozen batch norm, a large
-    # replay share and an L2 pull towards the round's starting weights keep a few patches from swinging it
+    # replay share and an L2 pull towards the session's starting model keep a few patches from swinging it
     "centre": {},
     # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay
     # contradicts its labels, and more steps are needed to learn it

@@ -32,7 +32,7 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shift", choices=tuple(SHIFTS), default="centre",
         help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay and an "
-        "L2 pull towards the round's starting weights) or "
+        "L2 pull towards the starting model) or "
         "organ (tissue; batch norm adapts, 200 steps, no replay); explicit options below override it",
     )
     p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
@@ -50,7 +50,7 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--anchor", type=float, default=None,
-        help=f"L2 pull of the fine-tuned weights towards the round's starting ones (centre: {d.anchor}, organ: 0)",
+        help=f"L2 pull of the fine-tuned weights towards the starting model's (centre: {d.anchor}, organ: 0)",
     )
     p.add_argument(
         "--norm", choices=("frozen", "adapted"), default=None,
