@@ -210,13 +210,12 @@ def compute_features(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Run the network (MC dropout x TTA) on one image; return its QC features and prediction.
 
-    The features are :func:`image_features` plus ``feature_distance`` (:mod:`napari_uga.ood`).
+    The features are :func:`model_features`.
 
     The dropout masks are drawn from a fixed seed (without touching the global RNG), so QC is reproducible.
     """
     import torch
 
-    from .ood import feature_distance
     from .uncertainty import compute_uncertainty
 
     with torch.random.fork_rng(devices=[]):
@@ -224,7 +223,14 @@ def compute_features(
         maps = compute_uncertainty(
             model, image, samples=samples, tta=tta, factor=factor, tile=QC_TILE, keep_samples=True
         )
-    return {**image_features(maps, image, samples), "feature_distance": feature_distance(model, image, factor)}, maps.prediction
+    return model_features(model, maps, image, samples, factor), maps.prediction
+
+
+def model_features(model, maps: UncertaintyMaps, image: np.ndarray, samples: int, factor: float) -> dict[str, float]:
+    """:func:`image_features` plus the network's ``feature_distance`` (the full QC row of one image or block)."""
+    from .ood import feature_distance
+
+    return {**image_features(maps, image, samples), "feature_distance": feature_distance(model, image, factor)}
 
 
 def _starts(length: int, size: int) -> list[int]:

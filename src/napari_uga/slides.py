@@ -335,13 +335,12 @@ def process_block(
 
 def _block_features(model, maps, window: _Window, factor: float, samples: int) -> dict:
     """QC features of a block from its working-scale maps and its image resized to working scale."""
-    from .ood import feature_distance
-    from .quality import image_features
+    from .quality import model_features
     from .uncertainty import _read_tile
 
     h, w = maps.probability.shape
     image = (_read_tile(window, 0, 0, h, w, factor).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return {**image_features(maps, image, samples), "feature_distance": feature_distance(model, image, 1.0)}
+    return model_features(model, maps, image, samples, 1.0)
 
 
 def _pool2(values: np.ndarray) -> np.ndarray:

@@ -103,6 +103,7 @@ class AnnotateWidget(WorkerDock):
         self.session: Session | None = None
         self.image_name: str | None = None
         self.model = None
+        self.origin = None  # the session's round-0 model: the fine-tuning anchor pulls towards it
         self.result: MapsResult | None = None
         self.proposals: list[Proposal] = []
         self.opened: set[int] = set()
@@ -270,6 +271,7 @@ class AnnotateWidget(WorkerDock):
         self.session = session
         self.image_name = name
         self.model = session.load_model(device=self.device_combo.currentText())
+        self.origin = session.load_model(0, device=self.device_combo.currentText())  # the anchor's reference
         self.session_edit.setText(str(session.folder))
         self._fill_history()
 
@@ -494,9 +496,8 @@ class AnnotateWidget(WorkerDock):
         pending = self.session.pending_ids()
         annotations = self.session.load_annotations()
         seed = len(self.session.annotations)
-        origin = self.session.load_model(0, device=self.device_combo.currentText())  # the anchor's reference
         worker = finetune_worker(
-            self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS, origin
+            self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS, self.origin
         )
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
