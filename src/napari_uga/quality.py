@@ -8,7 +8,8 @@ Pipeline (one call: :func:`run_qc`):
    against the consensus), soft-Dice confidence, spread of the predicted area, shape and
    appearance statistics.
 2. A :class:`QCModel` maps a row to a predicted Dice. ``method`` picks one feature (monotone
-   isotonic calibration to Dice) or a random-forest regressor over all features. It is fitted
+   isotonic calibration to Dice) or a random-forest regressor over all features (the median of
+   its trees: per-image Dice is bimodal). It is fitted
    on labelled calibration images; out-of-fold (cross-fitted) predictions are used for the
    acceptance rule, never in-sample ones.
 3. The acceptance rule, ``rule="ltt"`` (:func:`conformal_cut`): a Learn-then-Test fixed-sequence
@@ -421,7 +422,20 @@ def _fit(method: str, x: np.ndarray, y: np.ndarray, seed: int = 0):
     return est.fit(x[:, 0] if method in SCORE_METHODS else x, y)
 
 
+def _forest_median(forest, x: np.ndarray) -> np.ndarray:
+    """The median of the trees' predicted Dice, ties broken by their mean.
+
+    Per-image Dice is bimodal (a tumour-free tile scores 1 or 0), and the median is the
+    estimate that minimises absolute error; the forest mean sits between the modes. On UMCU it
+    lowered the MAE from 0.23 to 0.17 (``docs/qc.md``).
+    """
+    trees = np.stack([tree.predict(x) for tree in forest.estimators_])
+    return np.median(trees, axis=0) * (1 - 1e-3) + 1e-3 * trees.mean(axis=0)
+
+
 def _predict(method: str, est, x: np.ndarray) -> np.ndarray:
+    if method == "regressor":
+        return np.clip(_forest_median(est, x), 0.0, 1.0)
     if method not in SCORE_METHODS:
         return np.clip(est.predict(x), 0.0, 1.0)
     score = x[:, 0]

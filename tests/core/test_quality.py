@@ -165,6 +165,21 @@ def test_fit_predict_and_json_round_trip(tmp_path, rng, method):
     assert again.rule == "fdr" and np.array_equal(again.predict(rows)[1], fdr.predict(rows)[1])
 
 
+def test_regressor_predicts_the_median_of_a_bimodal_dice(rng):
+    """Where the features cannot separate Dice 0 from Dice 1 (1:2 odds), the forest mean lands in
+    between; the median of its trees leans to the likely mode, which lowers the absolute error."""
+
+    def draw(n):
+        return [{"pairwise_dice": float(v), "area": float(a)} for v, a in rng.uniform(size=(n, 2))]
+
+    truth = np.array([0.0, 1.0, 1.0] * 30)
+    qc = quality.fit_qc_model(draw(90), truth, method="regressor")
+    fresh = draw(90)
+    pred, _ = qc.predict(fresh)
+    mean = np.clip(qc.estimator.predict(quality._matrix(fresh, qc.features)), 0, 1)
+    assert np.abs(pred - truth).mean() < np.abs(mean - truth).mean() - 0.01
+
+
 def test_older_files_load_as_learn_then_test_and_fdr_needs_its_scores(rng):
     rows, truth = _synthetic_rows(rng, 30)
     old = quality.fit_qc_model(rows, truth, method="pairwise_dice").to_dict()
