@@ -9,9 +9,8 @@ Pipeline (one call: :func:`run_qc`):
    appearance statistics.
 2. A :class:`QCModel` maps a row to a predicted Dice. ``method`` picks one feature (monotone
    isotonic calibration to Dice) or a random-forest regressor over all features (the median of
-   its trees: per-image Dice is bimodal). It is fitted
-   on labelled calibration images; out-of-fold (cross-fitted) predictions are used for the
-   acceptance rule, never in-sample ones.
+   its trees: per-image Dice is bimodal). It is fitted on labelled calibration images;
+   out-of-fold (cross-fitted) predictions are used for the acceptance rule, never in-sample ones.
 3. The acceptance rule, ``rule="ltt"`` (:func:`conformal_cut`): a Learn-then-Test fixed-sequence
    binomial test, the lowest cut on predicted Dice such that, with probability >= 1 - delta, the
    accepted images have Dice > threshold with precision >= 1 - alpha. Or ``rule="fdr"``
