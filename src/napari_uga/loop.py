@@ -227,8 +227,10 @@ def simulate(
     """Run the oracle loop: annotate in batches of ``config.batch`` until each budget, evaluate.
 
     The model is fine-tuned (continuing from the previous round) on all annotations so far.
+    ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
     """
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     oracle = Oracle(pool)
     current = model
     annotations: list[Annotation] = []

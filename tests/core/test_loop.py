@@ -50,6 +50,9 @@ def test_oracle_loop_on_a_tiny_budget(tiny_model, umcu_pairs):
     assert len(set(picked)) == 3  # never the same patch twice
     assert traj.dice_global[0] == evaluate(tiny_model, test, 0.5)["dice_global"]
     assert all(0 <= d <= 1 for d in traj.dice_global)
+    torch.rand(3)  # whatever ran before, a seed repeats its run
+    again = simulate(tiny_model, pool, test, [0, 2], "uncertainty", 0, 0.5, config)
+    assert again.picks[0] == traj.picks[0] and again.dice_global == traj.dice_global[:2]
 
 
 def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):
