@@ -55,20 +55,26 @@ class LoopConfig:
     lr: float = 5e-4
     batch_size: int = 8
     crop: int = 96
-    replay_share: float = 0.5
+    replay_share: float = 0.35
     batch: int = 5
     freeze_norm: bool = True
-    anchor: float = 1.0  # L2-SP weight (0.3: UMCU left->right 0.956 at 5 patches, 1.0: 0.968; 10 seeds)
+    anchor: float = 1.0  # L2-SP weight towards the session's starting model
+    self_share: float = 0.35  # share of each batch from unlabelled target patches labelled by the starting model
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.replay_share and 0 <= self.self_share and self.replay_share + self.self_share < 1):
+            raise ValueError("replay and self-label shares must be >= 0 and leave room for the annotations (sum < 1)")
 
 
 # What differs from the training data decides how hard fine-tuning may pull (benchmarks/loop.py):
 SHIFTS: dict[str, dict] = {
-    # new centre or scanner, same tissue: the model is mostly right; frozen batch norm, a large
-    # replay share and an L2 pull towards the session's starting model keep a few patches from swinging it
+    # new centre or scanner, same tissue: the model is mostly right; frozen batch norm, replay of the
+    # training tiles, the starting model's own labels on unlabelled patches of the new images, and an
+    # L2 pull towards the starting model keep a few patches from swinging it
     "centre": {},
-    # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay
-    # contradicts its labels, and more steps are needed to learn it
-    "organ": {"steps": 200, "replay_share": 0.0, "freeze_norm": False, "anchor": 0.0},
+    # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay and the
+    # starting model's labels contradict its truth, and more steps are needed to learn it
+    "organ": {"steps": 200, "replay_share": 0.0, "self_share": 0.0, "freeze_norm": False, "anchor": 0.0},
 }
 
 
@@ -105,6 +111,21 @@ def replay_pairs(folder: Path | None = None) -> list[Pair]:
     return load_pairs(folder / "images", folder / "masks")
 
 
+def self_labels(origin: UNet, crops: Sequence[tuple[Box, np.ndarray]], factor: float) -> list[Annotation]:
+    """Unlabelled patches of the new images, labelled by the session's starting model (its deterministic mask).
+
+    Replayed while fine-tuning, they keep what the model already gets right on the new images
+    where the corrections say nothing (self-distillation, cf. learning without forgetting, Li &
+    Hoiem 2016); for a new centre, not for a new organ, where the starting model is mostly wrong.
+    """
+    from .uncertainty import predict_probability
+
+    return [
+        Annotation(box, image, (predict_probability(origin, image, factor=factor) >= 0.5).astype(np.uint8))
+        for box, image in crops
+    ]
+
+
 def finetune(
     model: UNet,
     annotations: Sequence[Annotation],
@@ -115,11 +136,15 @@ def finetune(
     cancel: CancelToken | None = None,
     replay_factor: float | None = None,
     origin: UNet | None = None,
+    self_labelled: Sequence[Annotation] = (),
 ) -> Iterator[ProgressEvent]:
-    """Fine-tune a copy of ``model`` on annotated patches plus a replay share; yields progress.
+    """Fine-tune a copy of ``model`` on annotated patches plus replay shares; yields progress.
 
     ``origin`` is the model the session started from: the anchor (``config.anchor``) pulls
     towards it, so drift cannot add up over rounds (default: ``model`` itself).
+    ``self_labelled``: unlabelled patches of the new images labelled by ``origin``
+    (:func:`self_labels`), drawn for ``config.self_share`` of each batch; those overlapping an
+    annotation are left out, so a correction is never contradicted.
 
     Returns a :class:`FinetuneResult` (the generator's value), or ``None`` when cancelled,
     so a cancelled run never leaves half-trained weights behind.
@@ -129,13 +154,17 @@ def finetune(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     tuned = copy.deepcopy(model)
-    scaled = [to_working_scale(a.image, a.mask, factor) for a in annotations]
-    sampler = PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=config.crop)
-    if replay and config.replay_share > 0:
-        rf = working_factor(model) if replay_factor is None else replay_factor
-        replay_scaled = [to_working_scale(p.image, p.mask, rf) for p in replay]
-        replay_sampler = PatchSampler([s[0] for s in replay_scaled], [s[1] for s in replay_scaled], crop=config.crop)
-        sampler = MixedSampler([sampler, replay_sampler], [1 - config.replay_share, config.replay_share])
+    unlabelled = [u for u in self_labelled if not any(u.box.overlaps(a.box) for a in annotations)]
+    rf = working_factor(model) if replay_factor is None else replay_factor
+    sources = [(annotations, factor, 1.0), (replay, rf, config.replay_share), (unlabelled, factor, config.self_share)]
+    samplers, shares = [], []
+    for patches, scale, share in sources:
+        if patches and share > 0:
+            scaled = [to_working_scale(p.image, p.mask, scale) for p in patches]
+            samplers.append(PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=config.crop))
+            shares.append(share)
+    shares[0] = 1 - sum(shares[1:])  # the annotations get the rest
+    sampler = samplers[0] if len(samplers) == 1 else MixedSampler(samplers, shares)
     steps = train_steps(
         tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune",
         freeze_norm=config.freeze_norm, anchor=config.anchor,
@@ -232,6 +261,8 @@ def simulate(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     oracle = Oracle(pool)
+    whole = [(Box(p.name, 0, 0, *p.image.shape[:2]), p.image) for p in pool]
+    self_labelled = self_labels(model, whole, factor) if config.self_share > 0 else []
     current = model
     annotations: list[Annotation] = []
     result = Trajectory()
@@ -245,7 +276,7 @@ def simulate(
             result.picks.append([p.as_dict() for p in picks])
             run = finetune(
                 current, annotations, replay, factor, config, seed + len(annotations), replay_factor=replay_factor,
-                origin=model,
+                origin=model, self_labelled=self_labelled,
             )
             current = _drain(run, on_event).model
         result.budgets.append(budget)

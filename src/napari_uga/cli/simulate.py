@@ -31,8 +31,8 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     d = LoopConfig()
     p.add_argument(
         "--shift", choices=tuple(SHIFTS), default="centre",
-        help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay and an "
-        "L2 pull towards the starting model) or "
+        help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay, the "
+        "starting model's own labels on unlabelled patches and an L2 pull towards it) or "
         "organ (tissue; batch norm adapts, 200 steps, no replay); explicit options below override it",
     )
     p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
@@ -47,6 +47,11 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help=f"fine-tune learning rate (default {d.lr})")
     p.add_argument(
         "--replay-share", type=float, default=None, help=f"share of each batch from the replay tiles (centre: {d.replay_share})"
+    )
+    p.add_argument(
+        "--self-share", type=float, default=None,
+        help="share of each batch from unlabelled pool patches labelled by the starting model "
+        f"(centre: {d.self_share}, organ: 0)",
     )
     p.add_argument(
         "--anchor", type=float, default=None,
@@ -64,17 +69,22 @@ def loop_config(args: argparse.Namespace, patch: int):
     from ..io import InputError
     from ..loop import config_for
 
-    explicit = {"steps": args.steps, "lr": args.lr, "replay_share": args.replay_share, "anchor": args.anchor}
+    explicit = {
+        "steps": args.steps, "lr": args.lr, "replay_share": args.replay_share, "self_share": args.self_share,
+        "anchor": args.anchor,
+    }
     if args.norm is not None:
         explicit["freeze_norm"] = args.norm == "frozen"
-    config = config_for(
-        args.shift, patch=patch, samples=args.samples, tta=args.tta, measure=args.measure, aggregate=args.aggregate,
-        diversity=args.diversity, batch=args.batch, **{k: v for k, v in explicit.items() if v is not None},
-    )
+    try:
+        config = config_for(
+            args.shift, patch=patch, samples=args.samples, tta=args.tta, measure=args.measure,
+            aggregate=args.aggregate, diversity=args.diversity, batch=args.batch,
+            **{k: v for k, v in explicit.items() if v is not None},
+        )
+    except ValueError as exc:
+        raise InputError(f"--replay-share / --self-share: {exc}") from None
     if config.steps < 1 or config.batch < 1 or config.samples < 1 or patch < 16:
         raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
-    if not 0 <= config.replay_share < 1:
-        raise InputError("--replay-share must be in [0, 1)")
     if not config.lr > 0 or config.anchor < 0:
         raise InputError("--lr must be positive and --anchor not negative")
     return config
