@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_uga.loop import LoopConfig, Oracle, config_for, finetune, replay_pairs, simulate
+from napari_uga.loop import LoopConfig, Oracle, config_for, finetune, replay_pairs, self_labels, simulate
 from napari_uga.selection import Box
 from napari_uga.training import CancelToken, evaluate
+from napari_uga.uncertainty import predict_probability
 
 
 def test_finetune_trains_a_copy_and_reports_progress(tiny_model, umcu_pairs):
@@ -100,3 +101,24 @@ def test_anchor_keeps_the_fine_tuned_weights_near_the_start(tiny_model, umcu_pai
         return sum(float(((p - q) ** 2).sum()) for p, q in zip(a.parameters(), b.parameters()))
 
     assert distance(tuned, tiny_model) < distance(moved, tiny_model)  # pulled back to the session's start
+
+
+def test_self_labels_are_the_starting_models_masks_and_never_contradict_a_correction(tiny_model, umcu_pairs):
+    whole = [(Box(p.name, 0, 0, *p.image.shape[:2]), p.image) for p in umcu_pairs[:3]]
+    labelled = self_labels(tiny_model, whole, 0.5)
+    expected = predict_probability(tiny_model, umcu_pairs[1].image, factor=0.5) >= 0.5
+    np.testing.assert_array_equal(labelled[1].mask, expected)
+
+    correction = Oracle(umcu_pairs).annotate(Box(umcu_pairs[0].name, 64, 64, 128, 128))
+    config = LoopConfig(steps=2, batch_size=4, replay_share=0.0, self_share=0.5)
+
+    def weights(self_labelled):
+        return _last(finetune(tiny_model, [correction], [], 0.5, config, seed=3, self_labelled=self_labelled)).model.state_dict()
+
+    alone = weights([])
+    overlapping = weights(labelled[:1])  # the corrected image itself: left out
+    elsewhere = weights(labelled[1:])
+    assert all(torch.equal(alone[k], overlapping[k]) for k in alone)
+    assert any(not torch.equal(alone[k], elsewhere[k]) for k in alone)
+    with pytest.raises(ValueError, match="sum < 1"):
+        LoopConfig(replay_share=0.5, self_share=0.5)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import Qt
 
-from napari_uga._widgets.annotate import ANNOTATION, PREDICTION, PROBABILITY, PROPOSALS, UNCERTAINTY, AnnotateWidget
+from napari_uga._widgets.annotate import (
+    ANNOTATION,
+    PREDICTION,
+    PROBABILITY,
+    PROPOSALS,
+    SELF_LABEL_PATCHES,
+    UNCERTAINTY,
+    AnnotateWidget,
+)
 
 WAIT_MS = 120_000
 
@@ -24,6 +32,8 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert viewer.layers[UNCERTAINTY].colormap.name == "uga inferno"
     assert len(viewer.layers[PROPOSALS].data) == 3
     assert dock.counter.text() == "patch 1 / 3 · 1 to submit"
+    unlabelled = dock._unlabelled_boxes()  # what the starting model labels for the self-label share
+    assert 0 < len(unlabelled) <= SELF_LABEL_PATCHES and len(set(unlabelled)) == len(unlabelled)
 
     first = dock.proposals[0]
     annotation = viewer.layers[ANNOTATION]
@@ -153,7 +163,8 @@ def test_worker_error_is_a_notification_and_the_session_stays_usable(qtbot, wait
 def test_domain_shift_preset_sets_the_fine_tuning(dock):
     assert dock.config.freeze_norm and dock.config.replay_share > 0  # new centre: gentle, with replay
     dock.shift_combo.setCurrentIndex(1)  # new organ / tissue
-    assert not dock.config.freeze_norm and dock.config.replay_share == 0
+    assert not dock.config.freeze_norm and dock.config.replay_share == 0 and dock.config.self_share == 0
+    assert dock._unlabelled_boxes() == []
     assert dock.steps_spin.value() == dock.config.steps == 200
     dock.shift_combo.setCurrentIndex(0)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40

@@ -8,7 +8,7 @@ napari delivers on the main thread. The dock turns ``errored`` into a notificati
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -16,9 +16,9 @@ import numpy as np
 from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 
 from ..io import Pair, tissue_mask
-from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs
+from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs, self_labels
 from ..models import UNet
-from ..selection import Candidate, score_candidates
+from ..selection import Box, Candidate, score_candidates
 from ..training import CancelToken, ProgressEvent, resize_image
 from ..uncertainty import UncertaintyMaps, compute_uncertainty
 
@@ -69,6 +69,16 @@ def compute_maps(model: UNet, name: str, image, samples: int, factor: float, con
     return MapsResult(maps, candidates)
 
 
+def _self_labelled(
+    origin: UNet, boxes: Sequence[Box], read_image: Callable[[str], np.ndarray] | None, factor: float, config: LoopConfig
+) -> list[Annotation]:
+    """The starting model's labels on unlabelled patches of the session's images (none if the preset uses none)."""
+    if config.self_share <= 0 or not boxes or read_image is None:
+        return []
+    images = {name: read_image(name) for name in {b.image for b in boxes}}
+    return self_labels(origin, [(b, b.crop(images[b.image])) for b in boxes], factor)
+
+
 def finetune_events(
     model: UNet,
     annotations: Sequence[Annotation],
@@ -78,10 +88,13 @@ def finetune_events(
     cancel: CancelToken,
     threads: int | None = None,
     origin: UNet | None = None,
+    unlabelled: Sequence[Box] = (),
+    read_image: Callable[[str], np.ndarray] | None = None,
 ) -> Iterator[ProgressEvent]:
     """Drive :func:`napari_uga.loop.finetune` with the shipped replay tiles; returns its result.
 
-    ``origin``: the session's starting model, which the fine-tuning anchor pulls towards.
+    ``origin``: the session's starting model, which the fine-tuning anchor pulls towards and
+    which labels the ``unlabelled`` patches (read with ``read_image``) for the self-label share.
 
     ``threads`` caps torch's CPU threads for the run (fewer threads leave a core to the UI);
     the process-wide setting is restored afterwards.
@@ -92,8 +105,9 @@ def finetune_events(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        self_labelled = _self_labelled(origin or model, unlabelled, read_image, factor, config)
         result: FinetuneResult | None = yield from finetune(
-            model, annotations, _replay(), factor, config, seed, cancel, origin=origin
+            model, annotations, _replay(), factor, config, seed, cancel, origin=origin, self_labelled=self_labelled
         )
     except RuntimeError as exc:
         raise WorkerError(f"fine-tuning failed: {exc}") from exc
@@ -123,9 +137,14 @@ def finetune_worker(
     cancel: CancelToken,
     threads: int | None = None,
     origin: UNet | None = None,
+    unlabelled: Sequence[Box] = (),
+    read_image: Callable[[str], np.ndarray] | None = None,
 ) -> GeneratorWorker:
     """An unstarted worker yielding progress events and returning a ``FinetuneResult`` (or ``None``)."""
-    return _unstarted(finetune_events, model, list(annotations), factor, config, seed, cancel, threads, origin)
+    return _unstarted(
+        finetune_events, model, list(annotations), factor, config, seed, cancel, threads, origin, list(unlabelled),
+        read_image,
+    )
 
 
 def qc_steps(

@@ -63,6 +63,7 @@ SHIFT_LABELS = {"centre": "new centre / scanner (same tissue)", "organ": "new or
 ANNOTATION_COLOR = "#39ff14"
 NEXT_KEY, PREVIOUS_KEY = "n", "Shift-N"
 TRAIN_THREADS = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the UI (see benchmarks/ui_stall.py)
+SELF_LABEL_PATCHES = 24  # unlabelled tissue patches of the image that the starting model labels for fine-tuning
 
 
 def uncertainty_colormap() -> Colormap:
@@ -153,7 +154,8 @@ class AnnotateWidget(WorkerDock):
         self.shift_combo.addItems(list(SHIFT_LABELS.values()))
         self.shift_combo.setToolTip(
             "What differs from the model's training data. New centre: gentle fine-tuning with replay of the "
-            "training tiles. New organ: batch-norm statistics adapt, more steps, no replay."
+            "training tiles and of the starting model's own labels elsewhere in this image. "
+            "New organ: batch-norm statistics adapt, more steps, no replay."
         )
         self.shift_combo.currentIndexChanged.connect(self._shift_changed)
         self.steps_spin = _spin(1, 2000, self.config.steps, "Fine-tuning steps per round")
@@ -497,7 +499,8 @@ class AnnotateWidget(WorkerDock):
         annotations = self.session.load_annotations()
         seed = len(self.session.annotations)
         worker = finetune_worker(
-            self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS, self.origin
+            self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS, self.origin,
+            self._unlabelled_boxes(), self.session.read_image,
         )
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
@@ -505,6 +508,14 @@ class AnnotateWidget(WorkerDock):
         replay = " (+ replay)" if self.config.replay_share > 0 else ""
         self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches{replay}…")
         self._run(worker, f"Saved {len(pending)} patches to {self.session.folder}; fine-tuning in the background.")
+
+    def _unlabelled_boxes(self) -> list[Box]:
+        """Up to ``SELF_LABEL_PATCHES`` tissue patches spread over the current image (for the self-labels)."""
+        if self.result is None or self.config.self_share <= 0:
+            return []
+        boxes = [c.box for c in self.result.candidates]
+        spread = np.linspace(0, len(boxes) - 1, min(len(boxes), SELF_LABEL_PATCHES)).round().astype(int)
+        return [boxes[i] for i in np.unique(spread)]
 
     def _finetuned(self, result, pending: list[int]) -> None:
         if result is None:
