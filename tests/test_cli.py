@@ -159,5 +159,8 @@ def test_explicit_loop_options_override_the_shift_preset():
     mixed = loop_config(parser.parse_args(["--shift", "organ", "--steps", "7", "--replay-share", "0.3",
                                            "--norm", "frozen", "--anchor", "0.5"]), 128)  # fmt: skip
     assert (mixed.steps, mixed.replay_share, mixed.freeze_norm, mixed.anchor, mixed.patch) == (7, 0.3, True, 0.5, 128)
+    assert loop_config(parser.parse_args(["--shift", "organ", "--self-share", "0.2"]), 256).self_share == 0.2
     with pytest.raises(InputError, match="--anchor"):
         loop_config(parser.parse_args(["--anchor", "-1"]), 256)
+    with pytest.raises(InputError, match="--self-share"):
+        loop_config(parser.parse_args(["--replay-share", "0.6", "--self-share", "0.5"]), 256)
