@@ -111,6 +111,8 @@ def main() -> None:
     window = viewer.screenshot(canvas_only=False, flash=False)
     napari.utils.io.imsave(str(args.out / "dock.png"), window)
     print(f"wrote {args.out / 'overlay.png'} {overlay.shape[1::-1]} and {args.out / 'dock.png'} {window.shape[1::-1]}")
+    dice = [r.metrics.get("dice_truth") for r in dock.session.rounds]
+    print("Dice of the demo slide against its ground truth, by round:", [None if d is None else round(d, 3) for d in dice])
     viewer.close()
 
 
