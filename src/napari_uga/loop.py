@@ -111,6 +111,12 @@ def replay_pairs(folder: Path | None = None) -> list[Pair]:
     return load_pairs(folder / "images", folder / "masks")
 
 
+def _sampler(patches: Sequence[Pair | Annotation], factor: float, crop: int) -> PatchSampler:
+    """Random crops of image/mask patches, brought to working scale."""
+    scaled = [to_working_scale(p.image, p.mask, factor) for p in patches]
+    return PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=crop)
+
+
 def self_labels(origin: UNet, crops: Sequence[tuple[Box, np.ndarray]], factor: float) -> list[Annotation]:
     """Unlabelled patches of the new images, labelled by the session's starting model (its deterministic mask).
 
@@ -144,7 +150,8 @@ def finetune(
     towards it, so drift cannot add up over rounds (default: ``model`` itself).
     ``self_labelled``: unlabelled patches of the new images labelled by ``origin``
     (:func:`self_labels`), drawn for ``config.self_share`` of each batch; those overlapping an
-    annotation are left out, so a correction is never contradicted.
+    annotation are left out, so a correction is never contradicted. The corrections always get
+    ``1 - replay_share - self_share``; when replay or self-labels are missing, the other takes both shares.
 
     Returns a :class:`FinetuneResult` (the generator's value), or ``None`` when cancelled,
     so a cancelled run never leaves half-trained weights behind.
@@ -154,17 +161,19 @@ def finetune(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     tuned = copy.deepcopy(model)
-    unlabelled = [u for u in self_labelled if not any(u.box.overlaps(a.box) for a in annotations)]
+    kept_self_labels = [u for u in self_labelled if not any(u.box.overlaps(a.box) for a in annotations)]
     rf = working_factor(model) if replay_factor is None else replay_factor
-    sources = [(annotations, factor, 1.0), (replay, rf, config.replay_share), (unlabelled, factor, config.self_share)]
-    samplers, shares = [], []
-    for patches, scale, share in sources:
-        if patches and share > 0:
-            scaled = [to_working_scale(p.image, p.mask, scale) for p in patches]
-            samplers.append(PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=config.crop))
-            shares.append(share)
-    shares[0] = 1 - sum(shares[1:])  # the annotations get the rest
-    sampler = samplers[0] if len(samplers) == 1 else MixedSampler(samplers, shares)
+    memory = [(replay, rf, config.replay_share), (kept_self_labels, factor, config.self_share)]
+    memory = [(patches, scale, share) for patches, scale, share in memory if patches and share > 0]
+    sampler = _sampler(annotations, factor, config.crop)
+    if memory:
+        # the corrections keep their share; a missing memory source's share goes to the present one
+        memory_share = config.replay_share + config.self_share
+        total = sum(share for *_, share in memory)
+        sampler = MixedSampler(
+            [sampler, *(_sampler(patches, scale, config.crop) for patches, scale, _ in memory)],
+            [1 - memory_share, *(memory_share * share / total for *_, share in memory)],
+        )
     steps = train_steps(
         tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune",
         freeze_norm=config.freeze_norm, anchor=config.anchor,

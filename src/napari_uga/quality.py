@@ -43,6 +43,7 @@ QC_TTA = "flips"
 QC_FEATURES_VERSION = 4  # 2: feature_distance; 3-4: stain inside the prediction. Feature caches key on it
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
+FOREST_ESTIMATE = "tree_median"  # what ``regressor`` predicts; files without it came from the forest mean
 DEFAULT_METHOD = "regressor"  # best nAURC on both benchmark domains, best AUROC on UMCU (docs/qc.md)
 RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or false discovery rate <= alpha
 DEFAULT_RULE = "ltt"
@@ -422,7 +423,7 @@ def _fit(method: str, x: np.ndarray, y: np.ndarray, seed: int = 0):
 
 
 def _forest_median(forest, x: np.ndarray) -> np.ndarray:
-    """The median of the trees' predicted Dice, ties broken by their mean.
+    """The median of the trees' predicted Dice, nudged by their mean (0.1 %) so that ties keep an order.
 
     Per-image Dice is bimodal (a tumour-free tile scores 1 or 0), and the median is the
     estimate that minimises absolute error; the forest mean sits between the modes. On UMCU it
@@ -534,6 +535,7 @@ class QCModel:
             "oof": [float(v) for v in self.oof],
             "rows": [{k: float(v) for k, v in r.items()} for r in self.rows],
             "dice_true": [float(d) for d in self.dice_true],
+            "estimate": FOREST_ESTIMATE if self.method == "regressor" else None,
         }
 
     @classmethod
@@ -561,6 +563,8 @@ class QCModel:
             raise InputError(f"not a napari-uga QC model ({exc})") from None
         if model.rule == "fdr" and len(model.oof) != len(model.dice_true):
             raise InputError("not a napari-uga QC model (rule fdr needs one out-of-fold score per calibration image)")
+        if model.method == "regressor" and d.get("estimate") != FOREST_ESTIMATE:
+            return _rescored(model)
         return model
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -581,6 +585,19 @@ class QCModel:
         if not isinstance(data, dict):
             raise InputError(f"{path}: not a napari-uga QC model")
         return cls.from_dict(data)
+
+
+def _rescored(qc: QCModel) -> QCModel:
+    """An older forest file (cut and out-of-fold scores from the forest mean), rescored with its median.
+
+    Its calibration rows are kept; the patient groups of the original cross-fitting are not stored,
+    so the new out-of-fold scores come from plain 5-fold cross-fitting.
+    """
+    y = np.asarray(qc.dice_true, float)
+    oof = cross_fit(qc.method, _matrix(qc.rows, qc.features), y)
+    cut = conformal_cut(oof, y, qc.threshold, qc.alpha, qc.delta)
+    info = {**qc.info, "rescored": "cut and out-of-fold scores recomputed for the median forest (older file)"}
+    return replace(qc, oof=oof.tolist(), cut=cut, info=info)
 
 
 def _checked_rule(rule: str) -> str:

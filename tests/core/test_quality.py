@@ -180,6 +180,17 @@ def test_regressor_predicts_the_median_of_a_bimodal_dice(rng):
     assert np.abs(pred - truth).mean() < np.abs(mean - truth).mean() - 0.01
 
 
+def test_older_forest_files_are_rescored_with_the_median(rng):
+    rows, truth = _synthetic_rows(rng, 30)
+    current = quality.fit_qc_model(rows, truth, method="regressor", rule="fdr")
+    assert quality.QCModel.from_dict(current.to_dict()).oof == current.oof
+    older = current.to_dict() | {"cut": 0.0, "oof": [0.5] * 30}  # scored with the forest mean
+    del older["estimate"]
+    loaded = quality.QCModel.from_dict(older)
+    assert loaded.oof != older["oof"] and "rescored" in loaded.info
+    assert loaded.cut == quality.conformal_cut(np.array(loaded.oof), np.array(truth), 0.8, 0.1, 0.1)
+
+
 def test_older_files_load_as_learn_then_test_and_fdr_needs_its_scores(rng):
     rows, truth = _synthetic_rows(rng, 30)
     old = quality.fit_qc_model(rows, truth, method="pairwise_dice").to_dict()

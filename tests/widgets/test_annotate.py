@@ -32,8 +32,8 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert viewer.layers[UNCERTAINTY].colormap.name == "uga inferno"
     assert len(viewer.layers[PROPOSALS].data) == 3
     assert dock.counter.text() == "patch 1 / 3 · 1 to submit"
-    unlabelled = dock._unlabelled_boxes()  # what the starting model labels for the self-label share
-    assert 0 < len(unlabelled) <= SELF_LABEL_PATCHES and len(set(unlabelled)) == len(unlabelled)
+    self_label_boxes = dock._self_label_boxes()  # what the starting model labels for the self-label share
+    assert 0 < len(self_label_boxes) <= SELF_LABEL_PATCHES and len(set(self_label_boxes)) == len(self_label_boxes)
 
     first = dock.proposals[0]
     annotation = viewer.layers[ANNOTATION]
@@ -164,7 +164,7 @@ def test_domain_shift_preset_sets_the_fine_tuning(dock):
     assert dock.config.freeze_norm and dock.config.replay_share > 0  # new centre: gentle, with replay
     dock.shift_combo.setCurrentIndex(1)  # new organ / tissue
     assert not dock.config.freeze_norm and dock.config.replay_share == 0 and dock.config.self_share == 0
-    assert dock._unlabelled_boxes() == []
+    assert dock._self_label_boxes() == []
     assert dock.steps_spin.value() == dock.config.steps == 200
     dock.shift_combo.setCurrentIndex(0)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40

@@ -69,7 +69,7 @@ def compute_maps(model: UNet, name: str, image, samples: int, factor: float, con
     return MapsResult(maps, candidates)
 
 
-def _self_labelled(
+def _make_self_labels(
     origin: UNet, boxes: Sequence[Box], read_image: Callable[[str], np.ndarray] | None, factor: float, config: LoopConfig
 ) -> list[Annotation]:
     """The starting model's labels on unlabelled patches of the session's images (none if the preset uses none)."""
@@ -88,13 +88,13 @@ def finetune_events(
     cancel: CancelToken,
     threads: int | None = None,
     origin: UNet | None = None,
-    unlabelled: Sequence[Box] = (),
+    self_label_boxes: Sequence[Box] = (),
     read_image: Callable[[str], np.ndarray] | None = None,
 ) -> Iterator[ProgressEvent]:
     """Drive :func:`napari_uga.loop.finetune` with the shipped replay tiles; returns its result.
 
     ``origin``: the session's starting model, which the fine-tuning anchor pulls towards and
-    which labels the ``unlabelled`` patches (read with ``read_image``) for the self-label share.
+    which labels the ``self_label_boxes`` patches (read with ``read_image``) for the self-label share.
 
     ``threads`` caps torch's CPU threads for the run (fewer threads leave a core to the UI);
     the process-wide setting is restored afterwards.
@@ -105,7 +105,7 @@ def finetune_events(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        self_labelled = _self_labelled(origin or model, unlabelled, read_image, factor, config)
+        self_labelled = _make_self_labels(origin or model, self_label_boxes, read_image, factor, config)
         result: FinetuneResult | None = yield from finetune(
             model, annotations, _replay(), factor, config, seed, cancel, origin=origin, self_labelled=self_labelled
         )
@@ -137,12 +137,12 @@ def finetune_worker(
     cancel: CancelToken,
     threads: int | None = None,
     origin: UNet | None = None,
-    unlabelled: Sequence[Box] = (),
+    self_label_boxes: Sequence[Box] = (),
     read_image: Callable[[str], np.ndarray] | None = None,
 ) -> GeneratorWorker:
     """An unstarted worker yielding progress events and returning a ``FinetuneResult`` (or ``None``)."""
     return _unstarted(
-        finetune_events, model, list(annotations), factor, config, seed, cancel, threads, origin, list(unlabelled),
+        finetune_events, model, list(annotations), factor, config, seed, cancel, threads, origin, list(self_label_boxes),
         read_image,
     )
 

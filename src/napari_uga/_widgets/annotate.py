@@ -500,16 +500,18 @@ class AnnotateWidget(WorkerDock):
         seed = len(self.session.annotations)
         worker = finetune_worker(
             self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS, self.origin,
-            self._unlabelled_boxes(), self.session.read_image,
+            self._self_label_boxes(), self.session.read_image,
         )
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
         worker.aborted.connect(lambda: self._finetuned(None, pending))
-        replay = " (+ replay)" if self.config.replay_share > 0 else ""
-        self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches{replay}…")
+        shares = {"replay": self.config.replay_share, "self-labels": self.config.self_share}
+        memory = [name for name, share in shares.items() if share > 0]
+        extra = f" (+ {', '.join(memory)})" if memory else ""
+        self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches{extra}…")
         self._run(worker, f"Saved {len(pending)} patches to {self.session.folder}; fine-tuning in the background.")
 
-    def _unlabelled_boxes(self) -> list[Box]:
+    def _self_label_boxes(self) -> list[Box]:
         """Up to ``SELF_LABEL_PATCHES`` tissue patches spread over the current image (for the self-labels)."""
         if self.result is None or self.config.self_share <= 0:
             return []

@@ -46,7 +46,8 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"fine-tune steps per labelled batch (centre: {d.steps})")
     p.add_argument("--lr", type=float, default=None, help=f"fine-tune learning rate (default {d.lr})")
     p.add_argument(
-        "--replay-share", type=float, default=None, help=f"share of each batch from the replay tiles (centre: {d.replay_share})"
+        "--replay-share", type=float, default=None,
+        help=f"share of each batch from the replay tiles (centre: {d.replay_share}; with --self-share below 1)",
     )
     p.add_argument(
         "--self-share", type=float, default=None,
@@ -82,7 +83,7 @@ def loop_config(args: argparse.Namespace, patch: int):
             **{k: v for k, v in explicit.items() if v is not None},
         )
     except ValueError as exc:
-        raise InputError(f"--replay-share / --self-share: {exc}") from None
+        raise InputError(f"--replay-share / --self-share ({args.shift} preset: {exc}); lower the other share") from None
     if config.steps < 1 or config.batch < 1 or config.samples < 1 or patch < 16:
         raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
     if not config.lr > 0 or config.anchor < 0:
