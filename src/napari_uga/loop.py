@@ -150,8 +150,8 @@ def finetune(
     towards it, so drift cannot add up over rounds (default: ``model`` itself).
     ``self_labelled``: unlabelled patches of the new images labelled by ``origin``
     (:func:`self_labels`), drawn for ``config.self_share`` of each batch; those overlapping an
-    annotation are left out, so a correction is never contradicted. The corrections always get
-    ``1 - replay_share - self_share``; when replay or self-labels are missing, the other takes both shares.
+    annotation are left out, so a correction is never contradicted. Replay and self-labels keep
+    their shares when present; the corrections get the rest.
 
     Returns a :class:`FinetuneResult` (the generator's value), or ``None`` when cancelled,
     so a cancelled run never leaves half-trained weights behind.
@@ -167,12 +167,11 @@ def finetune(
     memory = [(patches, scale, share) for patches, scale, share in memory if patches and share > 0]
     sampler = _sampler(annotations, factor, config.crop)
     if memory:
-        # the corrections keep their share; a missing memory source's share goes to the present one
-        memory_share = config.replay_share + config.self_share
-        total = sum(share for *_, share in memory)
+        # each memory source keeps its share and the corrections get the rest: when every pool patch is
+        # annotated (no self-label left), giving the replay both shares did worse (docs/benchmarks.md)
         sampler = MixedSampler(
             [sampler, *(_sampler(patches, scale, config.crop) for patches, scale, _ in memory)],
-            [1 - memory_share, *(memory_share * share / total for *_, share in memory)],
+            [1 - sum(share for *_, share in memory), *(share for *_, share in memory)],
         )
     steps = train_steps(
         tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune",
