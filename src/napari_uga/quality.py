@@ -593,11 +593,11 @@ def _rescored(qc: QCModel) -> QCModel:
     Its calibration rows are kept; the patient groups of the original cross-fitting are not stored,
     so the new out-of-fold scores come from plain 5-fold cross-fitting.
     """
-    y = np.asarray(qc.dice_true, float)
-    oof = cross_fit(qc.method, _matrix(qc.rows, qc.features), y)
-    cut = conformal_cut(oof, y, qc.threshold, qc.alpha, qc.delta)
     info = {**qc.info, "rescored": "cut and out-of-fold scores recomputed for the median forest (older file)"}
-    return replace(qc, oof=oof.tolist(), cut=cut, info=info)
+    return fit_qc_model(
+        qc.rows, qc.dice_true, qc.alpha, qc.delta, qc.threshold, qc.method, samples=qc.samples, tta=qc.tta, info=info,
+        rule=qc.rule,
+    )
 
 
 def _checked_rule(rule: str) -> str:
