@@ -15,8 +15,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import hashlib
 import json
 import re
@@ -110,8 +110,8 @@ def groups_for(dataset: str, names: list[str]) -> list[str]:
     return [f"{slide[i]}:{root(i)}" for i in range(len(names))]
 
 
-def split(groups: list[str], tumour: np.ndarray, seed: int) -> np.ndarray:
-    """Boolean calibration mask: half of the groups with tumour and half of those without."""
+def split(groups: list[str], tumour: np.ndarray, seed: int, share: float = 0.5) -> np.ndarray:
+    """Boolean calibration mask: ``share`` of the groups with tumour and of those without (rounded up)."""
     rng = np.random.default_rng(seed)
     groups = np.asarray(groups)
     unique = np.unique(groups)
@@ -119,12 +119,12 @@ def split(groups: list[str], tumour: np.ndarray, seed: int) -> np.ndarray:
     cal = set()
     for flag in (True, False):
         members = rng.permutation([g for g in unique if has[g] == flag])
-        cal.update(members[: (len(members) + 1) // 2])
+        cal.update(members[: int(np.ceil(share * len(members)))])
     return np.array([g in cal for g in groups])
 
 
 def evaluate(
-    data: dict, dataset: str, splits: int, alpha: float, delta: float, threshold: float
+    data: dict, dataset: str, splits: int, alpha: float, delta: float, threshold: float, share: float = 0.5
 ) -> tuple[dict, dict, dict]:
     """Metrics per method and split, the seed-0 test predictions (plot), and what ``auto`` picked."""
     names = sorted(data)
@@ -137,7 +137,7 @@ def evaluate(
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     selected: dict[str, int] = {}
     for seed in range(splits):
-        cal = split(groups, tumour, seed)
+        cal = split(groups, tumour, seed, share)
         cal_rows = [r for r, c in zip(rows, cal, strict=True) if c]
         test_rows = [r for r, c in zip(rows, cal, strict=True) if not c]
         cal_groups = [g for g, c in zip(groups, cal, strict=True) if c]
@@ -252,9 +252,21 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true", help="use only images whose features are cached")
     parser.add_argument("--weights", type=Path, default=None, help="network weights (default: the shipped model)")
     parser.add_argument("--write-shipped", action="store_true", help="fit and save the shipped calibration")
-    parser.add_argument("--ebhi-mpp", type=float, default=0.243,
-                        help="µm/px assumed for EBHI (0.243: the scale where the network does best, as in benchmarks/loop.py)")
+    parser.add_argument(
+        "--ebhi-mpp",
+        type=float,
+        default=0.243,
+        help="µm/px assumed for EBHI (0.243: the scale where the network does best, as in benchmarks/loop.py)",
+    )
+    parser.add_argument(
+        "--calibration-share",
+        type=float,
+        default=0.5,
+        help="share of the groups (patients / overlapping tiles) in the calibration half of each split",
+    )
     args = parser.parse_args()
+    if not 0 < args.calibration_share < 1:
+        parser.error("--calibration-share must be in (0, 1)")
     if args.weights is not None:
         WEIGHTS.append(args.weights)
     DATASETS["ebhi"] = ("ebhi_seg", args.ebhi_mpp)
@@ -269,21 +281,25 @@ def main() -> None:
         data = features(dataset, args.samples, compute=not args.cached_only)
         if args.features_only:
             continue
-        results, curves[dataset], picked = evaluate(data, dataset, args.splits, args.alpha, args.delta, args.threshold)
+        results, curves[dataset], picked = evaluate(
+            data, dataset, args.splits, args.alpha, args.delta, args.threshold, args.calibration_share
+        )
         everything[dataset] = {**summarise(results), "auto_selected": picked}
         report.append(table(everything[dataset], dataset, len(data), args.splits))
         report.append(f"`auto` selected (splits): {picked}")
     if args.features_only:
         return
     header = (f"QC benchmark: alpha={args.alpha}, delta={args.delta}, threshold={args.threshold}, "
-              f"{args.samples} MC samples x {quality.QC_TTA} TTA, weights {weights_path().name}, EBHI at {args.ebhi_mpp} µm/px")  # fmt: skip
+              f"{args.samples} MC samples x {quality.QC_TTA} TTA, weights {weights_path().name}, EBHI at {args.ebhi_mpp} µm/px, "
+              f"calibration share {args.calibration_share:g}")  # fmt: skip
     text = header + "\n\n" + "\n\n".join(report) + "\n"
     print(text)
-    (RESULTS / "qc.md").write_text(text)
+    stem = "qc" if args.calibration_share == 0.5 else f"qc_cal{round(100 * args.calibration_share)}"
+    (RESULTS / f"{stem}.md").write_text(text)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    atomic_write_json(RESULTS / "qc.json", {"settings": settings, "summary": everything})
-    plot(curves, RESULTS / "qc_risk_coverage.png")
-    print(f"wrote {RESULTS / 'qc.md'}, qc.json, qc_risk_coverage.png")
+    atomic_write_json(RESULTS / f"{stem}.json", {"settings": settings, "summary": everything})
+    plot(curves, RESULTS / f"{stem}_risk_coverage.png")
+    print(f"wrote {RESULTS / stem}.md, .json, _risk_coverage.png")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import Pair, load_pairs, tissue_mask
+from .io import InputError, Pair, load_pairs, tissue_mask
 from .models import UNet, working_factor
 from .selection import Box, Candidate, Proposal, grid_boxes, score_candidates, select
 from .training import (
@@ -85,6 +85,33 @@ def config_for(shift: str = "centre", **overrides) -> LoopConfig:
     return LoopConfig(**{**SHIFTS[shift], **overrides})
 
 
+def config_from_record(record: dict) -> LoopConfig:
+    """The loop settings saved in a session record: its preset, then every known field it holds.
+
+    Unknown keys are ignored (newer or older records); a value of the wrong type or out of range
+    raises :class:`InputError`.
+    """
+    shift = record.get("shift", "centre")
+    if shift not in SHIFTS:
+        raise InputError(f"saved loop settings: unknown shift {shift!r}")
+    defaults = LoopConfig()
+    overrides = {}
+    for name, value in record.items():
+        if not hasattr(defaults, name):
+            continue
+        expected = type(getattr(defaults, name))
+        valid = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, valid = float(value), True
+        if not valid:
+            raise InputError(f"saved loop settings: {name} = {value!r} is not a {expected.__name__}")
+        overrides[name] = value
+    try:
+        return config_for(shift, **overrides)
+    except ValueError as exc:
+        raise InputError(f"saved loop settings: {exc}") from None
+
+
 @dataclass
 class FinetuneResult:
     """The fine-tuned copy of the model and its per-step losses."""
@@ -137,7 +164,7 @@ def finetune(
     annotations: Sequence[Annotation],
     replay: Sequence[Pair],
     factor: float,
-    config: LoopConfig = LoopConfig(),
+    config: LoopConfig | None = None,
     seed: int = 0,
     cancel: CancelToken | None = None,
     replay_factor: float | None = None,
@@ -156,6 +183,7 @@ def finetune(
     Returns a :class:`FinetuneResult` (the generator's value), or ``None`` when cancelled,
     so a cancelled run never leaves half-trained weights behind.
     """
+    config = LoopConfig() if config is None else config
     if not annotations:
         raise ValueError("finetune needs at least one annotation")
     rng = np.random.default_rng(seed)
@@ -174,8 +202,16 @@ def finetune(
             [1 - sum(share for *_, share in memory), *(share for *_, share in memory)],
         )
     steps = train_steps(
-        tuned, sampler, config.steps, rng, config.lr, config.batch_size, cancel, stage="finetune",
-        freeze_norm=config.freeze_norm, anchor=config.anchor,
+        tuned,
+        sampler,
+        config.steps,
+        rng,
+        config.lr,
+        config.batch_size,
+        cancel,
+        stage="finetune",
+        freeze_norm=config.freeze_norm,
+        anchor=config.anchor,
         anchor_to=None if origin is None else list(origin.parameters()),
     )
     losses = yield from steps
@@ -225,12 +261,13 @@ def propose(
     pool: Sequence[Pair],
     k: int,
     factor: float,
-    config: LoopConfig = LoopConfig(),
+    config: LoopConfig | None = None,
     exclude: Sequence[Box] = (),
     strategy: str = "uncertainty",
     rng: np.random.Generator | None = None,
 ) -> list[Proposal]:
     """The ``k`` patches to annotate next."""
+    config = LoopConfig() if config is None else config
     if strategy == "random":
         candidates = random_candidates(pool, config)
     else:
@@ -256,7 +293,7 @@ def simulate(
     strategy: str = "uncertainty",
     seed: int = 0,
     factor: float = 0.5,
-    config: LoopConfig = LoopConfig(),
+    config: LoopConfig | None = None,
     replay: Sequence[Pair] = (),
     replay_factor: float | None = None,
     on_event: Callable[[ProgressEvent], None] | None = None,
@@ -267,6 +304,7 @@ def simulate(
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
     """
     rng = np.random.default_rng(seed)
+    config = LoopConfig() if config is None else config
     torch.manual_seed(seed)
     oracle = Oracle(pool)
     whole = [(Box(p.name, 0, 0, *p.image.shape[:2]), p.image) for p in pool]
@@ -283,14 +321,23 @@ def simulate(
             annotations += [oracle.annotate(p) for p in picks]
             result.picks.append([p.as_dict() for p in picks])
             run = finetune(
-                current, annotations, replay, factor, config, seed + len(annotations), replay_factor=replay_factor,
-                origin=model, self_labelled=self_labelled,
+                current,
+                annotations,
+                replay,
+                factor,
+                config,
+                seed + len(annotations),
+                replay_factor=replay_factor,
+                origin=model,
+                self_labelled=self_labelled,
             )
             current = _drain(run, on_event).model
         result.budgets.append(budget)
         result.dice_global.append(evaluate(current, test, factor)["dice_global"])
         if on_event is not None:
-            on_event(progress_event("evaluate", budget, max(budgets), f"budget {budget}: Dice {result.dice_global[-1]:.3f}"))
+            on_event(
+                progress_event("evaluate", budget, max(budgets), f"budget {budget}: Dice {result.dice_global[-1]:.3f}")
+            )
     result.model = current
     return result
 
@@ -303,4 +350,3 @@ def _drain(events: Iterator[ProgressEvent], on_event: Callable[[ProgressEvent], 
             return stop.value
         if on_event is not None:
             on_event(event)
-

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ def fingerprint(path: str | os.PathLike) -> str:
 
 @dataclass
 class Round:
-    """One fine-tuning round: which annotations went in, its checkpoint and metrics."""
+    """One fine-tuning round: which annotations went in, its checkpoint, metrics and loop settings."""
 
     index: int
     checkpoint: str
@@ -49,6 +49,7 @@ class Round:
     loss: float | None = None
     metrics: dict = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    settings: dict = field(default_factory=dict)  # the loop settings it was trained with
 
 
 @dataclass
@@ -66,7 +67,9 @@ class Session:
 
     # -- creation and persistence -------------------------------------------------
     @classmethod
-    def create(cls, folder: str | os.PathLike, model_path: str | os.PathLike | None = None, config: dict | None = None) -> Session:
+    def create(
+        cls, folder: str | os.PathLike, model_path: str | os.PathLike | None = None, config: dict | None = None
+    ) -> Session:
         """Start a new session in an empty (or new) folder; round 0 is a copy of the given model."""
         from .models import load_model, save_model
 
@@ -96,16 +99,20 @@ class Session:
             raise InputError(f"{record}: not valid JSON ({exc.msg})") from None
         if data.get("schema_version") != SCHEMA_VERSION:
             raise InputError(f"{record}: schema version {data.get('schema_version')} is not {SCHEMA_VERSION}")
-        session = cls(
-            folder=folder,
-            images=data["images"],
-            config=data["config"],
-            annotations=data["annotations"],
-            rounds=[Round(**r) for r in data["rounds"]],
-            current_round=data["current_round"],
-            queue=data["queue"],
-            queue_position=data["queue_position"],
-        )
+        known = {f.name for f in fields(Round)}
+        try:
+            session = cls(
+                folder=folder,
+                images=data["images"],
+                config=data["config"],
+                annotations=data["annotations"],
+                rounds=[Round(**{k: v for k, v in r.items() if k in known}) for r in data["rounds"]],
+                current_round=data["current_round"],
+                queue=data["queue"],
+                queue_position=data["queue_position"],
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{record}: incomplete session record ({type(exc).__name__}: {exc})") from None
         for name, info in session.images.items():
             path = session.image_path(name)
             if not path.is_file() or fingerprint(path) != info["fingerprint"]:
@@ -127,7 +134,13 @@ class Session:
         atomic_write_json(self.folder / "session.json", payload)
 
     # -- images ----------------------------------------------------------------------
-    def add_image(self, name: str, path: str | os.PathLike | None = None, array: np.ndarray | None = None, mpp: float | None = None) -> Path:
+    def add_image(
+        self,
+        name: str,
+        path: str | os.PathLike | None = None,
+        array: np.ndarray | None = None,
+        mpp: float | None = None,
+    ) -> Path:
         """Register an image by file path, or save an in-memory array into the session."""
         if path is None:
             if array is None:
@@ -193,8 +206,15 @@ class Session:
         index = self.current_round if index is None else index
         return load_model(self.folder / self.rounds[index].checkpoint, device)
 
-    def record_round(self, model, annotation_ids: list[int], loss: float | None = None, metrics: dict | None = None) -> Round:
-        """Save a fine-tuned model as the next round and make it current.
+    def record_round(
+        self,
+        model,
+        annotation_ids: list[int],
+        loss: float | None = None,
+        metrics: dict | None = None,
+        settings: dict | None = None,
+    ) -> Round:
+        """Save a fine-tuned model as the next round and make it current (``settings``: how it was trained).
 
         Rounds after the current one (undone earlier) are dropped and their annotations
         become pending again.
@@ -204,7 +224,14 @@ class Session:
         self._drop_rounds_after(self.current_round)
         index = self.current_round + 1
         save_model(model, self.folder / self._checkpoint_name(index), {"round": index})
-        new = Round(index, self._checkpoint_name(index), list(annotation_ids), loss, dict(metrics or {}))
+        new = Round(
+            index,
+            self._checkpoint_name(index),
+            list(annotation_ids),
+            loss,
+            dict(metrics or {}),
+            settings=dict(settings or {}),
+        )
         self.rounds.append(new)
         for a in self.annotations:
             if a["id"] in annotation_ids:

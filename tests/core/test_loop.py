@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from napari_uga.loop import LoopConfig, Oracle, config_for, finetune, replay_pairs, self_labels, simulate
+from napari_uga.io import InputError
+from napari_uga.loop import (
+    LoopConfig,
+    Oracle,
+    config_for,
+    config_from_record,
+    finetune,
+    replay_pairs,
+    self_labels,
+    simulate,
+)
 from napari_uga.selection import Box
 from napari_uga.training import CancelToken, evaluate
 from napari_uga.uncertainty import predict_probability
@@ -34,7 +44,14 @@ def test_finetune_trains_a_copy_and_reports_progress(tiny_model, umcu_pairs):
 def test_cancel_returns_none_without_weights(tiny_model, umcu_pairs):
     oracle = Oracle(umcu_pairs)
     token = CancelToken()
-    run = finetune(tiny_model, [oracle.annotate(Box(umcu_pairs[0].name, 0, 0, 128, 128))], [], 0.5, LoopConfig(steps=50), cancel=token)
+    run = finetune(
+        tiny_model,
+        [oracle.annotate(Box(umcu_pairs[0].name, 0, 0, 128, 128))],
+        [],
+        0.5,
+        LoopConfig(steps=50),
+        cancel=token,
+    )
     next(run)
     token.set()
     events = list(run)
@@ -113,7 +130,9 @@ def test_self_labels_are_the_starting_models_masks_and_never_contradict_a_correc
     config = LoopConfig(steps=2, batch_size=4, replay_share=0.0, self_share=0.5)
 
     def weights(self_labelled):
-        return _last(finetune(tiny_model, [correction], [], 0.5, config, seed=3, self_labelled=self_labelled)).model.state_dict()
+        return _last(
+            finetune(tiny_model, [correction], [], 0.5, config, seed=3, self_labelled=self_labelled)
+        ).model.state_dict()
 
     alone = weights([])
     overlapping = weights(labelled[:1])  # the corrected image itself: left out
@@ -122,3 +141,13 @@ def test_self_labels_are_the_starting_models_masks_and_never_contradict_a_correc
     assert any(not torch.equal(alone[k], elsewhere[k]) for k in alone)
     with pytest.raises(ValueError, match="sum < 1"):
         LoopConfig(replay_share=0.5, self_share=0.5)
+
+
+def test_saved_loop_settings_come_back_whole_and_bad_ones_fail_in_one_line():
+    custom = config_for("organ", steps=50, lr=1e-3)
+    assert config_from_record({**vars(custom), "shift": "organ", "added_later": 1}) == custom
+    assert config_from_record({"shift": "organ", "lr": 1}).lr == 1.0  # an int where a float is expected
+    assert config_from_record({}) == LoopConfig()
+    for bad in ({"shift": "planet"}, {"steps": "many"}, {"freeze_norm": 1}, {"replay_share": 0.6, "self_share": 0.6}):
+        with pytest.raises(InputError, match="saved loop settings"):
+            config_from_record(bad)

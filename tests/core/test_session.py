@@ -22,10 +22,11 @@ def test_session_survives_reopen_and_rolls_back(tmp_path, tiny_model_path, tiny_
     assert reopened.load_annotations()[0].image.shape == (128, 128, 3)
     assert reopened.queue_proposals()[0].score == 0.5
 
-    reopened.record_round(tiny_model, ids, loss=0.3)
+    reopened.record_round(tiny_model, ids, loss=0.3, settings={"shift": "centre", "lr": 1e-4})
     assert (tmp_path / "s" / "checkpoints" / "round_001.safetensors").is_file()
     again = Session.open(tmp_path / "s")
     assert again.current_round == 1 and again.pending_ids() == []
+    assert again.rounds[1].settings == {"shift": "centre", "lr": 1e-4}
     again.load_model(1)
 
     again.rollback()
@@ -54,3 +55,18 @@ def test_annotation_shape_must_match_its_box(tmp_path, tiny_model_path):
     session = Session.create(tmp_path / "s", tiny_model_path)
     with pytest.raises(InputError, match="does not match"):
         session.add_annotations([Box("x", 0, 0, 64, 64)], [np.zeros((32, 32), np.uint8)])
+
+
+def test_incomplete_or_newer_record_opens_or_fails_in_one_line(tmp_path, tiny_model_path):
+    import json
+
+    Session.create(tmp_path / "s", tiny_model_path)
+    record = tmp_path / "s" / "session.json"
+    data = json.loads(record.read_text())
+    data["rounds"][0]["from_a_newer_version"] = 1  # unknown round keys are ignored
+    record.write_text(json.dumps(data))
+    assert Session.open(tmp_path / "s").rounds[0].index == 0
+    del data["queue"]
+    record.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="incomplete session record"):
+        Session.open(tmp_path / "s")

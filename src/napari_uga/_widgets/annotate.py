@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 
 from .._sample_data import TRUTH_NAME
 from ..io import InputError
-from ..loop import config_for
+from ..loop import config_for, config_from_record
 from ..metrics import dice
 from ..models import working_factor
 from ..selection import Box, Proposal, select
@@ -485,11 +485,14 @@ class AnnotateWidget(WorkerDock):
         self.steps_spin.setValue(self.config.steps)
 
     def _restore_loop(self, record: dict) -> None:
-        """Domain shift and steps of a reopened session."""
+        """All loop settings of a reopened session (the preset's where the record is unreadable)."""
         if record.get("shift") in SHIFT_LABELS:
             self.shift_combo.setCurrentIndex(list(SHIFT_LABELS).index(record["shift"]))
-        if isinstance(record.get("steps"), int):
-            self.steps_spin.setValue(record["steps"])
+        try:
+            self.config = config_from_record(record)
+        except InputError as exc:
+            show_error(f"{exc}; using the preset's settings")
+        self.steps_spin.setValue(self.config.steps)
 
     def _start_finetune(self) -> None:
         self.config.steps = self.steps_spin.value()
@@ -499,8 +502,16 @@ class AnnotateWidget(WorkerDock):
         annotations = self.session.load_annotations()
         seed = len(self.session.annotations)
         worker = finetune_worker(
-            self.model, annotations, self._factor(), self.config, seed, self.token, TRAIN_THREADS, self.origin,
-            self._self_label_boxes(), self.session.read_image,
+            self.model,
+            annotations,
+            self._factor(),
+            self.config,
+            seed,
+            self.token,
+            TRAIN_THREADS,
+            self.origin,
+            self._self_label_boxes(),
+            self.session.read_image,
         )
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
@@ -525,7 +536,7 @@ class AnnotateWidget(WorkerDock):
             self._set_status("Fine-tuning cancelled. Your annotations are saved and wait for the next round.")
             return
         loss = float(np.mean(result.losses[-5:])) if result.losses else None
-        self.session.record_round(result.model, pending, loss)
+        self.session.record_round(result.model, pending, loss, settings=self._loop_record())
         self.model = result.model
         self.training.end(f"Round {self.session.current_round} done · loss {loss:.3f}")
         self._fill_history()
