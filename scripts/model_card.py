@@ -74,7 +74,9 @@ it was not shipped. Neither was a retrain on all 57 RUMC tiles with the shipped 
 (fixed 1,500 steps, no validation): it also missed the UMCU tumour (UMCU dice_global 0.065). The
 shipped network's zero-shot Dice on the other centre is fragile across training runs; the
 annotation loop is what makes it reliable there. Fixing the stroma error needs cleaner masks or
-tumour-free stroma from more slides.
+tumour-free stroma from more slides: the shipped network already calls the RUMC stroma tile clean,
+and fine-tuning on it (200 steps) or colour-matching UMCU to RUMC leaves all five UMCU stroma tiles
+at Dice 0 (`benchmarks/stroma_ceiling.py`, docs/benchmarks.md).
 
 ## Intended use and limits
 Research and annotation support, not diagnosis. Trained on one centre and one scanner: expect
