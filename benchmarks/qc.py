@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -35,9 +36,9 @@ DATA = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else REPO
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "runs" / "qc_cache"
 DATASETS = {"umcu": ("camelyon16_umcu", None), "ebhi": ("ebhi_seg", 0.243), "rumc": ("camelyon16_rumc", None)}
-METHODS = [*quality.SCORE_METHODS, "linear", "regressor", "auto"]
-FDR_ROWS = ("auto", "linear", "regressor")  # also scored with conformal selection (expected precision)
-PLOTTED = ("pairwise_dice", "tta_dice", "soft_dice", "entropy", "linear", "regressor", "auto")
+METHODS = [*quality.SCORE_METHODS, "linear", "regressor", "presence", "auto"]
+FDR_ROWS = ("auto", "linear", "regressor", "presence")  # also scored with conformal selection (expected precision)
+PLOTTED = ("pairwise_dice", "tta_dice", "soft_dice", "entropy", "linear", "regressor", "presence", "auto")
 
 
 WEIGHTS: list[Path] = []  # set by --weights
@@ -141,14 +142,10 @@ def evaluate(
         cal_rows = [r for r, c in zip(rows, cal, strict=True) if c]
         test_rows = [r for r, c in zip(rows, cal, strict=True) if not c]
         cal_groups = [g for g, c in zip(groups, cal, strict=True) if c]
-        fitted = {
-            m: quality.fit_qc_model(cal_rows, truth[cal], alpha, delta, threshold, m, groups=cal_groups)
-            for m in METHODS
-        }
+        fit = functools.partial(quality.fit_qc_model, groups=cal_groups, tumour=tumour[cal])
+        fitted = {m: fit(cal_rows, truth[cal], alpha, delta, threshold, m) for m in METHODS}
         loose = min(0.5, 2 * alpha)
-        fitted[f"auto, alpha={loose:g}"] = quality.fit_qc_model(
-            cal_rows, truth[cal], loose, delta, threshold, "auto", groups=cal_groups
-        )
+        fitted[f"auto, alpha={loose:g}"] = fit(cal_rows, truth[cal], loose, delta, threshold, "auto")
         for m in FDR_ROWS:
             fitted[f"{m}, rule fdr"] = dataclasses.replace(fitted[m], rule="fdr")
         if shipped is not None:
@@ -233,8 +230,9 @@ def write_shipped(samples: int, alpha: float, delta: float, threshold: float, me
         "mpp": 0.243,
         "command": "python benchmarks/qc.py --write-shipped",
     }
+    tumour = [data[n]["tumour"] for n in names]
     qc = quality.fit_qc_model(rows, truth, alpha, delta, threshold, method, groups=groups_for("rumc", names),
-                              samples=samples, info=info)  # fmt: skip
+                              samples=samples, info=info, tumour=tumour)  # fmt: skip
     qc.save(quality.DEFAULT_QC_FILE)
     print(f"wrote {quality.DEFAULT_QC_FILE} (cut {qc.cut})")
 

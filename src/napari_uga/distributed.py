@@ -151,7 +151,8 @@ def calibrate_qc(
         truth.append(dice(prediction, pair.mask))
         if progress is not None:
             progress(i + 1, len(pairs))
-    return fit_qc_model(rows, truth, samples=samples, info={"calibration_images": [p.name for p in pairs]}).to_dict()
+    info = {"calibration_images": [p.name for p in pairs]}
+    return fit_qc_model(rows, truth, samples=samples, info=info, tumour=[bool(p.mask.any()) for p in pairs]).to_dict()
 
 
 def _qc_row(qc: dict | None, rows: Sequence[dict]) -> dict:

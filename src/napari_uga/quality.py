@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,11 +41,11 @@ from .uncertainty import UncertaintyMaps
 
 QC_SAMPLES = 8  # MC-dropout samples per TTA view
 QC_TTA = "flips"
-QC_FEATURES_VERSION = 4  # 2: feature_distance; 3-4: stain inside the prediction. Feature caches key on it
+QC_FEATURES_VERSION = 5  # 2: feature_distance; 3-4: stain inside the prediction; 5: texture. Caches key on it
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
 FOREST_ESTIMATE = "tree_median"  # what ``regressor`` predicts; files without it came from the forest mean
-DEFAULT_METHOD = "regressor"  # best nAURC on both benchmark domains, best AUROC on UMCU (docs/qc.md)
+DEFAULT_METHOD = "auto"  # forest or presence model, whichever ranks the calibration images best (docs/qc.md)
 RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or false discovery rate <= alpha
 DEFAULT_RULE = "ltt"
 DEFAULT_QC_FILE = Path(__file__).parent / "weights" / "qc_calibration.json"
@@ -61,10 +62,11 @@ SCORE_METHODS: dict[str, tuple[str, bool]] = {
     "area_cv": ("area_cv", False),
     "feature_distance": ("feature_distance", False),
 }
-METHODS = ("auto", *SCORE_METHODS, "regressor", "linear")
-# ``auto`` picks among these (simple first) by out-of-fold normalised AURC on the calibration images
-AUTO_CANDIDATES = ("pairwise_dice", "tta_dice", "mutual_information", "entropy", "linear", "regressor")
-AUTO_TOLERANCE = 0.0  # > 0 would prefer simpler candidates; 0.1 lowered UMCU AUROC from 0.79 to 0.70
+METHODS = ("auto", *SCORE_METHODS, "regressor", "linear", "presence")
+PRESENCE_METHODS = ("presence",)  # need the calibration images' tumour flags (from their masks)
+# ``auto`` picks among these by out-of-fold normalised AURC on the calibration images (``presence`` only
+# when tumour flags are known); six candidates, single scores included, picked noisily on 16 UMCU tiles
+AUTO_CANDIDATES = ("regressor", "presence")
 
 
 # ----------------------------------------------------------------------------- features
@@ -119,6 +121,35 @@ def _appearance(image: np.ndarray) -> dict[str, float]:
         "hematoxylin": float(hed[..., 0][region].mean()),
         "eosin": float(hed[..., 1][region].mean()),
     }
+
+
+LBP_RADII = (1, 3)  # px; 8 neighbours, rotation-invariant uniform patterns: 10 histogram bins each
+
+
+def _texture(image: np.ndarray) -> dict[str, float]:
+    """Local-binary-pattern histograms of the grey level and of the haematoxylin channel.
+
+    Texture tells carcinoma from normal mucosa, stroma or lymphocytes where the network's own
+    outputs cannot (an empty prediction scores Dice 1 or 0 depending only on whether tumour is
+    there): it is what the ``presence`` method's tumour classifier reads (docs/qc.md).
+    """
+    from skimage.color import rgb2gray, rgb2hed
+    from skimage.feature import local_binary_pattern
+
+    rgb = np.asarray(image)[..., :3]
+    hematoxylin = rgb2hed(rgb)[..., 0]
+    span = float(np.ptp(hematoxylin)) or 1.0
+    channels = {
+        "grey": (rgb2gray(rgb) * 255).astype(np.uint8),
+        "hem": ((hematoxylin - hematoxylin.min()) / span * 31).astype(np.uint8),
+    }
+    out = {}
+    for name, channel in channels.items():
+        for radius in LBP_RADII:
+            codes = local_binary_pattern(channel, 8, radius, "uniform").astype(int)
+            histogram = np.bincount(codes.ravel(), minlength=10)[:10] / codes.size
+            out.update({f"lbp_{name}_r{radius}_{b}": float(v) for b, v in enumerate(histogram)})
+    return out
 
 
 def _foreground_stain(image: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -203,6 +234,7 @@ def image_features(maps: UncertaintyMaps, image: np.ndarray, samples: int = QC_S
         **_shape_stats(pred, band),
         **_appearance(image),
         **_foreground_stain(image, pred),
+        **_texture(image),
     }
 
 
@@ -414,12 +446,78 @@ def _estimator(method: str, seed: int = 0):
 def _feature_names(method: str, rows: Sequence[dict[str, float]]) -> list[str]:
     if method in SCORE_METHODS:
         return [SCORE_METHODS[method][0]]
+    if method in PRESENCE_METHODS:
+        if "empty" not in rows[0]:
+            raise InputError("QC method 'presence' needs the 'empty' feature (rows from image_features)")
+        return ["empty", *sorted(k for k in rows[0] if k != "empty")]  # column 0: is the prediction empty?
     return sorted(rows[0])
 
 
-def _fit(method: str, x: np.ndarray, y: np.ndarray, seed: int = 0):
+def _fit(method: str, x: np.ndarray, y: np.ndarray, seed: int = 0, tumour: np.ndarray | None = None):
+    if method in PRESENCE_METHODS:
+        if tumour is None or len(tumour) != len(y):
+            raise InputError("QC method 'presence' needs one tumour flag per calibration image (from its mask)")
+        return PresenceModel(seed).fit(x, y, np.asarray(tumour, bool))
     est = _estimator(method, seed)
     return est.fit(x[:, 0] if method in SCORE_METHODS else x, y)
+
+
+def _presence_classifier(x: np.ndarray, tumour: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """P(tumour in the image) from its features: L2 logistic regression on standardised features.
+
+    The penalty is chosen by 3-fold cross-validation when each class has 3 images or more; with a
+    single class the probability is that class's (0 or 1).
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    minority = int(min(tumour.sum(), (~tumour).sum()))
+    if minority == 0:
+        constant = float(tumour.mean())
+        return lambda rows: np.full(len(rows), constant)
+    learner = (
+        LogisticRegressionCV(Cs=10, cv=min(3, minority), max_iter=3000)
+        if minority >= 2
+        else LogisticRegression(max_iter=3000)
+    )
+    with warnings.catch_warnings():  # scikit-learn 1.8+ announces changed defaults; the old ones are meant
+        warnings.simplefilter("ignore", FutureWarning)
+        fitted = make_pipeline(StandardScaler(), learner).fit(x, tumour)
+    return lambda rows: fitted.predict_proba(rows)[:, 1]
+
+
+class PresenceModel:
+    """Predicted Dice in two stages: is there tumour, and how good is the segmentation where there is.
+
+    Per-image Dice splits by two facts: an empty prediction scores 1 when the image holds no
+    tumour and 0 when it does; a non-empty prediction scores 0 without tumour and its overlap
+    with the tumour otherwise. ``presence`` models P(tumour) (:func:`_presence_classifier`, on
+    every feature: texture tells carcinoma from mucosa, stroma or lymphocytes) and, on the
+    calibration images with tumour and a prediction, that overlap (the forest, its trees' median).
+    Like the forest it predicts the more likely outcome, nudged (0.1 %) by the expected Dice so
+    that images keep an order. Column 0 of the features is the ``empty`` flag.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def fit(self, x: np.ndarray, dice_true: np.ndarray, tumour: np.ndarray) -> PresenceModel:
+        self.presence = _presence_classifier(x, tumour)
+        segmented = tumour & (x[:, 0] < 0.5)
+        self.forest = _fit("regressor", x[segmented], dice_true[segmented], self.seed) if segmented.sum() >= 2 else None
+        self.overlap = float(dice_true[segmented].mean()) if segmented.any() else 0.5
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        empty = x[:, 0] >= 0.5
+        p = self.presence(x)
+        overlap = (
+            np.full(len(x), self.overlap) if self.forest is None else np.clip(_forest_median(self.forest, x), 0, 1)
+        )
+        expected = np.where(empty, 1 - p, p * overlap)
+        likely = np.where(empty, (p < 0.5).astype(float), np.where(p >= 0.5, overlap, 0.0))
+        return likely * (1 - 1e-3) + 1e-3 * expected
 
 
 def _forest_median(forest, x: np.ndarray) -> np.ndarray:
@@ -434,6 +532,8 @@ def _forest_median(forest, x: np.ndarray) -> np.ndarray:
 
 
 def _predict(method: str, est, x: np.ndarray) -> np.ndarray:
+    if method in PRESENCE_METHODS:
+        return np.clip(est.predict(x), 0.0, 1.0)
     if method == "regressor":
         return np.clip(_forest_median(est, x), 0.0, 1.0)
     if method not in SCORE_METHODS:
@@ -445,7 +545,13 @@ def _predict(method: str, est, x: np.ndarray) -> np.ndarray:
 
 
 def cross_fit(
-    method: str, x: np.ndarray, y: np.ndarray, groups: Sequence | None = None, folds: int = 5, seed: int = 0
+    method: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    tumour: np.ndarray | None = None,
 ) -> np.ndarray:
     """Out-of-fold predicted Dice: each image predicted by a model that never saw it (or its group)."""
     from sklearn.model_selection import GroupKFold
@@ -457,7 +563,8 @@ def cross_fit(
     oof = np.empty(len(y))
     splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for train, test in splitter.split(x, y, groups):
-        oof[test] = _predict(method, _fit(method, x[train], y[train], seed), x[test])
+        flags = None if tumour is None else np.asarray(tumour, bool)[train]
+        oof[test] = _predict(method, _fit(method, x[train], y[train], seed, flags), x[test])
     return oof
 
 
@@ -467,17 +574,26 @@ def cross_fit(
 _FITTED: dict[str, object] = {}
 
 
-def _fit_cached(method: str, names: list[str], rows: Sequence[dict[str, float]], dice_true: Sequence[float]):
+def _fit_cached(
+    method: str,
+    names: list[str],
+    rows: Sequence[dict[str, float]],
+    dice_true: Sequence[float],
+    tumour: Sequence[bool] = (),
+):
     """Fit (deterministically) once per distinct calibration; Dask tasks rebuild models from JSON per image."""
     import hashlib
 
     key = hashlib.sha1(
-        json.dumps([method, names, rows, list(dice_true)], sort_keys=True, default=float).encode()
+        json.dumps(
+            [method, names, rows, list(dice_true), [bool(t) for t in tumour]], sort_keys=True, default=float
+        ).encode()
     ).hexdigest()
     if key not in _FITTED:
         if len(_FITTED) >= 8:
             _FITTED.pop(next(iter(_FITTED)))
-        _FITTED[key] = _fit(method, _matrix(rows, names), np.asarray(dice_true, float))
+        flags = np.asarray(tumour, bool) if len(tumour) else None
+        _FITTED[key] = _fit(method, _matrix(rows, names), np.asarray(dice_true, float), tumour=flags)
     return _FITTED[key]
 
 
@@ -503,11 +619,12 @@ class QCModel:
     info: dict = field(default_factory=dict)
     rule: str = DEFAULT_RULE
     oof: list[float] = field(default_factory=list)
+    tumour: list[bool] = field(default_factory=list)  # calibration images holding tumour (``presence`` needs them)
     estimator: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.estimator is None:
-            self.estimator = _fit_cached(self.method, self.features, self.rows, self.dice_true)
+            self.estimator = _fit_cached(self.method, self.features, self.rows, self.dice_true, self.tumour)
 
     def predict(self, rows: Sequence[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
         """Predicted Dice and acceptance (by :attr:`rule`) for feature rows, judged together."""
@@ -535,6 +652,7 @@ class QCModel:
             "oof": [float(v) for v in self.oof],
             "rows": [{k: float(v) for k, v in r.items()} for r in self.rows],
             "dice_true": [float(d) for d in self.dice_true],
+            "tumour": [bool(t) for t in self.tumour],
             "estimate": FOREST_ESTIMATE if self.method == "regressor" else None,
         }
 
@@ -558,6 +676,7 @@ class QCModel:
                 info=dict(d.get("info", {})),
                 rule=_checked_rule(d.get("rule", "ltt")),
                 oof=[float(x) for x in d.get("oof", [])],
+                tumour=_checked_flags(d.get("tumour", []), d["method"], len(d["dice_true"])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a napari-uga QC model ({exc})") from None
@@ -595,9 +714,27 @@ def _rescored(qc: QCModel) -> QCModel:
     """
     info = {**qc.info, "rescored": "cut and out-of-fold scores recomputed for the median forest (older file)"}
     return fit_qc_model(
-        qc.rows, qc.dice_true, qc.alpha, qc.delta, qc.threshold, qc.method, samples=qc.samples, tta=qc.tta, info=info,
+        qc.rows,
+        qc.dice_true,
+        qc.alpha,
+        qc.delta,
+        qc.threshold,
+        qc.method,
+        samples=qc.samples,
+        tta=qc.tta,
+        info=info,
         rule=qc.rule,
+        tumour=qc.tumour or None,
     )
+
+
+def _checked_flags(tumour, method: str, n: int) -> list[bool]:
+    """Tumour flags of a model file: booleans, one per calibration image where the method needs them."""
+    if not isinstance(tumour, list) or not all(isinstance(t, bool) for t in tumour):
+        raise TypeError("tumour must be a list of true/false")
+    if method in PRESENCE_METHODS and len(tumour) != n:
+        raise ValueError(f"method {method} needs one tumour flag per calibration image")
+    return tumour
 
 
 def _checked_rule(rule: str) -> str:
@@ -618,6 +755,7 @@ def fit_qc_model(
     tta: str = QC_TTA,
     info: dict | None = None,
     rule: str = DEFAULT_RULE,
+    tumour: Sequence[bool] | None = None,
 ) -> QCModel:
     """Fit a QC model on labelled calibration rows; the cut comes from out-of-fold predictions.
 
@@ -626,10 +764,11 @@ def fit_qc_model(
     rows, dice_true : features (:func:`image_features`) and true Dice of calibration images.
     alpha, delta : accepted images have Dice > ``threshold`` with precision >= 1 - alpha, w.p. >= 1 - delta.
     method : a single-feature method (``SCORE_METHODS``), ``regressor`` (random forest), ``linear``
-        (ridge), or ``auto``: the simplest ``AUTO_CANDIDATES`` member within ``AUTO_TOLERANCE`` of the
-        best out-of-fold normalised AURC.
+        (ridge), ``presence`` (:class:`PresenceModel`), or ``auto``: the ``AUTO_CANDIDATES`` member
+        with the best out-of-fold normalised AURC (``presence`` only when ``tumour`` is given).
     groups : e.g. patient ids, so cross-fitting never predicts an image from its own group.
     rule : ``ltt`` (the cut above) or ``fdr`` (conformal selection against the out-of-fold scores).
+    tumour : whether each calibration image holds tumour (its mask is not empty).
     """
     _checked_rule(rule)
     if method not in METHODS:
@@ -637,37 +776,51 @@ def fit_qc_model(
     if len(rows) != len(dice_true) or len(rows) < 2:
         raise InputError("QC calibration needs at least 2 labelled images, one Dice per feature row")
     y = np.asarray(dice_true, float)
+    flags = None if tumour is None else np.asarray(tumour, bool)
+    if flags is not None and len(flags) != len(y):
+        raise InputError("QC calibration: one tumour flag per image")
     info = dict(info or {})
     if method == "auto":
-        method, oof, scores = _select_method(rows, y, groups)
+        method, oof, scores = _select_method(rows, y, groups, flags)
         info["auto"] = {"selected": method, "out_of_fold_naurc": scores}
     else:
-        oof = cross_fit(method, _matrix(rows, _feature_names(method, rows)), y, groups)
+        oof = cross_fit(method, _matrix(rows, _feature_names(method, rows)), y, groups, tumour=flags)
     cut = conformal_cut(oof, y, threshold, alpha, delta)
     names = _feature_names(method, rows)
     return QCModel(
-        method, names, [dict(r) for r in rows], y.tolist(), cut, threshold, alpha, delta, samples, tta, info, rule, oof.tolist()
+        method,
+        names,
+        [dict(r) for r in rows],
+        y.tolist(),
+        cut,
+        threshold,
+        alpha,
+        delta,
+        samples,
+        tta,
+        info,
+        rule,
+        oof.tolist(),
+        [] if flags is None else flags.tolist(),
     )
 
 
 def _select_method(
-    rows: Sequence[dict[str, float]], y: np.ndarray, groups: Sequence | None
+    rows: Sequence[dict[str, float]], y: np.ndarray, groups: Sequence | None, tumour: np.ndarray | None = None
 ) -> tuple[str, np.ndarray, dict[str, float]]:
-    """The best out-of-fold normalised AURC (ties, or within ``AUTO_TOLERANCE``: the simpler candidate).
-
-    Candidates run from simple (one agreement score) to flexible (random forest); preferring the
-    simple ones unless a learned model is clearly better guards small calibration sets against
-    selecting an overfitted regressor by chance.
-    """
+    """The best out-of-fold normalised AURC among ``AUTO_CANDIDATES`` (ties: the earlier one)."""
     risk = 1 - y
     optimal, random = aurc(-risk, risk), float(risk.mean())
     span = max(random - optimal, 1e-12)
+    usable = tumour is not None and "empty" in rows[0]
+    candidates = [c for c in AUTO_CANDIDATES if usable or c not in PRESENCE_METHODS]
     scores, oofs = {}, {}
-    for candidate in AUTO_CANDIDATES:
-        oofs[candidate] = cross_fit(candidate, _matrix(rows, _feature_names(candidate, rows)), y, groups)
+    for candidate in candidates:
+        x = _matrix(rows, _feature_names(candidate, rows))
+        oofs[candidate] = cross_fit(candidate, x, y, groups, tumour=tumour)
         scores[candidate] = round((random - aurc(oofs[candidate], risk)) / span, 6)
     best = max(scores.values())
-    chosen = next(c for c in AUTO_CANDIDATES if scores[c] >= best - AUTO_TOLERANCE)
+    chosen = next(c for c in candidates if scores[c] >= best)
     return chosen, oofs[chosen], scores
 
 
@@ -711,12 +864,16 @@ def _acceptance_note(qc: QCModel, any_accepted: bool) -> str:
         return ""
     good = int(np.sum(np.asarray(qc.dice_true) > qc.threshold))
     if qc.rule == "ltt" and good < min_accepted(qc.alpha, qc.delta):
-        return (f"nothing can be accepted: the calibration holds {good} images with Dice > {qc.threshold}, and "
-                f"Learn-then-Test needs at least {min_accepted(qc.alpha, qc.delta)} at alpha={qc.alpha}, "
-                f"delta={qc.delta}; add calibration images, or use rule 'fdr' (false discovery rate)")
+        return (
+            f"nothing can be accepted: the calibration holds {good} images with Dice > {qc.threshold}, and "
+            f"Learn-then-Test needs at least {min_accepted(qc.alpha, qc.delta)} at alpha={qc.alpha}, "
+            f"delta={qc.delta}; add calibration images, or use rule 'fdr' (false discovery rate)"
+        )
     if qc.rule == "fdr" and len(qc.dice_true) + 1 < 1 / qc.alpha:
-        return (f"nothing can be accepted: conformal selection needs at least {math.ceil(1 / qc.alpha - 1)} "
-                f"calibration images at alpha={qc.alpha}, and the calibration holds {len(qc.dice_true)}")
+        return (
+            f"nothing can be accepted: conformal selection needs at least {math.ceil(1 / qc.alpha - 1)} "
+            f"calibration images at alpha={qc.alpha}, and the calibration holds {len(qc.dice_true)}"
+        )
     return "nothing accepted: no image is predicted reliably enough for the stated error rate"
 
 
@@ -731,12 +888,23 @@ def refit_for(
     """
     rule = _checked_rule(rule or qc.rule)
     if (method or qc.method) == qc.method and len(qc.oof) == len(qc.dice_true):
-        cut = qc.cut if (alpha, delta, threshold) == (qc.alpha, qc.delta, qc.threshold) else conformal_cut(
-            np.asarray(qc.oof), np.asarray(qc.dice_true), threshold, alpha, delta
+        cut = (
+            qc.cut
+            if (alpha, delta, threshold) == (qc.alpha, qc.delta, qc.threshold)
+            else conformal_cut(np.asarray(qc.oof), np.asarray(qc.dice_true), threshold, alpha, delta)
         )
         return replace(qc, alpha=alpha, delta=delta, threshold=threshold, rule=rule, cut=cut)
     wanted = (alpha, delta, threshold, method or qc.method)
-    return fit_qc_model(qc.rows, qc.dice_true, *wanted, samples=qc.samples, tta=qc.tta, info=qc.info, rule=rule)
+    return fit_qc_model(
+        qc.rows,
+        qc.dice_true,
+        *wanted,
+        samples=qc.samples,
+        tta=qc.tta,
+        info=qc.info,
+        rule=rule,
+        tumour=qc.tumour or None,
+    )
 
 
 def iter_qc(
@@ -776,8 +944,16 @@ def iter_qc(
             yield done, total
         info = {"calibration_images": [p.name for p in calibration_pairs]}
         qc = fit_qc_model(
-            cal_rows, cal_truth, alpha, delta, threshold, method or DEFAULT_METHOD, samples=samples, info=info,
+            cal_rows,
+            cal_truth,
+            alpha,
+            delta,
+            threshold,
+            method or DEFAULT_METHOD,
+            samples=samples,
+            info=info,
             rule=rule or DEFAULT_RULE,
+            tumour=[bool(p.mask.any()) for p in calibration_pairs],
         )
     else:
         qc = refit_for(qc_model or default_qc_model(), alpha, delta, threshold, method, rule)

@@ -219,7 +219,7 @@ def patch_score(values: np.ndarray, how: str = "mean", top_fraction: float = 0.1
     if how == "mean":
         return float(flat.mean())
     if how == "topk":
-        k = max(1, int(round(flat.size * top_fraction)))
+        k = max(1, round(flat.size * top_fraction))
         return float(np.partition(flat, flat.size - k)[-k:].mean())
     raise ValueError(f"unknown aggregation {how!r} (mean or topk)")
 

@@ -136,6 +136,16 @@ def test_image_features_agreement(rng):
         quality.image_features(UncertaintyMaps(*[np.zeros((64, 64), np.float32)] * 4), image)
 
 
+def test_texture_histograms_tell_flat_from_structured_tissue(rng):
+    flat = quality._texture(np.full((64, 64, 3), 200, np.uint8))
+    assert flat["lbp_grey_r1_8"] > 0.9  # inside the border every neighbour equals the centre: one code
+    noisy = quality._texture(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for name in ("grey", "hem"):
+        for radius in quality.LBP_RADII:
+            assert sum(noisy[f"lbp_{name}_r{radius}_{b}"] for b in range(10)) == pytest.approx(1.0)
+    assert noisy["lbp_grey_r1_8"] < 0.2 and noisy["lbp_grey_r1_9"] > 0.2  # noise: many irregular patterns
+
+
 def _synthetic_rows(rng, n=80):
     rows, truth = [], []
     for _ in range(n):
@@ -178,6 +188,43 @@ def test_regressor_predicts_the_median_of_a_bimodal_dice(rng):
     pred, _ = qc.predict(fresh)
     mean = np.clip(qc.estimator.predict(quality._matrix(fresh, qc.features)), 0, 1)
     assert np.abs(pred - truth).mean() < np.abs(mean - truth).mean() - 0.01
+
+
+def _presence_case(rng, n):
+    """Images where the prediction is empty or not, and a texture cue tells whether tumour is there.
+
+    Dice follows the two facts as real tiles do: empty prediction -> 1 without tumour, 0 with;
+    a prediction -> 0 without tumour, its overlap (here ``quality_cue``) with tumour.
+    """
+    empty = rng.uniform(size=n) < 0.4
+    tumour = rng.uniform(size=n) < 0.5
+    texture = tumour + rng.normal(0, 0.3, n)
+    overlap = rng.uniform(0.5, 1.0, n)
+    truth = np.where(empty, (~tumour).astype(float), np.where(tumour, overlap, 0.0))
+    rows = [{"empty": float(e), "texture": float(t), "quality_cue": float(q), "noise": float(rng.uniform())}
+            for e, t, q in zip(empty, texture, overlap, strict=True)]  # fmt: skip
+    return rows, truth, tumour
+
+
+def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_path, rng):
+    rows, truth, tumour = _presence_case(rng, 160)
+    qc = quality.fit_qc_model(rows, truth, method="presence", tumour=tumour)
+    fresh, fresh_truth, _ = _presence_case(rng, 160)
+    pred, _ = qc.predict(fresh)
+    forest = quality.fit_qc_model(rows, truth, method="regressor").predict(fresh)[0]
+    presence_mae, forest_mae = np.abs(pred - fresh_truth).mean(), np.abs(forest - fresh_truth).mean()
+    assert presence_mae < 0.15 and presence_mae < forest_mae
+    loaded = quality.QCModel.load(qc.save(tmp_path / "presence.json"))
+    assert loaded.tumour == tumour.tolist()
+    np.testing.assert_allclose(loaded.predict(fresh)[0], pred)
+    auto = quality.fit_qc_model(rows, truth, method="auto", tumour=tumour)
+    assert set(auto.info["auto"]["out_of_fold_naurc"]) == {"regressor", "presence"}
+    without_flags = quality.fit_qc_model(rows, truth, method="auto")
+    assert set(without_flags.info["auto"]["out_of_fold_naurc"]) == {"regressor"}
+    with pytest.raises(InputError, match="tumour flag"):
+        quality.fit_qc_model(rows, truth, method="presence")
+    with pytest.raises(InputError, match="tumour flag"):
+        quality.QCModel.from_dict({**qc.to_dict(), "tumour": [True]})
 
 
 def test_older_forest_files_are_rescored_with_the_median(rng):

@@ -19,13 +19,20 @@ def register(sub) -> None:
     p.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability >= 1 - delta")
     p.add_argument("--threshold", type=float, default=0.8, help="Dice that counts as a good segmentation")
     p.add_argument(
-        "--rule", choices=("ltt", "fdr"), default=None,
+        "--rule",
+        choices=("ltt", "fdr"),
+        default=None,
         help="acceptance guarantee: ltt = precision >= 1-alpha with probability >= 1-delta (Learn-then-Test); "
         "fdr = false discovery rate <= alpha: expected share of failures among the accepted, an empty selection "
         "counting as none (conformal selection, works with ~10 calibration images); "
         "default: the QC model's own, else ltt",
     )
-    p.add_argument("--method", default=None, help="QC method (default: the QC model's, else regressor, a random forest)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="QC method (default: the QC model's; with calibration images auto: the random forest or the "
+        "presence model, whichever ranks the calibration images best)",
+    )
     p.add_argument("--samples", type=int, default=None, help="MC samples per TTA view (default 8)")
     p.add_argument("--qc-model", type=Path, default=None, help="QC model JSON (default: the shipped calibration)")
     p.add_argument("--save-qc-model", type=Path, default=None, help="write the fitted QC model as JSON")
@@ -90,8 +97,10 @@ def _guarantee(payload: dict) -> str:
     if payload["rule"] == "fdr":
         return f"accepted by conformal selection (expected share of Dice <= {payload['threshold']} among the accepted <= {payload['alpha']})"
     cut = payload["cut"]
-    return (f"accept when predicted Dice >= {'none' if cut is None else f'{cut:.3f}'} "
-            f"({precision} w.p. >= {1 - payload['delta']:.2f})")
+    return (
+        f"accept when predicted Dice >= {'none' if cut is None else f'{cut:.3f}'} "
+        f"({precision} w.p. >= {1 - payload['delta']:.2f})"
+    )
 
 
 def _human(payload: dict) -> str:
