@@ -26,13 +26,21 @@ def _subset(src: Path, dst: Path, n: int, stride: int = 1) -> Path:
 
 
 def _run(args, json_out=True):
-    proc = subprocess.run([*UGA, *args, *(["--json"] if json_out else [])], capture_output=True, text=True, env={**os.environ, "DISPLAY": ""})
+    proc = subprocess.run(
+        [*UGA, *args, *(["--json"] if json_out else [])],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DISPLAY": ""},
+    )
     return proc
 
 
 def test_evaluate_json_contract(tmp_path, sample_dir, tiny_model_path):
     data = _subset(sample_dir, tmp_path / "d", 3, stride=8)
-    proc = _run(["evaluate", "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tiny_model_path)])
+    proc = _run(
+        ["evaluate", "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tiny_model_path)]
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"dice_global", "dice_mean", "n_images", "per_image"}
@@ -42,7 +50,20 @@ def test_evaluate_json_contract(tmp_path, sample_dir, tiny_model_path):
 
 def test_predict_writes_three_files_per_image(tmp_path, sample_dir, tiny_model_path, capsys):
     data = _subset(sample_dir, tmp_path / "d", 2)
-    code = main(["predict", "--images", str(data / "images"), "--out", str(tmp_path / "o"), "--model", str(tiny_model_path), "--samples", "2", "--json"])
+    code = main(
+        [
+            "predict",
+            "--images",
+            str(data / "images"),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_model_path),
+            "--samples",
+            "2",
+            "--json",
+        ]
+    )
     assert code == 0
     import tifffile
 
@@ -60,8 +81,24 @@ def test_predict_writes_three_files_per_image(tmp_path, sample_dir, tiny_model_p
 def test_train_writes_loadable_safetensors(tmp_path, sample_dir):
     data = _subset(sample_dir, tmp_path / "d", 4, stride=8)
     out = tmp_path / "m.safetensors"
-    code = main(["train", "--images", str(data / "images"), "--masks", str(data / "masks"), "--out", str(out),
-                 "--epochs", "1", "--steps-per-epoch", "2", "--base", "4", "--json"])
+    code = main(
+        [
+            "train",
+            "--images",
+            str(data / "images"),
+            "--masks",
+            str(data / "masks"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--base",
+            "4",
+            "--json",
+        ]
+    )
     assert code == 0
     model = load_model(out, "cpu")
     assert model.config.base == 4
@@ -70,10 +107,36 @@ def test_train_writes_loadable_safetensors(tmp_path, sample_dir):
 def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
     pool = _subset(sample_dir, tmp_path / "pool", 4, stride=8)
     test = _subset(sample_dir, tmp_path / "test", 2, stride=16)
-    code = main(["simulate", "--pool-images", str(pool / "images"), "--pool-masks", str(pool / "masks"),
-                 "--test-images", str(test / "images"), "--test-masks", str(test / "masks"), "--budgets", "0,1",
-                 "--strategy", "random", "--seeds", "2", "--model", str(tiny_model_path), "--patch-size", "128",
-                 "--steps", "2", "--samples", "2", "--shift", "organ", "--json"])  # organ: no replay
+    code = main(
+        [
+            "simulate",
+            "--pool-images",
+            str(pool / "images"),
+            "--pool-masks",
+            str(pool / "masks"),
+            "--test-images",
+            str(test / "images"),
+            "--test-masks",
+            str(test / "masks"),
+            "--budgets",
+            "0,1",
+            "--strategy",
+            "random",
+            "--seeds",
+            "2",
+            "--model",
+            str(tiny_model_path),
+            "--patch-size",
+            "128",
+            "--steps",
+            "2",
+            "--samples",
+            "2",
+            "--shift",
+            "organ",
+            "--json",
+        ]
+    )  # organ: no replay
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["strategy"] == "random"
@@ -85,8 +148,24 @@ def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
 
 
 def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
-    proc = _run(["demo", "--headless", "--out", str(tmp_path / "demo"), "--model", str(tiny_model_path),
-                 "--budgets", "0,2", "--batch", "2", "--steps", "2", "--samples", "2"])
+    proc = _run(
+        [
+            "demo",
+            "--headless",
+            "--out",
+            str(tmp_path / "demo"),
+            "--model",
+            str(tiny_model_path),
+            "--budgets",
+            "0,2",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--samples",
+            "2",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert [c["budget"] for c in report["curve"]] == [0, 2]
@@ -138,8 +217,19 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, sample_dir, case, expecte
         command = "simulate"
     args = [command, "--images", str(images), "--masks", str(masks), *extra]
     if command == "simulate":
-        args = ["simulate", "--pool-images", str(images), "--pool-masks", str(masks), "--test-images", str(images),
-                "--test-masks", str(masks), "--budgets", "five"]
+        args = [
+            "simulate",
+            "--pool-images",
+            str(images),
+            "--pool-masks",
+            str(masks),
+            "--test-images",
+            str(images),
+            "--test-masks",
+            str(masks),
+            "--budgets",
+            "five",
+        ]
     proc = _run(args, json_out=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

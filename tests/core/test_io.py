@@ -51,7 +51,7 @@ def test_non_image_file_and_missing_file(tmp_path):
 def test_mask_size_mismatch_names_the_file(tmp_path, sample_dir):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    name = sorted((sample_dir / "images").iterdir())[0].name
+    name = min((sample_dir / "images").iterdir()).name
     (tmp_path / "images" / name).write_bytes((sample_dir / "images" / name).read_bytes())
     write_array(tmp_path / "masks" / name, np.zeros((100, 100), np.uint8))
     with pytest.raises(InputError, match=f"{name}: mask is"):
