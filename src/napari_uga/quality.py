@@ -5,12 +5,14 @@ Pipeline (one call: :func:`run_qc`):
 1. :func:`image_features` turns the MC-dropout x TTA samples of one image into a row of
    numbers: uncertainty aggregates (entropy / mutual information over the predicted
    foreground and its boundary band), agreement between samples (pairwise Dice, each sample
-   against the consensus), soft-Dice confidence, spread of the predicted area, shape and
-   appearance statistics.
+   against the consensus), soft-Dice confidence, spread of the predicted area, shape,
+   appearance and texture statistics.
 2. A :class:`QCModel` maps a row to a predicted Dice. ``method`` picks one feature (monotone
-   isotonic calibration to Dice) or a random-forest regressor over all features (the median of
-   its trees: per-image Dice is bimodal). It is fitted on labelled calibration images;
-   out-of-fold (cross-fitted) predictions are used for the acceptance rule, never in-sample ones.
+   isotonic calibration to Dice), a random-forest regressor over all features (the median of
+   its trees: per-image Dice is bimodal), or ``presence`` (:class:`PresenceModel`: P(tumour)
+   times the segmentation's overlap where there is tumour); ``auto`` keeps the better learned one.
+   It is fitted on labelled calibration images; out-of-fold (cross-fitted) predictions are used
+   for the acceptance rule, never in-sample ones.
 3. The acceptance rule, ``rule="ltt"`` (:func:`conformal_cut`): a Learn-then-Test fixed-sequence
    binomial test, the lowest cut on predicted Dice such that, with probability >= 1 - delta, the
    accepted images have Dice > threshold with precision >= 1 - alpha. Or ``rule="fdr"``
