@@ -43,7 +43,7 @@ from .uncertainty import UncertaintyMaps
 
 QC_SAMPLES = 8  # MC-dropout samples per TTA view
 QC_TTA = "flips"
-QC_FEATURES_VERSION = 5  # 2: feature_distance; 3-4: stain inside the prediction; 5: texture. Caches key on it
+QC_FEATURES_VERSION = 6  # 2: feature_distance; 3-4: stain inside the prediction; 5-6: texture. Caches key on it
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
 FOREST_ESTIMATE = "tree_median"  # what ``regressor`` predicts; files without it came from the forest mean
@@ -140,11 +140,9 @@ def _texture(image: np.ndarray) -> dict[str, float]:
 
     rgb = np.asarray(image)[..., :3]
     hematoxylin = rgb2hed(rgb)[..., 0]
-    span = float(np.ptp(hematoxylin)) or 1.0
-    channels = {
-        "grey": (rgb2gray(rgb) * 255).astype(np.uint8),
-        "hem": ((hematoxylin - hematoxylin.min()) / span * 31).astype(np.uint8),
-    }
+    low, high = np.percentile(hematoxylin, [1, 99])  # robust to a few very dark or empty pixels
+    levels = np.clip((hematoxylin - low) / ((high - low) or 1.0) * 31, 0, 31)
+    channels = {"grey": (rgb2gray(rgb) * 255).astype(np.uint8), "hem": levels.astype(np.uint8)}
     out = {}
     for name, channel in channels.items():
         for radius in LBP_RADII:
