@@ -76,7 +76,9 @@ shipped network's zero-shot Dice on the other centre is fragile across training 
 annotation loop is what makes it reliable there. Fixing the stroma error needs cleaner masks or
 tumour-free stroma from more slides: the shipped network already calls the RUMC stroma tile clean,
 and fine-tuning on it (200 steps) or colour-matching UMCU to RUMC leaves all five UMCU stroma tiles
-at Dice 0 (`benchmarks/stroma_ceiling.py`, docs/benchmarks.md).
+at Dice 0 (`benchmarks/stroma_ceiling.py`, docs/benchmarks.md). A retrain without the two
+stroma-dominated tumour tiles (shipped recipe and seed) missed the UMCU tumour (dice_global 0.068)
+and left the stroma tiles at Dice 0.
 
 ## Intended use and limits
 Research and annotation support, not diagnosis. Trained on one centre and one scanner: expect
