@@ -7,11 +7,13 @@ one fine-tuning round, and writes:
 - ``docs/images/overlay.png``: the canvas with the uncertainty overlay, prediction outline
   and ranked proposals;
 - ``docs/images/dock.png``: the whole window after a round (patch in view, dock with loss
-  curve and round history).
+  curve and round history);
+- ``docs/images/qc.png``: the Quality control dock on the sample UMCU tiles (every other group of
+  overlapping tiles as calibration, the rest checked with their masks), with the worst tile open.
 
 Usage (on a headless machine wrap it in ``xvfb-run -a``)::
 
-    xvfb-run -a .venv/bin/python scripts/screenshots.py [--model runs/uga_unet_v2.safetensors] [--steps 40]
+    xvfb-run -a .venv/bin/python scripts/screenshots.py [--model runs/uga_unet_v2.safetensors] [--steps 40] [--qc-only]
 """
 
 from __future__ import annotations
@@ -65,13 +67,64 @@ def frame_boxes(viewer, boxes, width: int, margin: float = 1.3) -> None:
     camera.zoom = min(height / ((y1 - y0) * margin), width / ((x1 - x0) * margin))
 
 
+def split_sample(folder: Path) -> tuple[Path, Path]:
+    """Calibration and checked halves of the sample UMCU tiles (alternate groups of overlapping tiles, by class)."""
+    from napari_uga.io import load_pairs, write_array
+    from napari_uga.splits import overlap_groups
+
+    sample = ROOT / "sample_data" / "camelyon16_umcu"
+    pairs = load_pairs(sample / "images", sample / "masks")
+    groups = overlap_groups(pairs)
+    tumour = {g: any(p.mask.any() for p, h in zip(pairs, groups, strict=True) if h == g) for g in set(groups)}
+    ordered = sorted(set(groups), key=lambda g: (tumour[g], g))
+    calibration = set(ordered[::2])
+    for pair, group in zip(pairs, groups, strict=True):
+        side = "calibration" if group in calibration else "checked"
+        write_array(folder / side / "images" / f"{pair.name}.png", pair.image)
+        write_array(folder / side / "masks" / f"{pair.name}.png", pair.mask)
+    return folder / "calibration", folder / "checked"
+
+
+def qc_screenshot(model: Path, out: Path) -> None:
+    """The Quality control dock after a folder run, its worst tile opened."""
+    import napari
+
+    from napari_uga._widgets.qc import FOLDER, QCWidget
+
+    calibration, checked = split_sample(Path(tempfile.mkdtemp(prefix="uga-qc-shot-")))
+    viewer = napari.Viewer(title="napari-uga quality control", show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    app = napari.qt.get_qapp()
+    dock = QCWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="Quality control", area="right")
+    dock.model_edit.setText(str(model))
+    dock.source_combo.setCurrentText(FOLDER)
+    dock.folder_edit.setText(str(checked / "images"))
+    dock.masks_edit.setText(str(checked / "masks"))
+    dock.cal_images_edit.setText(str(calibration / "images"))
+    dock.cal_masks_edit.setText(str(calibration / "masks"))
+    dock.rule_combo.setCurrentText("fdr")
+    dock.run()
+    wait_until(app, lambda: dock.worker is None)
+    dock._row_clicked(0, 0)  # worst first: open it
+    settle(app, 2.0)
+    napari.utils.io.imsave(str(out / "qc.png"), viewer.screenshot(canvas_only=False, flash=False))
+    print(f"wrote {out / 'qc.png'}: {dock.status.text()}")
+    viewer.close()
+
+
 def main() -> None:
-    """Drive the demo and save both screenshots."""
+    """Drive the demo and save the screenshots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the round shown")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--qc-only", action="store_true", help="only the Quality control screenshot")
     args = parser.parse_args()
+    if args.qc_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        qc_screenshot(args.model or default_model(), args.out)
+        return
 
     import napari
 
@@ -114,6 +167,7 @@ def main() -> None:
     dice = [r.metrics.get("dice_truth") for r in dock.session.rounds]
     print("Dice of the demo slide against its ground truth, by round:", [None if d is None else round(d, 3) for d in dice])
     viewer.close()
+    qc_screenshot(args.model or default_model(), args.out)
 
 
 if __name__ == "__main__":

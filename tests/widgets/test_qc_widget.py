@@ -64,6 +64,9 @@ def test_folder_table_sorted_worst_first_and_click_opens(qc_dock, qtbot, tmp_pat
         assert table.item(r, 3).text() != "–"  # masks given: true Dice shown
     assert "auroc" in qc_dock.status.text() or "mae" in qc_dock.status.text()
     assert qc_dock.axes.lines  # risk-coverage curve drawn
+    assert qc_dock.settings_box.isHidden()  # folded away, the table keeps its room
+    qc_dock.settings_toggle.setChecked(True)
+    assert not qc_dock.settings_box.isHidden() and qc_dock.method_combo.isVisibleTo(qc_dock)
     qc_dock._row_clicked(0, 0)
     worst = table.item(0, 0).text()
     from napari_uga.io import read_image

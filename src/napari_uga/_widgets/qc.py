@@ -31,7 +31,9 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
+    QToolButton,
     QVBoxLayout,
+    QWidget,
 )
 
 from ..io import InputError, Pair, list_images, read_image
@@ -111,13 +113,24 @@ class QCWidget(WorkerDock):
         form.addRow("Masks", self.masks_edit)
         form.addRow("Calibration", self.cal_images_edit)
         form.addRow("Calib. masks", self.cal_masks_edit)
-        form.addRow("Network", self.model_edit)
-        form.addRow("QC model", self.qc_model_edit)
-        form.addRow("Method", self.method_combo)
-        form.addRow("Alpha", self.alpha_spin)
-        form.addRow("Dice threshold", self.threshold_spin)
-        form.addRow("Guarantee", self.rule_combo)
-        form.addRow("µm / px", self.mpp_spin)
+        # the less used settings fold away, so that the table keeps its room
+        self.settings_box = QWidget()
+        settings = QFormLayout(self.settings_box)
+        settings.setContentsMargins(0, 0, 0, 0)
+        settings.addRow("Network", self.model_edit)
+        settings.addRow("QC model", self.qc_model_edit)
+        settings.addRow("Method", self.method_combo)
+        settings.addRow("Alpha", self.alpha_spin)
+        settings.addRow("Dice threshold", self.threshold_spin)
+        settings.addRow("Guarantee", self.rule_combo)
+        settings.addRow("µm / px", self.mpp_spin)
+        self.settings_box.setVisible(False)
+        self.settings_toggle = QToolButton()
+        self.settings_toggle.setText("Settings (network, method, alpha, threshold, guarantee, scale)")
+        self.settings_toggle.setCheckable(True)
+        self.settings_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.settings_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.settings_toggle.toggled.connect(self._show_settings)
 
         self.run_button = QPushButton("Run QC")
         self.run_button.clicked.connect(self.run)
@@ -136,6 +149,7 @@ class QCWidget(WorkerDock):
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSortingEnabled(True)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # tile names share long prefixes
         self.table.cellClicked.connect(self._row_clicked)
 
         self.figure = Figure(figsize=(3, 2), facecolor=BACKGROUND, tight_layout=True)
@@ -145,11 +159,17 @@ class QCWidget(WorkerDock):
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.settings_toggle)
+        layout.addWidget(self.settings_box)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.table, stretch=1)
         layout.addWidget(self.canvas)
+
+    def _show_settings(self, shown: bool) -> None:
+        self.settings_box.setVisible(shown)
+        self.settings_toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
 
     def _refresh_layers(self, event=None) -> None:
         names = [
@@ -268,10 +288,15 @@ class QCWidget(WorkerDock):
                 item.setBackground(color)
                 self.table.setItem(i, col, item)
         self.table.setSortingEnabled(True)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # tile names share long prefixes
         self.table.sortItems(1, Qt.SortOrder.AscendingOrder)
         accepted = sum(r["accepted"] for r in rows)
         cut = report["cut"]
-        rule = "conformal selection" if report["rule"] == "fdr" else f"predicted Dice ≥ {'—' if cut is None else f'{cut:.3f}'}"
+        rule = (
+            "conformal selection"
+            if report["rule"] == "fdr"
+            else f"predicted Dice ≥ {'—' if cut is None else f'{cut:.3f}'}"
+        )
         text = (f"{accepted}/{len(rows)} accepted ({rule}; "
                 f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, method {report['method']}).")  # fmt: skip
         if report["note"]:
