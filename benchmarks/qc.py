@@ -120,7 +120,7 @@ def split(groups: list[str], tumour: np.ndarray, seed: int, share: float = 0.5) 
     cal = set()
     for flag in (True, False):
         members = rng.permutation([g for g in unique if has[g] == flag])
-        cal.update(members[: int(np.ceil(share * len(members)))])
+        cal.update(members[: min(int(np.ceil(share * len(members))), max(1, len(members) - 1))])  # keep a test group
     return np.array([g in cal for g in groups])
 
 

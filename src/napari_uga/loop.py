@@ -7,6 +7,7 @@ drive; ``simulate`` measures the loop with an :class:`Oracle` standing in for th
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .training import (
     to_working_scale,
     train_steps,
 )
-from .uncertainty import compute_uncertainty
+from .uncertainty import TTA_MODES, compute_uncertainty
 
 REPLAY_DIR = Path(__file__).parent / "replay"
 
@@ -39,6 +40,16 @@ class Annotation:
     box: Box
     image: np.ndarray
     mask: np.ndarray
+
+
+# allowed values of the loop's choice settings (the CLI offers the same)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "tta": tuple(TTA_MODES),
+    "measure": ("entropy", "mutual_information", "variance"),
+    "aggregate": ("mean", "topk"),
+    "diversity": ("none", "clusters", "balanced", "clusters+balanced"),
+}
+COUNTS = ("patch", "samples", "steps", "batch_size", "crop", "batch")  # whole numbers >= 1
 
 
 @dataclass
@@ -64,6 +75,14 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if not (0 <= self.replay_share and 0 <= self.self_share and self.replay_share + self.self_share < 1):
             raise ValueError("replay and self-label shares must be >= 0 and leave room for the annotations (sum < 1)")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in COUNTS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.anchor) and self.anchor >= 0):
+            raise ValueError(f"lr must be > 0 and anchor >= 0 (finite), not {self.lr} and {self.anchor}")
 
 
 # What differs from the training data decides how hard fine-tuning may pull (benchmarks/loop.py):
@@ -91,8 +110,10 @@ def config_from_record(record: dict) -> LoopConfig:
     Unknown keys are ignored (newer or older records); a value of the wrong type or out of range
     raises :class:`InputError`.
     """
+    if not isinstance(record, dict):
+        raise InputError("saved loop settings: not a mapping of names to values")
     shift = record.get("shift", "centre")
-    if shift not in SHIFTS:
+    if not isinstance(shift, str) or shift not in SHIFTS:
         raise InputError(f"saved loop settings: unknown shift {shift!r}")
     defaults = LoopConfig()
     overrides = {}

@@ -465,8 +465,9 @@ def _fit(method: str, x: np.ndarray, y: np.ndarray, seed: int = 0, tumour: np.nd
 def _presence_classifier(x: np.ndarray, tumour: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """P(tumour in the image) from its features: L2 logistic regression on standardised features.
 
-    The penalty is chosen by 3-fold cross-validation when each class has 3 images or more; with a
-    single class the probability is that class's (0 or 1).
+    The penalty is chosen by accuracy in up to 3-fold cross-validation (as many folds as the smaller
+    class has images, when that is 2 or more); with one image in a class C = 1; with a single class
+    the probability is that class's share (0 or 1).
     """
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
@@ -477,11 +478,13 @@ def _presence_classifier(x: np.ndarray, tumour: np.ndarray) -> Callable[[np.ndar
         constant = float(tumour.mean())
         return lambda rows: np.full(len(rows), constant)
     learner = (
-        LogisticRegressionCV(Cs=10, cv=min(3, minority), max_iter=3000)
+        LogisticRegressionCV(Cs=10, cv=min(3, minority), scoring="accuracy", max_iter=3000)
         if minority >= 2
         else LogisticRegression(max_iter=3000)
     )
-    with warnings.catch_warnings():  # scikit-learn 1.8+ announces changed defaults; the old ones are meant
+    # scoring is explicit (scikit-learn 1.11 changes its default), so a model refitted from its JSON keeps
+    # its penalty; the other announced changes (l1_ratios, fitted attributes) do not alter an L2 fit
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         fitted = make_pipeline(StandardScaler(), learner).fit(x, tumour)
     return lambda rows: fitted.predict_proba(rows)[:, 1]
@@ -680,6 +683,8 @@ class QCModel:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a napari-uga QC model ({exc})") from None
+        if model.method in PRESENCE_METHODS and model.features[:1] != ["empty"]:
+            raise InputError("not a napari-uga QC model (method presence needs 'empty' as its first feature)")
         if model.rule == "fdr" and len(model.oof) != len(model.dice_true):
             raise InputError("not a napari-uga QC model (rule fdr needs one out-of-fold score per calibration image)")
         if model.method == "regressor" and d.get("estimate") != FOREST_ESTIMATE:

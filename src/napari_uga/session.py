@@ -95,28 +95,37 @@ class Session:
             raise InputError(f"{folder}: no session.json (not a napari-uga session folder)")
         try:
             data = json.loads(record.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{record}: not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # not JSON, or not text
+            raise InputError(f"{record}: not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{record}: not a session record (a JSON object is expected)")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise InputError(f"{record}: schema version {data.get('schema_version')} is not {SCHEMA_VERSION}")
         known = {f.name for f in fields(Round)}
         try:
+            if not (isinstance(data["images"], dict) and isinstance(data["config"], dict)):
+                raise TypeError("images and config must be objects")
             session = cls(
                 folder=folder,
                 images=data["images"],
                 config=data["config"],
-                annotations=data["annotations"],
+                annotations=list(data["annotations"]),
                 rounds=[Round(**{k: v for k, v in r.items() if k in known}) for r in data["rounds"]],
-                current_round=data["current_round"],
-                queue=data["queue"],
-                queue_position=data["queue_position"],
+                current_round=int(data["current_round"]),
+                queue=list(data["queue"]),
+                queue_position=int(data["queue_position"]),
             )
-        except (KeyError, TypeError, AttributeError) as exc:
+            changed = [
+                name
+                for name, info in session.images.items()
+                if not session.image_path(name).is_file()
+                or fingerprint(session.image_path(name)) != info["fingerprint"]
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{record}: incomplete session record ({type(exc).__name__}: {exc})") from None
-        for name, info in session.images.items():
-            path = session.image_path(name)
-            if not path.is_file() or fingerprint(path) != info["fingerprint"]:
-                raise InputError(f"{path}: image '{name}' is missing or changed since the session was saved")
+        if changed:
+            path = session.image_path(changed[0])
+            raise InputError(f"{path}: image '{changed[0]}' is missing or changed since the session was saved")
         return session
 
     def save(self) -> None:

@@ -148,6 +148,11 @@ def test_saved_loop_settings_come_back_whole_and_bad_ones_fail_in_one_line():
     assert config_from_record({**vars(custom), "shift": "organ", "added_later": 1}) == custom
     assert config_from_record({"shift": "organ", "lr": 1}).lr == 1.0  # an int where a float is expected
     assert config_from_record({}) == LoopConfig()
-    for bad in ({"shift": "planet"}, {"steps": "many"}, {"freeze_norm": 1}, {"replay_share": 0.6, "self_share": 0.6}):
+    bad_records = (
+        {"shift": "planet"}, {"shift": ["centre"]}, {"steps": "many"}, {"freeze_norm": 1},
+        {"replay_share": 0.6, "self_share": 0.6}, {"steps": -5}, {"lr": float("nan")}, {"anchor": -3.0},
+        {"measure": "bogus"}, {"tta": "bogus"}, ["centre"],
+    )  # fmt: skip
+    for bad in bad_records:
         with pytest.raises(InputError, match="saved loop settings"):
             config_from_record(bad)

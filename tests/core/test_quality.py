@@ -214,8 +214,9 @@ def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_
     forest = quality.fit_qc_model(rows, truth, method="regressor").predict(fresh)[0]
     presence_mae, forest_mae = np.abs(pred - fresh_truth).mean(), np.abs(forest - fresh_truth).mean()
     assert presence_mae < 0.15 and presence_mae < forest_mae
+    quality._FITTED.clear()  # refit from the JSON alone, as in a new process
     loaded = quality.QCModel.load(qc.save(tmp_path / "presence.json"))
-    assert loaded.tumour == tumour.tolist()
+    assert loaded.estimator is not qc.estimator and loaded.tumour == tumour.tolist()
     np.testing.assert_allclose(loaded.predict(fresh)[0], pred)
     auto = quality.fit_qc_model(rows, truth, method="auto", tumour=tumour)
     assert set(auto.info["auto"]["out_of_fold_naurc"]) == {"regressor", "presence"}
@@ -225,6 +226,8 @@ def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_
         quality.fit_qc_model(rows, truth, method="presence")
     with pytest.raises(InputError, match="tumour flag"):
         quality.QCModel.from_dict({**qc.to_dict(), "tumour": [True]})
+    with pytest.raises(InputError, match="first feature"):
+        quality.QCModel.from_dict({**qc.to_dict(), "features": qc.features[::-1]})
 
 
 def test_older_forest_files_are_rescored_with_the_median(rng):

@@ -66,7 +66,13 @@ def test_incomplete_or_newer_record_opens_or_fails_in_one_line(tmp_path, tiny_mo
     data["rounds"][0]["from_a_newer_version"] = 1  # unknown round keys are ignored
     record.write_text(json.dumps(data))
     assert Session.open(tmp_path / "s").rounds[0].index == 0
-    del data["queue"]
-    record.write_text(json.dumps(data))
-    with pytest.raises(InputError, match="incomplete session record"):
+    for broken in ({**data, "queue": None}, {**data, "images": []}, {**data, "images": {"x": {"mpp": 1}}}):
+        record.write_text(json.dumps(broken))
+        with pytest.raises(InputError, match="incomplete session record"):
+            Session.open(tmp_path / "s")
+    record.write_text("[]")
+    with pytest.raises(InputError, match="not a session record"):
+        Session.open(tmp_path / "s")
+    record.write_bytes(b"\xff\xfe")
+    with pytest.raises(InputError, match="not valid JSON"):
         Session.open(tmp_path / "s")

@@ -93,6 +93,7 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     dock.shift_combo.setCurrentIndex(1)  # new organ: no replay, batch norm adapts
     dock.steps_spin.setValue(3)
     dock.config.lr = 3e-4  # a setting the dock has no box for (Python API)
+    dock.k_spin.setValue(4)
     first = dock.proposals[0]
     dock.viewer.layers[ANNOTATION].data[first.y : first.y + 40, first.x : first.x + 40] = 1
     dock.next_patch()
@@ -118,6 +119,7 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     assert reopened.shift_combo.currentIndex() == 1 and reopened.steps_spin.value() == 3
     assert not reopened.config.freeze_norm and reopened.config.lr == 3e-4
     assert reopened.session.rounds[1].settings["lr"] == 3e-4  # each round keeps how it was trained
+    assert reopened.k_spin.value() == 4 and reopened.session.rounds[1].settings["batch"] == 4
 
 
 def test_bad_model_file_is_a_notification_not_a_crash(dock, tmp_path):

@@ -474,8 +474,9 @@ class AnnotateWidget(WorkerDock):
         return list(SHIFT_LABELS)[self.shift_combo.currentIndex()]
 
     def _loop_record(self) -> dict:
-        """The loop settings as saved in the session (a copy, with the domain-shift preset)."""
-        return {**vars(self.config), "shift": self._shift()}
+        """The loop settings as saved in the session (a copy with the boxes' values and the domain-shift preset)."""
+        boxes = {"steps": self.steps_spin.value(), "samples": self.samples_spin.value(), "batch": self.k_spin.value()}
+        return {**vars(self.config), **boxes, "shift": self._shift()}
 
     def _shift_changed(self) -> None:
         """Apply the preset of the chosen domain shift (the steps box shows its steps; edit it after)."""
@@ -486,13 +487,17 @@ class AnnotateWidget(WorkerDock):
 
     def _restore_loop(self, record: dict) -> None:
         """All loop settings of a reopened session (the preset's where the record is unreadable)."""
-        if record.get("shift") in SHIFT_LABELS:
-            self.shift_combo.setCurrentIndex(list(SHIFT_LABELS).index(record["shift"]))
         try:
-            self.config = config_from_record(record)
+            config, shift = config_from_record(record), record.get("shift", "centre")
         except InputError as exc:
             show_error(f"{exc}; using the preset's settings")
-        self.steps_spin.setValue(self.config.steps)
+            shift = self._shift()
+            config = config_for(shift)
+        self.shift_combo.setCurrentIndex(list(SHIFT_LABELS).index(shift))  # applies the preset first
+        self.config = config
+        self.steps_spin.setValue(config.steps)
+        self.samples_spin.setValue(config.samples)
+        self.k_spin.setValue(config.batch)
 
     def _start_finetune(self) -> None:
         self.config.steps = self.steps_spin.value()

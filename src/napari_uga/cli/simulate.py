@@ -26,40 +26,52 @@ def register(sub) -> None:
 
 def add_loop_options(p: argparse.ArgumentParser) -> None:
     """Loop settings shared with the demo (defaults from :class:`~napari_uga.loop.LoopConfig` and ``--shift``)."""
-    from ..loop import SHIFTS, LoopConfig
+    from ..loop import CHOICES, SHIFTS, LoopConfig
 
     d = LoopConfig()
     p.add_argument(
-        "--shift", choices=tuple(SHIFTS), default="centre",
+        "--shift",
+        choices=tuple(SHIFTS),
+        default="centre",
         help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay, the "
         "starting model's own labels on unlabelled patches and an L2 pull towards it) or "
         "organ (tissue; batch norm adapts, 200 steps, no replay); explicit options below override it",
     )
     p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
-    p.add_argument("--tta", choices=("none", "flips", "d4"), default=d.tta)
-    p.add_argument("--measure", choices=("entropy", "mutual_information", "variance"), default=d.measure)
-    p.add_argument("--aggregate", choices=("mean", "topk"), default=d.aggregate, help="patch score from its pixels")
+    p.add_argument("--tta", choices=CHOICES["tta"], default=d.tta)
+    p.add_argument("--measure", choices=CHOICES["measure"], default=d.measure)
+    p.add_argument("--aggregate", choices=CHOICES["aggregate"], default=d.aggregate, help="patch score from its pixels")
     p.add_argument(
-        "--diversity", choices=("none", "clusters", "balanced", "clusters+balanced"), default=d.diversity,
+        "--diversity",
+        choices=CHOICES["diversity"],
+        default=d.diversity,
         help="spread the picks over appearance clusters and/or predicted classes",
     )
     p.add_argument("--steps", type=int, default=None, help=f"fine-tune steps per labelled batch (centre: {d.steps})")
     p.add_argument("--lr", type=float, default=None, help=f"fine-tune learning rate (default {d.lr})")
     p.add_argument(
-        "--replay-share", type=float, default=None,
+        "--replay-share",
+        type=float,
+        default=None,
         help=f"share of each batch from the replay tiles (centre: {d.replay_share}; with --self-share below 1)",
     )
     p.add_argument(
-        "--self-share", type=float, default=None,
+        "--self-share",
+        type=float,
+        default=None,
         help="share of each batch from unlabelled pool patches labelled by the starting model "
         f"(centre: {d.self_share}, organ: 0)",
     )
     p.add_argument(
-        "--anchor", type=float, default=None,
+        "--anchor",
+        type=float,
+        default=None,
         help=f"L2 pull of the fine-tuned weights towards the starting model's (centre: {d.anchor}, organ: 0)",
     )
     p.add_argument(
-        "--norm", choices=("frozen", "adapted"), default=None,
+        "--norm",
+        choices=("frozen", "adapted"),
+        default=None,
         help="batch-norm statistics while fine-tuning (centre: frozen, organ: adapted)",
     )
     p.add_argument("--batch", type=int, default=d.batch, help="patches annotated per round")
@@ -71,23 +83,32 @@ def loop_config(args: argparse.Namespace, patch: int):
     from ..loop import config_for
 
     explicit = {
-        "steps": args.steps, "lr": args.lr, "replay_share": args.replay_share, "self_share": args.self_share,
+        "steps": args.steps,
+        "lr": args.lr,
+        "replay_share": args.replay_share,
+        "self_share": args.self_share,
         "anchor": args.anchor,
     }
     if args.norm is not None:
         explicit["freeze_norm"] = args.norm == "frozen"
+    if min(args.steps or 1, args.batch, args.samples) < 1 or patch < 16:
+        raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
+    if (args.lr is not None and not args.lr > 0) or (args.anchor is not None and not args.anchor >= 0):
+        raise InputError("--lr must be positive and --anchor not negative")
     try:
         config = config_for(
-            args.shift, patch=patch, samples=args.samples, tta=args.tta, measure=args.measure,
-            aggregate=args.aggregate, diversity=args.diversity, batch=args.batch,
+            args.shift,
+            patch=patch,
+            samples=args.samples,
+            tta=args.tta,
+            measure=args.measure,
+            aggregate=args.aggregate,
+            diversity=args.diversity,
+            batch=args.batch,
             **{k: v for k, v in explicit.items() if v is not None},
         )
     except ValueError as exc:
-        raise InputError(f"--replay-share / --self-share ({args.shift} preset: {exc}); lower the other share") from None
-    if config.steps < 1 or config.batch < 1 or config.samples < 1 or patch < 16:
-        raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
-    if not config.lr > 0 or config.anchor < 0:
-        raise InputError("--lr must be positive and --anchor not negative")
+        raise InputError(f"loop settings ({args.shift} preset): {exc}") from None
     return config
 
 
@@ -124,17 +145,29 @@ def run(args: argparse.Namespace) -> dict:
     bar = progress_bar(args.seeds * len(budgets), f"simulate {args.strategy}", args.json)
     runs = []
     for seed in range(args.seeds):
+
         def on_event(event, _bar=bar):
             if event["stage"] == "evaluate":
                 _bar.update()
 
-        runs.append(simulate(model, pool, test, budgets, args.strategy, seed, factor, config, replay, on_event=on_event))
+        runs.append(
+            simulate(model, pool, test, budgets, args.strategy, seed, factor, config, replay, on_event=on_event)
+        )
     bar.close()
     curve = []
     for i, budget in enumerate(budgets):
         per_seed = [r.dice_global[i] for r in runs]
-        curve.append({"budget": budget, "dice_global": float(np.mean(per_seed)), "dice_global_std": float(np.std(per_seed)), "per_seed": per_seed})
+        curve.append(
+            {
+                "budget": budget,
+                "dice_global": float(np.mean(per_seed)),
+                "dice_global_std": float(np.std(per_seed)),
+                "per_seed": per_seed,
+            }
+        )
     payload = {"strategy": args.strategy, "curve": curve, "picks": [r.picks for r in runs]}
-    human = "\n".join(f"budget {c['budget']:>3}: Dice {c['dice_global']:.3f} ± {c['dice_global_std']:.3f}" for c in curve)
+    human = "\n".join(
+        f"budget {c['budget']:>3}: Dice {c['dice_global']:.3f} ± {c['dice_global_std']:.3f}" for c in curve
+    )
     emit(args, payload, human)
     return payload
