@@ -108,7 +108,8 @@ def loop_config(args: argparse.Namespace, patch: int):
             **{k: v for k, v in explicit.items() if v is not None},
         )
     except ValueError as exc:
-        raise InputError(f"loop settings ({args.shift} preset): {exc}") from None
+        flags = "--replay-share / --self-share" if "share" in str(exc) else "loop settings"
+        raise InputError(f"{flags} ({args.shift} preset): {exc}") from None
     return config
 
 
