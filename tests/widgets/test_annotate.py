@@ -172,3 +172,28 @@ def test_domain_shift_preset_sets_the_fine_tuning(dock):
     assert dock.steps_spin.value() == dock.config.steps == 200
     dock.shift_combo.setCurrentIndex(0)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40
+
+
+def test_cancel_during_self_labelling_returns_before_any_step(tiny_model, umcu_pairs):
+    from napari_uga._widgets._workers import finetune_events
+    from napari_uga.loop import Oracle, config_for
+    from napari_uga.selection import Box
+    from napari_uga.training import CancelToken
+
+    pair = umcu_pairs[0]
+    correction = Oracle(umcu_pairs).annotate(Box(pair.name, 0, 0, 128, 128))
+    boxes = [Box(pair.name, y, x, 64, 64) for y in (128, 192) for x in (0, 64, 128)]
+    token = CancelToken()
+    run = finetune_events(
+        tiny_model, [correction], 0.5, config_for("centre", steps=3, batch_size=2), 0, token, 1, tiny_model, boxes,
+        lambda name: pair.image,
+    )
+    first = next(run)
+    assert first["stage"] == "self-labels" and first["total"] == len(boxes)
+    token.set()
+    stages = []
+    try:
+        while True:
+            stages.append(next(run)["stage"])
+    except StopIteration as stop:
+        assert stop.value is None and stages == []  # cancelled before any fine-tuning step: no weights

@@ -8,7 +8,7 @@ napari delivers on the main thread. The dock turns ``errored`` into a notificati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,7 +19,7 @@ from ..io import Pair, tissue_mask
 from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs, self_labels
 from ..models import UNet
 from ..selection import Box, Candidate, score_candidates
-from ..training import CancelToken, ProgressEvent, resize_image
+from ..training import CancelToken, ProgressEvent, progress_event, resize_image
 from ..uncertainty import UncertaintyMaps, compute_uncertainty
 
 
@@ -70,13 +70,27 @@ def compute_maps(model: UNet, name: str, image, samples: int, factor: float, con
 
 
 def _make_self_labels(
-    origin: UNet, boxes: Sequence[Box], read_image: Callable[[str], np.ndarray] | None, factor: float, config: LoopConfig
-) -> list[Annotation]:
-    """The starting model's labels on unlabelled patches of the session's images (none if the preset uses none)."""
+    origin: UNet,
+    boxes: Sequence[Box],
+    read_image: Callable[[str], np.ndarray] | None,
+    factor: float,
+    config: LoopConfig,
+    cancel: CancelToken,
+) -> Generator[ProgressEvent, None, list[Annotation] | None]:
+    """The starting model's labels on unlabelled patches of the session's images, patch by patch.
+
+    Yields progress; returns the labelled patches (none if the preset uses none), or ``None`` when cancelled.
+    """
     if config.self_share <= 0 or not boxes or read_image is None:
         return []
     images = {name: read_image(name) for name in {b.image for b in boxes}}
-    return self_labels(origin, [(b, b.crop(images[b.image])) for b in boxes], factor)
+    labelled: list[Annotation] = []
+    for i, box in enumerate(boxes):
+        if cancel.is_set():
+            return None
+        labelled += self_labels(origin, [(box, box.crop(images[box.image]))], factor)
+        yield progress_event("self-labels", i + 1, len(boxes), f"starting model labels patch {i + 1}/{len(boxes)}")
+    return labelled
 
 
 def finetune_events(
@@ -105,7 +119,11 @@ def finetune_events(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        self_labelled = _make_self_labels(origin or model, self_label_boxes, read_image, factor, config)
+        self_labelled = yield from _make_self_labels(
+            origin or model, self_label_boxes, read_image, factor, config, cancel
+        )
+        if self_labelled is None:
+            return None
         result: FinetuneResult | None = yield from finetune(
             model, annotations, _replay(), factor, config, seed, cancel, origin=origin, self_labelled=self_labelled
         )
