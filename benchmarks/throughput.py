@@ -1,4 +1,4 @@
-"""Inference and fine-tuning speed: fast vs naive MC dropout, batched vs looped TTA, Mpx/s, one fine-tune round.
+"""Inference and fine-tuning speed: fast vs naive MC dropout, batched vs looped TTA, Mpx/s, QC features, a fine-tune round.
 
 Every ratio is measured in the same run on the same inputs; times are medians over repeats.
 The machine may be shared: the load average before and after is printed, so contention is visible.
@@ -148,6 +148,24 @@ def end_to_end_rows(model: UNet, side: int, samples: int, repeats: int, device: 
     ]
 
 
+def qc_rows(model: UNet, repeats: int, device: torch.device) -> list[dict]:
+    """QC features of one 256 px sample tile (8 MC samples x 4 flips), and the texture histograms' share."""
+    from napari_uga.quality import _texture, compute_features
+
+    image = load_pairs(SAMPLE / "images", SAMPLE / "masks")[0].image
+    factor = working_factor(model, 0.226)
+    total = median_time(lambda: compute_features(model, image, factor), repeats, device)
+    texture = median_time(lambda: _texture(image), repeats, device)
+    return [
+        {"what": "QC features of one 256^2 tile (compute_features, 8 MC x 4 TTA)", "seconds": total},
+        {
+            "what": "  of which texture histograms (4 local binary patterns)",
+            "seconds": texture,
+            "note": f"{100 * texture / total:.1f} % of the QC features",
+        },
+    ]
+
+
 def finetune_row(model: UNet, device: torch.device) -> dict:
     """One fine-tune round (default ``LoopConfig``) on 10 annotated 256 px patches plus replay."""
     pairs = load_pairs(SAMPLE / "images", SAMPLE / "masks")[:10]
@@ -203,6 +221,7 @@ def main() -> None:
     rows = mc_rows(model, x, args.samples, args.repeats, device)
     rows += tta_rows(model, x, args.samples, args.repeats, device)
     rows += end_to_end_rows(model, args.mosaic, args.samples, args.repeats, device)
+    rows += qc_rows(model, args.repeats, device)
     if not args.skip_finetune:
         rows.append(finetune_row(model, device))
     load_after = os.getloadavg()
