@@ -97,10 +97,8 @@ def _guarantee(payload: dict) -> str:
     if payload["rule"] == "fdr":
         return f"accepted by conformal selection (expected share of Dice <= {payload['threshold']} among the accepted <= {payload['alpha']})"
     cut = payload["cut"]
-    return (
-        f"accept when predicted Dice >= {'none' if cut is None else f'{cut:.3f}'} "
-        f"({precision} w.p. >= {1 - payload['delta']:.2f})"
-    )
+    when = "no predicted Dice is high enough" if cut is None else f"accept when predicted Dice >= {cut:.3f}"
+    return f"{when} ({precision} w.p. >= {1 - payload['delta']:.2f})"
 
 
 def _human(payload: dict) -> str:
