@@ -74,15 +74,17 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         if not (0 <= self.replay_share and 0 <= self.self_share and self.replay_share + self.self_share < 1):
-            raise ValueError("replay and self-label shares must be >= 0 and leave room for the annotations (sum < 1)")
+            raise ValueError("replay_share and self_share must be >= 0 and leave room for the annotations (sum < 1)")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for name in COUNTS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.anchor) and self.anchor >= 0):
-            raise ValueError(f"lr must be > 0 and anchor >= 0 (finite), not {self.lr} and {self.anchor}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, not {self.lr}")
+        if not (math.isfinite(self.anchor) and self.anchor >= 0):
+            raise ValueError(f"anchor must be a finite number >= 0, not {self.anchor}")
 
 
 # What differs from the training data decides how hard fine-tuning may pull (benchmarks/loop.py):

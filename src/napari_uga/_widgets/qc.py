@@ -288,7 +288,6 @@ class QCWidget(WorkerDock):
                 item.setBackground(color)
                 self.table.setItem(i, col, item)
         self.table.setSortingEnabled(True)
-        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # tile names share long prefixes
         self.table.sortItems(1, Qt.SortOrder.AscendingOrder)
         accepted = sum(r["accepted"] for r in rows)
         cut = report["cut"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ._common import add_model_options, emit, load_model_from_args, progress_bar
@@ -80,7 +81,7 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
 def loop_config(args: argparse.Namespace, patch: int):
     """A :class:`LoopConfig` from the command-line options."""
     from ..io import InputError
-    from ..loop import config_for
+    from ..loop import LoopConfig, config_for
 
     explicit = {
         "steps": args.steps,
@@ -91,10 +92,8 @@ def loop_config(args: argparse.Namespace, patch: int):
     }
     if args.norm is not None:
         explicit["freeze_norm"] = args.norm == "frozen"
-    if min(args.steps or 1, args.batch, args.samples) < 1 or patch < 16:
-        raise InputError("--steps, --batch and --samples must be >= 1 and --patch-size >= 16")
-    if (args.lr is not None and not args.lr > 0) or (args.anchor is not None and not args.anchor >= 0):
-        raise InputError("--lr must be positive and --anchor not negative")
+    if patch < 16:
+        raise InputError("--patch-size must be >= 16")
     try:
         config = config_for(
             args.shift,
@@ -107,9 +106,9 @@ def loop_config(args: argparse.Namespace, patch: int):
             batch=args.batch,
             **{k: v for k, v in explicit.items() if v is not None},
         )
-    except ValueError as exc:
-        flags = "--replay-share / --self-share" if "share" in str(exc) else "loop settings"
-        raise InputError(f"{flags} ({args.shift} preset): {exc}") from None
+    except ValueError as exc:  # LoopConfig names the settings at fault: say which options they are
+        named = [f"--{name.replace('_', '-')}" for name in vars(LoopConfig()) if re.search(rf"\b{name}\b", str(exc))]
+        raise InputError(f"{' / '.join(named) or 'loop settings'} ({args.shift} preset): {exc}") from None
     return config
 
 
