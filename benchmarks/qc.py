@@ -294,6 +294,7 @@ def main() -> None:
     text = header + "\n\n" + "\n\n".join(report) + "\n"
     print(text)
     stem = "qc" if args.calibration_share == 0.5 else f"qc_cal{round(100 * args.calibration_share)}"
+    stem += "" if args.splits == 10 else f"_{args.splits}splits"
     (RESULTS / f"{stem}.md").write_text(text)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     atomic_write_json(RESULTS / f"{stem}.json", {"settings": settings, "summary": everything})

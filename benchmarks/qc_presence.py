@@ -34,11 +34,12 @@ def main() -> None:
     truth = np.array([data[n]["dice"] for n in names])
     tumour = np.array([data[n]["tumour"] for n in names])
     groups = bench.groups_for(args.dataset, names)
-    x = quality._matrix(rows, quality._feature_names("presence", rows))
+    columns = quality._feature_names("presence", rows)
+    x = quality._matrix(rows, columns)
     scores = {"auroc": [], "accuracy": [], "mae": [], "mae_from_presence": []}
     for seed in range(args.splits):
         cal = bench.split(groups, tumour, seed, args.calibration_share)
-        model = quality.PresenceModel().fit(x[cal], truth[cal], tumour[cal])
+        model = quality.PresenceModel(quality.texture_columns(columns)).fit(x[cal], truth[cal], tumour[cal])
         probability = model.presence(x[~cal])
         error = np.abs(np.clip(model.predict(x[~cal]), 0, 1) - truth[~cal])
         wrong = (probability >= 0.5) != tumour[~cal]

@@ -46,7 +46,12 @@ QC_TTA = "flips"
 QC_FEATURES_VERSION = 6  # 2: feature_distance; 3-4: stain inside the prediction; 5-6: texture. Caches key on it
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
-FOREST_ESTIMATE = "tree_median"  # what ``regressor`` predicts; files without it came from the forest mean
+# what the learned methods predict; an older file (other or no "estimate") is rescored when loaded
+ESTIMATES = {
+    "regressor": "tree_median",  # before: the forest mean
+    "presence": "texture_presence",  # before: P(tumour) from every feature, not the texture alone
+}
+TEXTURE_PREFIX = "lbp_"  # the texture features (:func:`_texture`)
 DEFAULT_METHOD = "auto"  # forest or presence model, whichever ranks the calibration images best (docs/qc.md)
 RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or false discovery rate <= alpha
 DEFAULT_RULE = "ltt"
@@ -453,13 +458,26 @@ def _feature_names(method: str, rows: Sequence[dict[str, float]]) -> list[str]:
     return sorted(rows[0])
 
 
-def _fit(method: str, x: np.ndarray, y: np.ndarray, seed: int = 0, tumour: np.ndarray | None = None):
+def _fit(
+    method: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int = 0,
+    tumour: np.ndarray | None = None,
+    names: Sequence[str] = (),
+):
     if method in PRESENCE_METHODS:
         if tumour is None or len(tumour) != len(y):
             raise InputError("QC method 'presence' needs one tumour flag per calibration image (from its mask)")
-        return PresenceModel(seed).fit(x, y, np.asarray(tumour, bool))
+        return PresenceModel(texture_columns(names), seed).fit(x, y, np.asarray(tumour, bool))
     est = _estimator(method, seed)
     return est.fit(x[:, 0] if method in SCORE_METHODS else x, y)
+
+
+def texture_columns(names: Sequence[str]) -> list[int]:
+    """The columns the tumour-presence classifier reads: the texture features (all, for rows without any)."""
+    texture = [i for i, name in enumerate(names) if name.startswith(TEXTURE_PREFIX)]
+    return texture or list(range(len(names)))
 
 
 def _presence_classifier(x: np.ndarray, tumour: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -495,18 +513,21 @@ class PresenceModel:
 
     Per-image Dice splits by two facts: an empty prediction scores 1 when the image holds no
     tumour and 0 when it does; a non-empty prediction scores 0 without tumour and its overlap
-    with the tumour otherwise. ``presence`` models P(tumour) (:func:`_presence_classifier`, on
-    every feature: texture tells carcinoma from mucosa, stroma or lymphocytes) and, on the
-    calibration images with tumour and a prediction, that overlap (the forest, its trees' median).
-    Like the forest it predicts the more likely outcome, nudged (0.1 %) by the expected Dice so
-    that images keep an order. Column 0 of the features is the ``empty`` flag.
+    with the tumour otherwise. ``presence`` models P(tumour) (:func:`_presence_classifier`) from
+    the tissue's texture alone (``columns``: whether there is tumour is a property of the tissue,
+    and the network's own features add noise where it fails silently) and, on the calibration
+    images with tumour and a prediction, that overlap (the forest on every feature, its trees'
+    median). Like the forest it predicts the more likely outcome, nudged (0.1 %) by the expected
+    Dice so that images keep an order. Column 0 of the features is the ``empty`` flag.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, columns: Sequence[int], seed: int = 0) -> None:
+        self.columns = list(columns)
         self.seed = seed
 
     def fit(self, x: np.ndarray, dice_true: np.ndarray, tumour: np.ndarray) -> PresenceModel:
-        self.presence = _presence_classifier(x, tumour)
+        classifier = _presence_classifier(x[:, self.columns], tumour)
+        self.presence = lambda rows: classifier(rows[:, self.columns])
         segmented = tumour & (x[:, 0] < 0.5)
         self.forest = _fit("regressor", x[segmented], dice_true[segmented], self.seed) if segmented.sum() >= 2 else None
         self.overlap = float(dice_true[segmented].mean()) if segmented.any() else 0.5
@@ -555,8 +576,12 @@ def cross_fit(
     folds: int = 5,
     seed: int = 0,
     tumour: np.ndarray | None = None,
+    names: Sequence[str] = (),
 ) -> np.ndarray:
-    """Out-of-fold predicted Dice: each image predicted by a model that never saw it (or its group)."""
+    """Out-of-fold predicted Dice: each image predicted by a model that never saw it (or its group).
+
+    ``names``: the columns' feature names (``presence`` reads the texture ones).
+    """
     from sklearn.model_selection import GroupKFold
 
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
@@ -567,7 +592,7 @@ def cross_fit(
     splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for train, test in splitter.split(x, y, groups):
         flags = None if tumour is None else np.asarray(tumour, bool)[train]
-        oof[test] = _predict(method, _fit(method, x[train], y[train], seed, flags), x[test])
+        oof[test] = _predict(method, _fit(method, x[train], y[train], seed, flags, names), x[test])
     return oof
 
 
@@ -596,7 +621,7 @@ def _fit_cached(
         if len(_FITTED) >= 8:
             _FITTED.pop(next(iter(_FITTED)))
         flags = np.asarray(tumour, bool) if len(tumour) else None
-        _FITTED[key] = _fit(method, _matrix(rows, names), np.asarray(dice_true, float), tumour=flags)
+        _FITTED[key] = _fit(method, _matrix(rows, names), np.asarray(dice_true, float), tumour=flags, names=names)
     return _FITTED[key]
 
 
@@ -656,7 +681,7 @@ class QCModel:
             "rows": [{k: float(v) for k, v in r.items()} for r in self.rows],
             "dice_true": [float(d) for d in self.dice_true],
             "tumour": [bool(t) for t in self.tumour],
-            "estimate": FOREST_ESTIMATE if self.method == "regressor" else None,
+            "estimate": ESTIMATES.get(self.method),
         }
 
     @classmethod
@@ -687,7 +712,7 @@ class QCModel:
             raise InputError("not a napari-uga QC model (method presence needs 'empty' as its first feature)")
         if model.rule == "fdr" and len(model.oof) != len(model.dice_true):
             raise InputError("not a napari-uga QC model (rule fdr needs one out-of-fold score per calibration image)")
-        if model.method == "regressor" and d.get("estimate") != FOREST_ESTIMATE:
+        if model.method in ESTIMATES and d.get("estimate") != ESTIMATES[model.method]:
             return _rescored(model)
         return model
 
@@ -712,12 +737,12 @@ class QCModel:
 
 
 def _rescored(qc: QCModel) -> QCModel:
-    """An older forest file (cut and out-of-fold scores from the forest mean), rescored with its median.
+    """An older forest or presence file (:data:`ESTIMATES`), rescored with today's estimate of its method.
 
     Its calibration rows are kept; the patient groups of the original cross-fitting are not stored,
     so the new out-of-fold scores come from plain 5-fold cross-fitting.
     """
-    info = {**qc.info, "rescored": "cut and out-of-fold scores recomputed for the median forest (older file)"}
+    info = {**qc.info, "rescored": f"cut and out-of-fold scores recomputed for today's {qc.method} (older file)"}
     return fit_qc_model(
         qc.rows,
         qc.dice_true,
@@ -789,12 +814,11 @@ def fit_qc_model(
         method, oof, scores = _select_method(rows, y, groups, flags)
         info["auto"] = {"selected": method, "out_of_fold_naurc": scores}
     else:
-        oof = cross_fit(method, _matrix(rows, _feature_names(method, rows)), y, groups, tumour=flags)
+        oof = _cross_fit_rows(method, rows, y, groups, flags)
     cut = conformal_cut(oof, y, threshold, alpha, delta)
-    names = _feature_names(method, rows)
     return QCModel(
         method,
-        names,
+        _feature_names(method, rows),
         [dict(r) for r in rows],
         y.tolist(),
         cut,
@@ -810,6 +834,14 @@ def fit_qc_model(
     )
 
 
+def _cross_fit_rows(
+    method: str, rows: Sequence[dict[str, float]], y: np.ndarray, groups: Sequence | None, tumour: np.ndarray | None
+) -> np.ndarray:
+    """:func:`cross_fit` on feature rows, in the method's columns."""
+    names = _feature_names(method, rows)
+    return cross_fit(method, _matrix(rows, names), y, groups, tumour=tumour, names=names)
+
+
 def _select_method(
     rows: Sequence[dict[str, float]], y: np.ndarray, groups: Sequence | None, tumour: np.ndarray | None = None
 ) -> tuple[str, np.ndarray, dict[str, float]]:
@@ -821,8 +853,7 @@ def _select_method(
     candidates = [c for c in AUTO_CANDIDATES if usable or c not in PRESENCE_METHODS]
     scores, oofs = {}, {}
     for candidate in candidates:
-        x = _matrix(rows, _feature_names(candidate, rows))
-        oofs[candidate] = cross_fit(candidate, x, y, groups, tumour=tumour)
+        oofs[candidate] = _cross_fit_rows(candidate, rows, y, groups, tumour)
         scores[candidate] = round((random - aurc(oofs[candidate], risk)) / span, 6)
     best = max(scores.values())
     chosen = next(c for c in candidates if scores[c] >= best)

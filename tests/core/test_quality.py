@@ -201,7 +201,7 @@ def _presence_case(rng, n):
     texture = tumour + rng.normal(0, 0.3, n)
     overlap = rng.uniform(0.5, 1.0, n)
     truth = np.where(empty, (~tumour).astype(float), np.where(tumour, overlap, 0.0))
-    rows = [{"empty": float(e), "texture": float(t), "quality_cue": float(q), "noise": float(rng.uniform())}
+    rows = [{"empty": float(e), "lbp_cue": float(t), "quality_cue": float(q), "noise": float(rng.uniform())}
             for e, t, q in zip(empty, texture, overlap, strict=True)]  # fmt: skip
     return rows, truth, tumour
 
@@ -214,6 +214,7 @@ def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_
     forest = quality.fit_qc_model(rows, truth, method="regressor").predict(fresh)[0]
     presence_mae, forest_mae = np.abs(pred - fresh_truth).mean(), np.abs(forest - fresh_truth).mean()
     assert presence_mae < 0.15 and presence_mae < forest_mae
+    assert [qc.features[i] for i in qc.estimator.columns] == ["lbp_cue"]  # P(tumour) reads the texture only
     quality._FITTED.clear()  # refit from the JSON alone, as in a new process
     loaded = quality.QCModel.load(qc.save(tmp_path / "presence.json"))
     assert loaded.estimator is not qc.estimator and loaded.tumour == tumour.tolist()
@@ -230,15 +231,16 @@ def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_
         quality.QCModel.from_dict({**qc.to_dict(), "features": qc.features[::-1]})
 
 
-def test_older_forest_files_are_rescored_with_the_median(rng):
-    rows, truth = _synthetic_rows(rng, 30)
-    current = quality.fit_qc_model(rows, truth, method="regressor", rule="fdr")
+@pytest.mark.parametrize("method", ["regressor", "presence"])
+def test_older_learned_files_are_rescored_with_todays_estimate(rng, method):
+    rows, truth, tumour = _presence_case(rng, 30)
+    current = quality.fit_qc_model(rows, truth, method=method, rule="fdr", tumour=tumour)
     assert quality.QCModel.from_dict(current.to_dict()).oof == current.oof
-    older = current.to_dict() | {"cut": 0.0, "oof": [0.5] * 30}  # scored with the forest mean
+    older = current.to_dict() | {"cut": 0.0, "oof": [0.5] * 30}  # scored by the forest mean / every feature
     del older["estimate"]
     loaded = quality.QCModel.from_dict(older)
-    assert loaded.oof != older["oof"] and "rescored" in loaded.info
-    assert loaded.cut == quality.conformal_cut(np.array(loaded.oof), np.array(truth), 0.8, 0.1, 0.1)
+    assert loaded.oof != older["oof"] and method in loaded.info["rescored"]
+    assert loaded.cut == quality.conformal_cut(np.array(loaded.oof), truth, 0.8, 0.1, 0.1)
 
 
 def test_older_files_load_as_learn_then_test_and_fdr_needs_its_scores(rng):
