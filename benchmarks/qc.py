@@ -36,7 +36,7 @@ DATA = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else REPO
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "runs" / "qc_cache"
 DATASETS = {"umcu": ("camelyon16_umcu", None), "ebhi": ("ebhi_seg", 0.243), "rumc": ("camelyon16_rumc", None)}
-METHODS = [*quality.SCORE_METHODS, "linear", "regressor", "presence", "auto"]
+METHODS = [*quality.SCORE_METHODS, "linear", "regressor", "presence", "blend", "auto"]
 FDR_ROWS = ("auto", "linear", "regressor", "presence")  # also scored with conformal selection (expected precision)
 PLOTTED = ("pairwise_dice", "tta_dice", "soft_dice", "entropy", "linear", "regressor", "presence", "auto")
 

@@ -166,7 +166,7 @@ def test_fit_predict_and_json_round_trip(tmp_path, rng, method):
     loaded = quality.QCModel.load(qc.save(tmp_path / "qc.json"))
     np.testing.assert_allclose(loaded.predict(rows)[0], pred)
     assert loaded.cut == qc.cut and loaded.method == qc.method
-    assert qc.method == method or (method == "auto" and qc.method in quality.AUTO_CANDIDATES)
+    assert qc.method == method or (method == "auto" and qc.method in quality.AUTO_CHOICES)
     fdr = quality.refit_for(loaded, qc.alpha, qc.delta, qc.threshold, rule="fdr")
     assert fdr.rule == "fdr" and fdr.oof == qc.oof  # the cross-fitted scores are kept, not refitted
     looser = quality.refit_for(qc, 0.3, qc.delta, qc.threshold)
@@ -220,7 +220,8 @@ def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_
     assert loaded.estimator is not qc.estimator and loaded.tumour == tumour.tolist()
     np.testing.assert_allclose(loaded.predict(fresh)[0], pred)
     auto = quality.fit_qc_model(rows, truth, method="auto", tumour=tumour)
-    assert set(auto.info["auto"]["out_of_fold_naurc"]) == {"regressor", "presence"}
+    assert set(auto.info["auto"]["out_of_fold_naurc"]) == {"regressor", "presence", "blend"}
+    assert auto.info["auto"]["naurc_gap_se"] > 0
     without_flags = quality.fit_qc_model(rows, truth, method="auto")
     assert set(without_flags.info["auto"]["out_of_fold_naurc"]) == {"regressor"}
     with pytest.raises(InputError, match="tumour flag"):
@@ -229,6 +230,34 @@ def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_
         quality.QCModel.from_dict({**qc.to_dict(), "tumour": [True]})
     with pytest.raises(InputError, match="first feature"):
         quality.QCModel.from_dict({**qc.to_dict(), "features": qc.features[::-1]})
+
+
+def test_blend_is_the_mean_of_the_forest_and_the_presence_model(tmp_path, rng):
+    rows, truth, tumour = _presence_case(rng, 60)
+    fitted = {m: quality.fit_qc_model(rows, truth, method=m, tumour=tumour) for m in ("regressor", "presence", "blend")}
+    np.testing.assert_allclose(fitted["blend"].oof, (np.array(fitted["regressor"].oof) + fitted["presence"].oof) / 2)
+    fresh, _, _ = _presence_case(rng, 20)
+    parts = [fitted[m].predict(fresh)[0] for m in ("regressor", "presence")]
+    np.testing.assert_allclose(fitted["blend"].predict(fresh)[0], (parts[0] + parts[1]) / 2)
+    quality._FITTED.clear()
+    loaded = quality.QCModel.load(fitted["blend"].save(tmp_path / "blend.json"))
+    np.testing.assert_allclose(loaded.predict(fresh)[0], fitted["blend"].predict(fresh)[0])
+
+
+@pytest.mark.parametrize(
+    ("forest_noise", "presence_noise", "chosen"),
+    [(0.4, 0.02, "presence"), (0.02, 0.4, "regressor"), (0.1, 0.1, "blend")],
+)
+def test_auto_keeps_one_model_only_when_it_is_clearly_better(monkeypatch, forest_noise, presence_noise, chosen):
+    """One-standard-error rule: a clear out-of-fold winner is kept, a gap within the noise gives their mean."""
+    truth = np.random.default_rng(1).uniform(size=40)
+    noise = {"regressor": forest_noise, "presence": presence_noise}
+    scores = {m: truth + noise[m] * np.random.default_rng(seed).normal(size=40) for seed, m in enumerate(noise)}
+    monkeypatch.setattr(quality, "_cross_fit_rows", lambda m, *_: scores[m])
+    rows = [{"empty": 0.0, "lbp_cue": 0.0}] * 40
+    method, oof, evidence = quality._select_method(rows, truth, None, np.ones(40, bool))
+    assert method == chosen and evidence["naurc_gap_se"] > 0
+    np.testing.assert_allclose(oof, {**scores, "blend": (scores["regressor"] + scores["presence"]) / 2}[chosen])
 
 
 @pytest.mark.parametrize("method", ["regressor", "presence"])

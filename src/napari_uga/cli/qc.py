@@ -31,7 +31,7 @@ def register(sub) -> None:
         "--method",
         default=None,
         help="QC method (default: the QC model's; with calibration images auto: the random forest or the "
-        "presence model, whichever ranks the calibration images best)",
+        "presence model where one ranks the calibration images clearly better, else their mean, blend)",
     )
     p.add_argument("--samples", type=int, default=None, help="MC samples per TTA view (default 8)")
     p.add_argument("--qc-model", type=Path, default=None, help="QC model JSON (default: the shipped calibration)")
