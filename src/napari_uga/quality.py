@@ -51,6 +51,7 @@ BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted cont
 ESTIMATES = {
     "regressor": "tree_median",  # before: the forest mean
     "presence": "texture_presence",  # before: P(tumour) from every feature, not the texture alone
+    "blend": "tree_median+texture_presence",
 }
 TEXTURE_PREFIX = "lbp_"  # the texture features (:func:`_texture`)
 DEFAULT_METHOD = "auto"  # forest or presence model, whichever ranks the calibration images best (docs/qc.md)

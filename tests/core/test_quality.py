@@ -260,7 +260,7 @@ def test_auto_keeps_one_model_only_when_it_is_clearly_better(monkeypatch, forest
     np.testing.assert_allclose(oof, {**scores, "blend": (scores["regressor"] + scores["presence"]) / 2}[chosen])
 
 
-@pytest.mark.parametrize("method", ["regressor", "presence"])
+@pytest.mark.parametrize("method", ["regressor", "presence", "blend"])
 def test_older_learned_files_are_rescored_with_todays_estimate(rng, method):
     rows, truth, tumour = _presence_case(rng, 30)
     current = quality.fit_qc_model(rows, truth, method=method, rule="fdr", tumour=tumour)
