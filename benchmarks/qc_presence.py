@@ -39,7 +39,7 @@ def main() -> None:
     scores = {"auroc": [], "accuracy": [], "mae": [], "mae_from_presence": []}
     for seed in range(args.splits):
         cal = bench.split(groups, tumour, seed, args.calibration_share)
-        model = quality.PresenceModel(quality.texture_columns(columns)).fit(x[cal], truth[cal], tumour[cal])
+        model = quality.PresenceModel(columns).fit(x[cal], truth[cal], tumour[cal])
         probability = model.presence(x[~cal])
         error = np.abs(np.clip(model.predict(x[~cal]), 0, 1) - truth[~cal])
         wrong = (probability >= 0.5) != tumour[~cal]

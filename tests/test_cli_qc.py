@@ -39,6 +39,7 @@ def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"per_image", "threshold", "alpha", "metrics"} <= set(out) and set(out["metrics"]) == KEYS
+    assert out["method_reason"].startswith(f"auto chose {out['method']}: out-of-fold normalised AURC")
     assert [r["name"] for r in out["per_image"]] == sorted(p.stem for p in (test / "images").iterdir())
     for row in out["per_image"]:
         assert set(row) == {"name", "dice_pred", "accepted", "dice_true"}

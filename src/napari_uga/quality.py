@@ -54,7 +54,7 @@ ESTIMATES = {
     "blend": "tree_median+texture_presence",
 }
 TEXTURE_PREFIX = "lbp_"  # the texture features (:func:`_texture`)
-DEFAULT_METHOD = "auto"  # forest or presence model, whichever ranks the calibration images best (docs/qc.md)
+DEFAULT_METHOD = "auto"  # forest, presence model or their mean, by the calibration images (_select_method)
 RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or false discovery rate <= alpha
 DEFAULT_RULE = "ltt"
 DEFAULT_QC_FILE = Path(__file__).parent / "weights" / "qc_calibration.json"
@@ -73,9 +73,6 @@ SCORE_METHODS: dict[str, tuple[str, bool]] = {
 }
 METHODS = ("auto", *SCORE_METHODS, "regressor", "linear", "presence", "blend")
 PRESENCE_METHODS = ("presence", "blend")  # need the calibration images' tumour flags (from their masks)
-# what ``auto`` may choose (:func:`_select_method`): the forest or the presence model when its out-of-fold
-# normalised AURC on the calibration images is clearly better, else their mean; presence needs tumour flags
-AUTO_CHOICES = ("regressor", "presence", "blend")
 
 
 # ----------------------------------------------------------------------------- features
@@ -323,6 +320,15 @@ def aurc(confidence: np.ndarray, risk: np.ndarray) -> float:
     return float(np.sum((risks[:-1] + risks[1:]) / 2 * (cov[:-1] - cov[1:])))
 
 
+def naurc(dice_pred: np.ndarray, dice_true: np.ndarray) -> float | None:
+    """Normalised AURC: 1 = oracle ordering, 0 = random; ``None`` when every image has the same risk."""
+    risk = 1 - np.asarray(dice_true, float)
+    optimal, random = aurc(-risk, risk), float(risk.mean())
+    if random - optimal <= 1e-12:
+        return None
+    return (random - aurc(np.asarray(dice_pred, float), risk)) / (random - optimal)
+
+
 def qc_metrics(
     dice_pred: np.ndarray, dice_true: np.ndarray, accepted: np.ndarray, threshold: float = 0.8
 ) -> dict[str, float | None]:
@@ -343,13 +349,12 @@ def qc_metrics(
     good = true > threshold
     value = aurc(pred, risk)
     optimal = aurc(-risk, risk)
-    random = float(risk.mean())
     spread = np.ptp(pred) > 0 and np.ptp(true) > 0
     out = {
         "auroc": float(roc_auc_score(good, pred)) if 0 < good.sum() < len(good) else None,
         "aurc": value,
         "eaurc": value - optimal,
-        "naurc": (random - value) / (random - optimal) if random - optimal > 1e-12 else None,
+        "naurc": naurc(pred, true),
         "mae": float(np.abs(pred - true).mean()),
         "spearman": float(spearmanr(pred, true).statistic) if spread else None,
         "accepted_precision": float(good[accepted].mean()) if accepted.any() else None,
@@ -455,7 +460,7 @@ def _feature_names(method: str, rows: Sequence[dict[str, float]]) -> list[str]:
         return [SCORE_METHODS[method][0]]
     if method in PRESENCE_METHODS:
         if "empty" not in rows[0]:
-            raise InputError("QC method 'presence' needs the 'empty' feature (rows from image_features)")
+            raise InputError(f"QC method {method!r} needs the 'empty' feature (rows from image_features)")
         return ["empty", *sorted(k for k in rows[0] if k != "empty")]  # column 0: is the prediction empty?
     return sorted(rows[0])
 
@@ -470,17 +475,11 @@ def _fit(
 ):
     if method in PRESENCE_METHODS:
         if tumour is None or len(tumour) != len(y):
-            raise InputError("QC method 'presence' needs one tumour flag per calibration image (from its mask)")
-        learner = BlendModel(names, seed) if method == "blend" else PresenceModel(texture_columns(names), seed)
+            raise InputError(f"QC method {method!r} needs one tumour flag per calibration image (from its mask)")
+        learner = BlendModel(names, seed) if method == "blend" else PresenceModel(names, seed)
         return learner.fit(x, y, np.asarray(tumour, bool))
     est = _estimator(method, seed)
     return est.fit(x[:, 0] if method in SCORE_METHODS else x, y)
-
-
-def texture_columns(names: Sequence[str]) -> list[int]:
-    """The columns the tumour-presence classifier reads: the texture features (all, for rows without any)."""
-    texture = [i for i, name in enumerate(names) if name.startswith(TEXTURE_PREFIX)]
-    return texture or list(range(len(names)))
 
 
 def _presence_classifier(x: np.ndarray, tumour: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -517,18 +516,20 @@ class PresenceModel:
     Per-image Dice splits by two facts: an empty prediction scores 1 when the image holds no
     tumour and 0 when it does; a non-empty prediction scores 0 without tumour and its overlap
     with the tumour otherwise. ``presence`` models P(tumour) (:func:`_presence_classifier`) from
-    the tissue's texture alone (``columns``: whether there is tumour is a property of the tissue,
+    the tissue's texture alone (the ``names`` of the columns that start with ``lbp_``: whether there is tumour is a property of the tissue,
     and the network's own features add noise where it fails silently) and, on the calibration
     images with tumour and a prediction, that overlap (the forest on every feature, its trees'
     median). Like the forest it predicts the more likely outcome, nudged (0.1 %) by the expected
     Dice so that images keep an order. Column 0 of the features is the ``empty`` flag.
     """
 
-    def __init__(self, columns: Sequence[int], seed: int = 0) -> None:
-        self.columns = list(columns)
+    def __init__(self, names: Sequence[str] = (), seed: int = 0) -> None:
+        self.names = list(names)
         self.seed = seed
 
     def fit(self, x: np.ndarray, dice_true: np.ndarray, tumour: np.ndarray) -> PresenceModel:
+        texture = [i for i, name in enumerate(self.names) if name.startswith(TEXTURE_PREFIX)]
+        self.columns = texture or list(range(x.shape[1]))  # rows without texture features: all of them
         classifier = _presence_classifier(x[:, self.columns], tumour)
         self.presence = lambda rows: classifier(rows[:, self.columns])
         segmented = tumour & (x[:, 0] < 0.5)
@@ -555,12 +556,14 @@ class BlendModel:
     column order), so its out-of-fold scores are the mean of theirs.
     """
 
-    def __init__(self, names: Sequence[str], seed: int = 0) -> None:
-        self.forest_columns = [list(names).index(name) for name in sorted(names)]
-        self.presence = PresenceModel(texture_columns(names), seed)
+    def __init__(self, names: Sequence[str] = (), seed: int = 0) -> None:
+        self.names = list(names)
+        self.presence = PresenceModel(names, seed)
         self.seed = seed
 
     def fit(self, x: np.ndarray, dice_true: np.ndarray, tumour: np.ndarray) -> BlendModel:
+        # the forest's own (sorted) column order; without names the given one
+        self.forest_columns = list(np.argsort(self.names)) if self.names else list(range(x.shape[1]))
         self.forest = _fit("regressor", x[:, self.forest_columns], dice_true, self.seed)
         self.presence.fit(x, dice_true, tumour)
         return self
@@ -735,7 +738,7 @@ class QCModel:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a napari-uga QC model ({exc})") from None
         if model.method in PRESENCE_METHODS and model.features[:1] != ["empty"]:
-            raise InputError("not a napari-uga QC model (method presence needs 'empty' as its first feature)")
+            raise InputError(f"not a napari-uga QC model (method {model.method} needs 'empty' as its first feature)")
         if model.rule == "fdr" and len(model.oof) != len(model.dice_true):
             raise InputError("not a napari-uga QC model (rule fdr needs one out-of-fold score per calibration image)")
         if model.method in ESTIMATES and d.get("estimate") != ESTIMATES[model.method]:
@@ -763,7 +766,7 @@ class QCModel:
 
 
 def _rescored(qc: QCModel) -> QCModel:
-    """An older forest or presence file (:data:`ESTIMATES`), rescored with today's estimate of its method.
+    """An older file of a learned method (:data:`ESTIMATES`), rescored with today's estimate of that method.
 
     Its calibration rows are kept; the patient groups of the original cross-fitting are not stored,
     so the new out-of-fold scores come from plain 5-fold cross-fitting.
@@ -820,8 +823,10 @@ def fit_qc_model(
     rows, dice_true : features (:func:`image_features`) and true Dice of calibration images.
     alpha, delta : accepted images have Dice > ``threshold`` with precision >= 1 - alpha, w.p. >= 1 - delta.
     method : a single-feature method (``SCORE_METHODS``), ``regressor`` (random forest), ``linear``
-        (ridge), ``presence`` (:class:`PresenceModel`), or ``auto``: the ``AUTO_CANDIDATES`` member
-        with the best out-of-fold normalised AURC (``presence`` only when ``tumour`` is given).
+        (ridge), ``presence`` (:class:`PresenceModel`), ``blend`` (their mean, :class:`BlendModel`), or
+        ``auto``: one of the forest and ``presence`` when its out-of-fold normalised AURC is better by
+        more than a standard error, else ``blend`` (:func:`_select_method`; ``presence`` and ``blend``
+        only when ``tumour`` is given).
     groups : e.g. patient ids, so cross-fitting never predicts an image from its own group.
     rule : ``ltt`` (the cut above) or ``fdr`` (conformal selection against the out-of-fold scores).
     tumour : whether each calibration image holds tumour (its mask is not empty).
@@ -868,21 +873,24 @@ def _cross_fit_rows(
     return cross_fit(method, _matrix(rows, names), y, groups, tumour=tumour, names=names)
 
 
-def _naurc(confidence: np.ndarray, dice_true: np.ndarray) -> float:
-    """Normalised AURC of predicted Dice (1 = oracle ordering, 0 = random)."""
-    risk = 1 - dice_true
-    optimal, random = aurc(-risk, risk), float(risk.mean())
-    return (random - aurc(confidence, risk)) / max(random - optimal, 1e-12)
+def _score(dice_pred: np.ndarray, dice_true: np.ndarray) -> float:
+    """:func:`naurc`, 0 (no better than random) where it is undefined."""
+    value = naurc(dice_pred, dice_true)
+    return 0.0 if value is None else value
 
 
-def _naurc_gap_se(first: np.ndarray, second: np.ndarray, dice_true: np.ndarray, resamples: int = 200) -> float:
-    """Bootstrap standard error of ``naurc(second) - naurc(first)`` over the calibration images (paired)."""
+def _naurc_gap_se(
+    first: np.ndarray, second: np.ndarray, dice_true: np.ndarray, groups: Sequence | None, resamples: int = 200
+) -> float:
+    """Bootstrap standard error of ``naurc(second) - naurc(first)``, resampling whole groups (paired)."""
+    labels = np.arange(len(dice_true)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    members = [np.flatnonzero(labels == g) for g in range(labels.max() + 1)]
     rng = np.random.default_rng(0)
     gaps = []
     for _ in range(resamples):
-        i = rng.integers(0, len(dice_true), len(dice_true))
+        i = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         if np.ptp(dice_true[i]) > 0:
-            gaps.append(_naurc(second[i], dice_true[i]) - _naurc(first[i], dice_true[i]))
+            gaps.append(_score(second[i], dice_true[i]) - _score(first[i], dice_true[i]))
     return float(np.std(gaps)) if gaps else 0.0
 
 
@@ -899,12 +907,13 @@ def _select_method(
     """
     forest = _cross_fit_rows("regressor", rows, y, groups, None)
     if tumour is None or "empty" not in rows[0]:
-        return "regressor", forest, {"out_of_fold_naurc": {"regressor": round(_naurc(forest, y), 6)}}
+        return "regressor", forest, {"out_of_fold_naurc": {"regressor": round(_score(forest, y), 6)}}
     presence = _cross_fit_rows("presence", rows, y, groups, tumour)
     oofs = {"regressor": forest, "presence": presence, "blend": (forest + presence) / 2}
-    scores = {name: round(_naurc(oof, y), 6) for name, oof in oofs.items()}
-    gap, se = scores["presence"] - scores["regressor"], _naurc_gap_se(forest, presence, y)
-    chosen = "presence" if gap > se else "regressor" if gap < -se else "blend"
+    scores = {name: round(_score(oof, y), 6) for name, oof in oofs.items()}
+    gap, se = scores["presence"] - scores["regressor"], _naurc_gap_se(forest, presence, y, groups)
+    # no spread (e.g. two images): nothing tells the two apart
+    chosen = "blend" if se == 0 or abs(gap) <= se else "presence" if gap > 0 else "regressor"
     return chosen, oofs[chosen], {"out_of_fold_naurc": scores, "naurc_gap_se": round(se, 6)}
 
 
@@ -938,8 +947,27 @@ def qc_report(
         "rule": qc.rule,
         "cut": None if qc.rule == "fdr" or math.isinf(qc.cut) else qc.cut,
         "note": _acceptance_note(qc, bool(accepted.any())),
+        "method_reason": method_reason(qc),
         "metrics": metrics,
     }
+
+
+def method_reason(qc: QCModel) -> str:
+    """Why ``auto`` chose the model's method, in words ("" when it was not chosen by ``auto``)."""
+    auto = qc.info.get("auto")
+    if not isinstance(auto, dict) or not isinstance(auto.get("out_of_fold_naurc"), dict):
+        return ""
+    scores = auto["out_of_fold_naurc"]
+    text = f"auto chose {qc.method}: out-of-fold normalised AURC " + ", ".join(
+        f"{name} {score:.3f}" for name, score in scores.items()
+    )
+    if "presence" not in scores:
+        return text + " (no tumour flags for the presence model)"
+    se = auto.get("naurc_gap_se")
+    if se is None:  # a file from before the one-standard-error rule: the better one was kept
+        return text
+    clear = "within" if qc.method == "blend" else "more than"
+    return text + f" (forest and presence differ by {clear} one standard error, {se:.3f})"
 
 
 def _acceptance_note(qc: QCModel, any_accepted: bool) -> str:

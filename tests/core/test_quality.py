@@ -166,7 +166,7 @@ def test_fit_predict_and_json_round_trip(tmp_path, rng, method):
     loaded = quality.QCModel.load(qc.save(tmp_path / "qc.json"))
     np.testing.assert_allclose(loaded.predict(rows)[0], pred)
     assert loaded.cut == qc.cut and loaded.method == qc.method
-    assert qc.method == method or (method == "auto" and qc.method in quality.AUTO_CHOICES)
+    assert qc.method == method or (method == "auto" and qc.method in ("regressor", "presence", "blend"))
     fdr = quality.refit_for(loaded, qc.alpha, qc.delta, qc.threshold, rule="fdr")
     assert fdr.rule == "fdr" and fdr.oof == qc.oof  # the cross-fitted scores are kept, not refitted
     looser = quality.refit_for(qc, 0.3, qc.delta, qc.threshold)
@@ -221,9 +221,10 @@ def test_presence_model_separates_tumour_presence_from_segmentation_quality(tmp_
     np.testing.assert_allclose(loaded.predict(fresh)[0], pred)
     auto = quality.fit_qc_model(rows, truth, method="auto", tumour=tumour)
     assert set(auto.info["auto"]["out_of_fold_naurc"]) == {"regressor", "presence", "blend"}
-    assert auto.info["auto"]["naurc_gap_se"] > 0
+    assert auto.info["auto"]["naurc_gap_se"] > 0 and "one standard error" in quality.method_reason(auto)
     without_flags = quality.fit_qc_model(rows, truth, method="auto")
     assert set(without_flags.info["auto"]["out_of_fold_naurc"]) == {"regressor"}
+    assert "no tumour flags" in quality.method_reason(without_flags) and quality.method_reason(qc) == ""
     with pytest.raises(InputError, match="tumour flag"):
         quality.fit_qc_model(rows, truth, method="presence")
     with pytest.raises(InputError, match="tumour flag"):
@@ -258,6 +259,35 @@ def test_auto_keeps_one_model_only_when_it_is_clearly_better(monkeypatch, forest
     method, oof, evidence = quality._select_method(rows, truth, None, np.ones(40, bool))
     assert method == chosen and evidence["naurc_gap_se"] > 0
     np.testing.assert_allclose(oof, {**scores, "blend": (scores["regressor"] + scores["presence"]) / 2}[chosen])
+
+
+def test_auto_blends_where_nothing_tells_the_models_apart(monkeypatch):
+    scores = {"regressor": np.array([0.2, 0.9]), "presence": np.array([0.9, 0.2])}
+    monkeypatch.setattr(quality, "_cross_fit_rows", lambda m, *_: scores[m])
+    rows = [{"empty": 0.0, "lbp_cue": 0.0}] * 2
+    assert quality._select_method(rows, np.array([0.1, 0.95]), None, np.ones(2, bool))[0] == "blend"  # 2 images
+    same = np.full(2, 0.7)  # every image equally good: no ordering to score
+    assert quality.naurc(scores["regressor"], same) is None
+    assert quality._select_method(rows, same, None, np.ones(2, bool))[0] == "blend"
+
+
+def test_the_standard_error_resamples_whole_groups(rng):
+    """Copies of one patient's image are not independent evidence: resampling groups widens the error."""
+    truth = rng.uniform(size=10)
+    first, second = (np.repeat(truth + rng.normal(0, 0.2, 10), 4) for _ in range(2))
+    truth = np.repeat(truth, 4)
+    by_image = quality._naurc_gap_se(first, second, truth, None)
+    by_group = quality._naurc_gap_se(first, second, truth, np.repeat(np.arange(10), 4))
+    assert by_group > 1.3 * by_image
+
+
+def test_presence_models_read_every_column_without_names(rng):
+    rows, truth, tumour = _presence_case(rng, 40)
+    x = quality._matrix(rows, quality._feature_names("presence", rows))
+    for method in ("presence", "blend"):
+        oof = quality.cross_fit(method, x, truth, tumour=tumour)
+        assert oof.shape == (40,) and np.all((0 <= oof) & (oof <= 1))
+    assert quality.PresenceModel().fit(x, truth, tumour).columns == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("method", ["regressor", "presence", "blend"])

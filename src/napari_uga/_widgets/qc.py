@@ -298,8 +298,8 @@ class QCWidget(WorkerDock):
         )
         text = (f"{accepted}/{len(rows)} accepted ({rule}; "
                 f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, method {report['method']}).")  # fmt: skip
-        if report["note"]:
-            text += " " + report["note"] + "."
+        for extra in (report["method_reason"], report["note"]):
+            text += f" {extra}." if extra else ""
         metrics = report["metrics"]
         if metrics:
             text += " " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)

@@ -108,6 +108,8 @@ def _human(payload: dict) -> str:
         decision = "accept" if row["accepted"] else "review"
         lines.append(f"{row['name'][:40]:40s} {row['dice_pred']:9.3f} {decision:>8s} {true:>9s}")
     lines.append(f"method {payload['method']}, {_guarantee(payload)}")
+    if payload["method_reason"]:
+        lines.append(payload["method_reason"])
     if payload["note"]:
         lines.append(payload["note"])
     if payload["metrics"]:
