@@ -966,8 +966,9 @@ def method_reason(qc: QCModel) -> str:
     se = auto.get("naurc_gap_se")
     if se is None:  # a file from before the one-standard-error rule: the better one was kept
         return text
-    clear = "within" if qc.method == "blend" else "more than"
-    return text + f" (forest and presence differ by {clear} one standard error, {se:.3f})"
+    if qc.method == "blend":
+        return text + f" (forest and presence are within one standard error, {se:.3f}, of each other)"
+    return text + f" ({qc.method} is better by more than one standard error, {se:.3f})"
 
 
 def _acceptance_note(qc: QCModel, any_accepted: bool) -> str:

@@ -63,6 +63,7 @@ def test_folder_table_sorted_worst_first_and_click_opens(qc_dock, qtbot, tmp_pat
         assert table.item(r, 0).background().color().name() == expected
         assert table.item(r, 3).text() != "–"  # masks given: true Dice shown
     assert "auroc" in qc_dock.status.text() or "mae" in qc_dock.status.text()
+    assert "chosen by auto" in qc_dock.status.text() and qc_dock.status.toolTip().startswith("auto chose")
     assert qc_dock.axes.lines  # risk-coverage curve drawn
     assert qc_dock.settings_box.isHidden()  # folded away, the table keeps its room
     qc_dock.settings_toggle.setChecked(True)

@@ -296,14 +296,16 @@ class QCWidget(WorkerDock):
             if report["rule"] == "fdr"
             else f"predicted Dice ≥ {'—' if cut is None else f'{cut:.3f}'}"
         )
+        method = report["method"] + (", chosen by auto" if report["method_reason"] else "")
         text = (f"{accepted}/{len(rows)} accepted ({rule}; "
-                f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, method {report['method']}).")  # fmt: skip
-        for extra in (report["method_reason"], report["note"]):
-            text += f" {extra}." if extra else ""
+                f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, method {method}).")  # fmt: skip
+        if report["note"]:
+            text += " " + report["note"] + "."
         metrics = report["metrics"]
         if metrics:
             text += " " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
         self.status.setText(text)
+        self.status.setToolTip(report["method_reason"])  # the out-of-fold scores behind auto's choice
         self._draw_boxes(rows)
         self._plot(rows)
 
