@@ -516,10 +516,10 @@ class PresenceModel:
     Per-image Dice splits by two facts: an empty prediction scores 1 when the image holds no
     tumour and 0 when it does; a non-empty prediction scores 0 without tumour and its overlap
     with the tumour otherwise. ``presence`` models P(tumour) (:func:`_presence_classifier`) from
-    the tissue's texture alone (the ``names`` of the columns that start with ``lbp_``: whether there is tumour is a property of the tissue,
-    and the network's own features add noise where it fails silently) and, on the calibration
-    images with tumour and a prediction, that overlap (the forest on every feature, its trees'
-    median). Like the forest it predicts the more likely outcome, nudged (0.1 %) by the expected
+    the tissue's texture alone (the columns whose ``names`` start with ``lbp_``: whether there is
+    tumour is a property of the tissue, and the network's own features add noise where it fails
+    silently) and, on the calibration images with tumour and a prediction, that overlap (the
+    forest on every feature, its trees' median). Like the forest it predicts the more likely outcome, nudged (0.1 %) by the expected
     Dice so that images keep an order. Column 0 of the features is the ``empty`` flag.
     """
 
