@@ -519,8 +519,9 @@ class PresenceModel:
     the tissue's texture alone (the columns whose ``names`` start with ``lbp_``: whether there is
     tumour is a property of the tissue, and the network's own features add noise where it fails
     silently) and, on the calibration images with tumour and a prediction, that overlap (the
-    forest on every feature, its trees' median). Like the forest it predicts the more likely outcome, nudged (0.1 %) by the expected
-    Dice so that images keep an order. Column 0 of the features is the ``empty`` flag.
+    forest on every feature, its trees' median). Like the forest it predicts the more likely
+    outcome, nudged (0.1 %) by the expected Dice so that images keep an order. Column 0 of the
+    features is the ``empty`` flag.
     """
 
     def __init__(self, names: Sequence[str] = (), seed: int = 0) -> None:
@@ -772,17 +773,22 @@ def _rescored(qc: QCModel) -> QCModel:
     so the new out-of-fold scores come from plain 5-fold cross-fitting.
     """
     info = {**qc.info, "rescored": f"cut and out-of-fold scores recomputed for today's {qc.method} (older file)"}
+    return _refit(qc, qc.alpha, qc.delta, qc.threshold, qc.method, qc.rule, info)
+
+
+def _refit(qc: QCModel, alpha: float, delta: float, threshold: float, method: str, rule: str, info: dict) -> QCModel:
+    """A fresh fit on a model's stored calibration rows, true Dice and tumour flags."""
     return fit_qc_model(
         qc.rows,
         qc.dice_true,
-        qc.alpha,
-        qc.delta,
-        qc.threshold,
-        qc.method,
+        alpha,
+        delta,
+        threshold,
+        method,
         samples=qc.samples,
         tta=qc.tta,
         info=info,
-        rule=qc.rule,
+        rule=rule,
         tumour=qc.tumour or None,
     )
 
@@ -1007,17 +1013,7 @@ def refit_for(
             else conformal_cut(np.asarray(qc.oof), np.asarray(qc.dice_true), threshold, alpha, delta)
         )
         return replace(qc, alpha=alpha, delta=delta, threshold=threshold, rule=rule, cut=cut)
-    wanted = (alpha, delta, threshold, method or qc.method)
-    return fit_qc_model(
-        qc.rows,
-        qc.dice_true,
-        *wanted,
-        samples=qc.samples,
-        tta=qc.tta,
-        info=qc.info,
-        rule=rule,
-        tumour=qc.tumour or None,
-    )
+    return _refit(qc, alpha, delta, threshold, method or qc.method, rule, qc.info)
 
 
 def iter_qc(
