@@ -1,0 +1,374 @@
+"""The one slide abstraction: lazy levels of any whole-slide file, its µm/px, thumbnail and tissue.
+
+Which library reads what:
+
+- **tifffile** (with imagecodecs) reads TIFF, OME-TIFF, Aperio SVS (JPEG and JPEG 2000) and
+  Hamamatsu NDPI: pure Python, it exposes each level as a zarr store whose chunks are the
+  file's own tiles, so a read decodes only the tiles it touches.
+- **OpenSlide** (``openslide-python`` with the ``openslide-bin`` wheel, no system library)
+  reads what tifffile cannot: 3DHistech MRXS, Leica SCN, Ventana BIF, Hamamatsu VMS/VMU,
+  Philips TIFF and DICOM WSI (a folder of ``.dcm`` instances: the folder is the slide).
+- PNG / JPEG images are small by nature and read whole (one level).
+
+Every level is a :class:`SlideLevel`: an array-like (``shape``, ``dtype``, ``ndim``, slicing)
+that napari shows as a multiscale layer and the core reads box by box. A level records the
+largest read it served, so tests can prove that nothing larger than a block is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from .io import InputError, tissue_mask
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".ome.tif", ".ome.tiff", ".btf")
+OPENSLIDE_SUFFIXES = (".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg")
+SLIDE_SUFFIXES = (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES, *PLAIN_SUFFIXES)
+TISSUE_SIDE = 2048  # the tissue mask comes from a level (or a stride of one) at most this long
+MAX_FLAT_SIDE = 16384  # a single-level image larger than this cannot be shown or surveyed without a pyramid
+MAX_READ_PIXELS = 8192 * 8192  # no read of a slide is ever larger (a guard, not a working size)
+_UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def plausible_mpp(mpp: float | None) -> float | None:
+    """``mpp`` when it is a believable pixel size (0.01-20 µm/px), else ``None``."""
+    return float(mpp) if mpp is not None and 0.01 <= float(mpp) <= 20 else None
+
+
+def _ome_mpp(xml: str) -> float | None:
+    root = ET.fromstring(xml)
+    for element in root.iter():
+        if element.tag.endswith("Pixels") and "PhysicalSizeX" in element.attrib:
+            unit = element.attrib.get("PhysicalSizeXUnit", "µm")
+            return float(element.attrib["PhysicalSizeX"]) * _UNIT_TO_UM.get(unit, 1.0)
+    return None
+
+
+def _tag_mpp(page) -> float | None:
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    num, den = tags["XResolution"].value
+    per_unit = num / den if den else 0.0
+    unit = int(tags["ResolutionUnit"].value)
+    if per_unit <= 0 or unit not in (2, 3):
+        return None
+    return (25400.0 if unit == 2 else 10000.0) / per_unit
+
+
+def read_mpp(tif) -> float | None:
+    """Level-0 µm/px of an open ``tifffile.TiffFile``: OME metadata, SVS ``MPP``, or resolution tags."""
+    mpp = None
+    if tif.is_ome and tif.ome_metadata:
+        mpp = _ome_mpp(tif.ome_metadata)
+    if mpp is None and tif.is_svs:
+        found = re.search(r"MPP\s*=\s*([0-9.]+)", tif.pages[0].description)
+        mpp = float(found.group(1)) if found else None
+    if mpp is None:
+        mpp = _tag_mpp(tif.pages[0])
+    return plausible_mpp(mpp)
+
+
+def slide_name(path: str | os.PathLike) -> str:
+    """A slide's name: its file (or DICOM folder) name without the slide suffixes."""
+    name = Path(path).name
+    for suffix in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_slide_path(path: str | os.PathLike) -> bool:
+    """True for a file with a slide suffix, or a folder holding DICOM instances."""
+    path = Path(path)
+    if path.is_dir():
+        return any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+    return path.name.lower().endswith(SLIDE_SUFFIXES)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Cheap fingerprint of a slide file (or DICOM folder): sizes plus the first and last 64 KiB of each file."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name if path.is_dir() else ''}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(65536))
+            handle.seek(max(0, size - 65536))
+            digest.update(handle.read(65536))
+    return digest.hexdigest()[:16]
+
+
+class SlideLevel:
+    """One level of a slide as a lazy H x W x 3 uint8 array: slicing reads only the box asked for."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, shape: tuple[int, int], read_box) -> None:
+        self.shape = (int(shape[0]), int(shape[1]), 3)
+        self._read_box = read_box  # (y0, y1, x0, x1) -> h x w x 3 uint8
+        self.largest_read = 0  # pixels of the largest box read so far
+        self.reads = 0
+
+    @property
+    def size(self) -> int:
+        """Number of elements (as numpy arrays have)."""
+        return self.shape[0] * self.shape[1] * 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        ys, xs, cs = key
+        y0, y1, sy = _as_slice(ys, self.shape[0]).indices(self.shape[0])
+        x0, x1, sx = _as_slice(xs, self.shape[1]).indices(self.shape[1])
+        if sy < 0 or sx < 0:
+            raise IndexError("negative steps are not supported on a slide level")
+        y1, x1 = max(y0, y1), max(x0, x1)
+        pixels = (y1 - y0) * (x1 - x0)
+        if pixels > MAX_READ_PIXELS:
+            raise InputError(f"refusing to read {y1 - y0} x {x1 - x0} px of a slide at once (read it tile by tile)")
+        self.largest_read = max(self.largest_read, pixels)
+        self.reads += 1
+        box = self._read_box(y0, y1, x0, x1) if pixels else np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        return box[_local(ys, sy), _local(xs, sx), cs]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:, :, :]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _local(key, step: int):
+    """The index into a read box that applies ``key`` (an int picks its one row, a slice its step)."""
+    return slice(None, None, step) if isinstance(key, slice) else 0
+
+
+def _as_slice(key, length: int) -> slice:
+    if isinstance(key, slice):
+        return key
+    index = int(key) + (length if int(key) < 0 else 0)
+    return slice(index, index + 1)
+
+
+class Slide:
+    """A whole-slide image opened lazily: ``levels`` (finest first), ``mpp``, thumbnail and tissue.
+
+    Open any supported file (or a DICOM folder) with ``Slide(path)``; ``mpp`` overrides the
+    file's pixel size. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
+        self.path = Path(path)
+        self.name = slide_name(self.path)
+        self._closers: list = []
+        self._lock = threading.Lock()
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such file or folder")
+        if mpp is not None and plausible_mpp(mpp) is None:
+            raise InputError(f"mpp: {mpp} µm/px is outside the plausible range 0.01-20")
+        lower = self.path.name.lower()
+        if self.path.is_dir() or lower.endswith(OPENSLIDE_SUFFIXES):
+            self.levels, file_mpp = self._open_openslide()
+            self.reader = "openslide"
+        elif lower.endswith(PLAIN_SUFFIXES):
+            self.levels, file_mpp = self._open_plain()
+            self.reader = "imageio"
+        elif lower.endswith(TIFF_SUFFIXES):
+            self.levels, file_mpp = self._open_tiff()
+            self.reader = "tifffile"
+        else:
+            raise InputError(f"{self.path}: not a slide format napari-uga reads ({', '.join(SLIDE_SUFFIXES)})")
+        self.file_mpp = file_mpp
+        self.mpp = plausible_mpp(mpp) if mpp is not None else file_mpp
+        coarsest = self.levels[-1].shape
+        if max(coarsest[:2]) > MAX_FLAT_SIDE:
+            self.close()
+            h, w = self.levels[0].shape[:2]
+            raise InputError(
+                f"{self.path}: a {w} x {h} px image without a small enough pyramid level "
+                f"(coarsest {coarsest[1]} x {coarsest[0]}); save it as a tiled pyramid first, "
+                "e.g. `vips tiffsave in out.tif --tile --pyramid --compression jpeg`"
+            )
+
+    # -- backends --------------------------------------------------------------------
+    def _open_tiff(self) -> tuple[list[SlideLevel], float | None]:
+        import tifffile
+        import zarr
+
+        try:
+            tif = tifffile.TiffFile(self.path)
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
+            raise InputError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__}: {exc})") from None
+        self._closers.append(tif.close)
+        try:
+            series = tif.series[0]
+            arrays = [zarr.open(tif.aszarr(series=0, level=i), mode="r") for i in range(len(series.levels))]
+            file_mpp = read_mpp(tif)
+        except Exception as exc:  # noqa: BLE001
+            self.close()
+            raise InputError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__}: {exc})") from None
+        shape, dtype = arrays[0].shape, arrays[0].dtype
+        if len(shape) != 3 or shape[-1] not in (3, 4) or dtype != np.uint8:
+            self.close()
+            raise InputError(f"{self.path}: expected an RGB uint8 slide (H x W x 3), got {shape} {dtype}")
+        levels = [SlideLevel(a.shape[:2], self._zarr_reader(a)) for a in arrays]
+        self._check_readable(levels[-1])
+        return levels, file_mpp
+
+    def _zarr_reader(self, array):
+        def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            try:
+                return np.asarray(array[y0:y1, x0:x1, :3])
+            except Exception as exc:  # noqa: BLE001 - a damaged tile reads as a clear error
+                raise InputError(f"{self.path}: tiles at ({y0}, {x0}) cannot be decoded ({type(exc).__name__})") from None
+
+        return read
+
+    def _open_openslide(self) -> tuple[list[SlideLevel], float | None]:
+        try:
+            import openslide
+        except ImportError:  # pragma: no cover - openslide-python is a dependency
+            raise InputError(f"{self.path}: reading this format needs openslide-python and openslide-bin") from None
+        target = self.path
+        if self.path.is_dir():
+            instances = sorted(p for p in self.path.iterdir() if p.suffix.lower() == ".dcm")
+            if not instances:
+                raise InputError(f"{self.path}: a folder that holds no DICOM (.dcm) instances")
+            target = instances[0]
+        try:
+            handle = openslide.OpenSlide(str(target))
+        except Exception as exc:  # noqa: BLE001 - unsupported, truncated or corrupt
+            raise InputError(f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})") from None
+        self._closers.append(handle.close)
+        file_mpp = plausible_mpp(_float(handle.properties.get("openslide.mpp-x")))
+        levels = []
+        for i, (w, h) in enumerate(handle.level_dimensions):
+            levels.append(SlideLevel((h, w), self._openslide_reader(handle, i)))
+        self._check_readable(levels[-1])
+        return levels, file_mpp
+
+    def _openslide_reader(self, handle, level: int):
+        down = handle.level_downsamples[level]
+
+        def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            with self._lock:  # one OpenSlide handle, many threads
+                region = handle.read_region((round(x0 * down), round(y0 * down)), level, (x1 - x0, y1 - y0))
+            rgba = np.asarray(region)
+            rgb = rgba[..., :3].copy()
+            rgb[rgba[..., 3] == 0] = 255  # outside the scanned area: white glass
+            return rgb
+
+        return read
+
+    def _open_plain(self) -> tuple[list[SlideLevel], float | None]:
+        from .io import read_image
+
+        image = read_image(self.path)
+        return [SlideLevel(image.shape[:2], lambda y0, y1, x0, x1: image[y0:y1, x0:x1])], None
+
+    def _check_readable(self, level: SlideLevel) -> None:
+        """Decode one tile of the coarsest level now, so a truncated file fails at open, not later."""
+        try:
+            level[: min(64, level.shape[0]), : min(64, level.shape[1])]
+        except InputError:
+            self.close()
+            raise
+        level.largest_read, level.reads = 0, 0
+
+    # -- context -----------------------------------------------------------------------
+    def __enter__(self) -> Slide:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file(s)."""
+        for close in self._closers:
+            close()
+        self._closers = []
+
+    # -- geometry ----------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Level-0 height and width."""
+        return self.levels[0].shape[:2]
+
+    def downsample(self, level: int) -> float:
+        """Level-0 pixels per pixel of ``level``."""
+        return self.levels[0].shape[1] / self.levels[level].shape[1]
+
+    def level_mpp(self, level: int, default: float) -> float:
+        """µm/px of a level (``default`` stands in for an unknown level-0 pixel size)."""
+        return (self.mpp or default) * self.downsample(level)
+
+    def largest_read(self) -> int:
+        """Pixels of the largest box read from any level so far."""
+        return max(level.largest_read for level in self.levels)
+
+    def dask(self, level: int = 0, chunk: int = 512):
+        """A level as a dask array (``chunk``-sided blocks)."""
+        import dask.array as da
+
+        return da.from_array(self.levels[level], chunks=(chunk, chunk, 3), asarray=True, fancy=False)
+
+    def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """A box of a level (clipped to the level), H x W x 3 uint8."""
+        return self.levels[level][max(0, y) : y + h, max(0, x) : x + w]
+
+    def _small_level(self, max_side: int) -> tuple[int, int]:
+        """The finest level whose longer side fits ``max_side`` (else the coarsest) and a stride that fits it."""
+        fitting = [i for i, a in enumerate(self.levels) if max(a.shape[:2]) <= max_side]
+        level = fitting[0] if fitting else len(self.levels) - 1
+        step = max(1, math.ceil(max(self.levels[level].shape[:2]) / max_side))
+        return level, step
+
+    def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
+        """An RGB overview whose longer side is at most ``max_side``, and its level-0 px per thumbnail px."""
+        level, step = self._small_level(max_side)
+        rgb = _strided(self.levels[level], step)
+        return rgb, self.downsample(level) * step
+
+    def tissue(self, max_side: int = TISSUE_SIDE) -> tuple[np.ndarray, float]:
+        """Tissue mask from a low level and its downsample (level-0 px per mask px)."""
+        from scipy import ndimage
+
+        rgb, ds = self.thumbnail(max_side)
+        mask = tissue_mask(rgb) if min(rgb.shape[:2]) >= 8 else np.ones(rgb.shape[:2], bool)
+        return ndimage.binary_dilation(mask, iterations=1), ds
+
+
+def _strided(level: SlideLevel, step: int, strip: int = 1024) -> np.ndarray:
+    """Every ``step``-th pixel of a small level, read in strips of about ``strip`` rows (bounded reads)."""
+    h, w = level.shape[:2]
+    rows_per_read = max(step, strip // step * step)
+    rows = []
+    for y in range(0, h, rows_per_read):
+        rows.append(level[y : y + rows_per_read, :][::step, ::step])
+    return np.concatenate(rows) if rows else np.zeros((0, w, 3), np.uint8)
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+    """Open a slide (see :class:`Slide`); raises :class:`InputError` with a one-line reason."""
+    return Slide(path, mpp)
