@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, InputError, atomic_write_bytes, atomic_write_json
+from .io import InputError, atomic_write_bytes, atomic_write_json
+from .wsi import PLAIN_SUFFIXES, SLIDE_SUFFIXES, Slide, is_slide_path, slide_name
 
 _MODELS: dict[tuple, object] = {}
 
@@ -50,14 +51,14 @@ def list_inputs(spec: str | os.PathLike) -> list[Path]:
     if any(ch in text for ch in "*?["):
         paths = [Path(p) for p in sorted(glob.glob(text))]
     elif Path(text).is_dir():
-        paths = sorted(Path(text).iterdir())
+        paths = [Path(text)] if is_slide_path(text) else sorted(Path(text).iterdir())
     elif Path(text).is_file():
         paths = [Path(text)]
     else:
         raise InputError(f"{text}: no such file, folder or matching pattern")
-    paths = [p for p in paths if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".svs")]
+    paths = [p for p in paths if is_slide_path(p)]
     if not paths:
-        raise InputError(f"{text}: no image or slide files ({', '.join((*IMAGE_SUFFIXES, '.svs'))})")
+        raise InputError(f"{text}: no image or slide files ({', '.join(SLIDE_SUFFIXES)}, or a DICOM folder)")
     names = [_name(p) for p in paths]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -66,8 +67,6 @@ def list_inputs(spec: str | os.PathLike) -> list[Path]:
 
 
 def _name(path: Path) -> str:
-    from .slides import slide_name
-
     return slide_name(path)
 
 
@@ -209,14 +208,11 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
 
 def _read_small(path: Path, mpp: float | None) -> tuple[np.ndarray, float | None]:
     """An image in memory and its pixel size (from the TIFF, else ``mpp``)."""
-    from .io import read_image
+    from .io import to_rgb_uint8
 
-    if path.suffix.lower() in (".tif", ".tiff", ".svs"):
-        from .slides import Slide
-
-        with Slide(path, mpp) as slide:
-            return read_image(path), slide.mpp
-    return read_image(path), mpp
+    with Slide(path, mpp) as slide:
+        h, w = slide.shape
+        return to_rgb_uint8(slide.read(0, 0, 0, h, w), str(path)), slide.mpp
 
 
 def block_task(plan: dict, index: tuple[int, int], model_path: str, options: dict, with_qc: bool) -> list[dict]:
@@ -253,10 +249,8 @@ def finalize_task(plan: dict, out_dir: str, qc: dict | None, key: str, start: fl
 
 
 def _is_large(path: Path, opts: BatchOptions) -> bool:
-    if path.suffix.lower() not in (".tif", ".tiff", ".svs"):
+    if path.suffix.lower() in PLAIN_SUFFIXES:  # PNG / JPEG are read whole
         return False
-    from .slides import Slide
-
     with Slide(path, opts.mpp) as slide:
         h, w = slide.shape
     return h * w > opts.split_above

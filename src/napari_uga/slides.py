@@ -1,7 +1,7 @@
 """Whole slides: lazy multi-resolution reading, block-wise uncertainty, pyramidal OME-TIFF output.
 
-A slide is read level by level through tifffile's ``aszarr`` (only the tiles touched are
-decoded). The working level is the coarsest one that is still at least as fine as the
+A slide is read level by level through :class:`napari_uga.wsi.Slide` (only the tiles touched
+are decoded). The working level is the coarsest one that is still at least as fine as the
 network's µm/px; tissue is found on a low level so background blocks never reach the model.
 The slide is processed in square blocks of working-scale pixels (plus a margin for context);
 each block's maps go into a scratch zarr store, from which tiled, compressed, multi-resolution
@@ -13,140 +13,22 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, tissue_mask
+from .tiles import pick_level, tissue_crop
+from .wsi import TISSUE_SIDE, Slide, read_mpp, slide_name
 
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff")
+__all__ = ["Slide", "pick_level", "read_mpp", "slide_name"]  # re-exported: the one slide abstraction lives in wsi
+
 MAP_NAMES = ("probability", "entropy", "prediction")
 SCRATCH_MAPS = ("probability", "entropy", "mutual_information", "variance")
 TILE = 256  # output TIFF tile side
 INFER_TILE = 512  # working-scale inference tile; with batch size 1 the network's activations stay < 1 GB at T=8
-TISSUE_SIDE = 2048  # the tissue level is the finest whose longer side is at most this
-_UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
-
-
-def _plausible(mpp: float | None) -> float | None:
-    return mpp if mpp is not None and 0.01 <= mpp <= 20 else None
-
-
-def _ome_mpp(xml: str) -> float | None:
-    root = ET.fromstring(xml)
-    for element in root.iter():
-        if element.tag.endswith("Pixels") and "PhysicalSizeX" in element.attrib:
-            unit = element.attrib.get("PhysicalSizeXUnit", "µm")
-            return float(element.attrib["PhysicalSizeX"]) * _UNIT_TO_UM.get(unit, 1.0)
-    return None
-
-
-def _tag_mpp(page) -> float | None:
-    tags = page.tags
-    if "XResolution" not in tags or "ResolutionUnit" not in tags:
-        return None
-    num, den = tags["XResolution"].value
-    per_unit = num / den if den else 0.0
-    unit = int(tags["ResolutionUnit"].value)
-    if per_unit <= 0 or unit not in (2, 3):
-        return None
-    return (25400.0 if unit == 2 else 10000.0) / per_unit
-
-
-def read_mpp(tif) -> float | None:
-    """Level-0 µm/px of an open ``tifffile.TiffFile``: OME metadata, SVS ``MPP``, or resolution tags."""
-    mpp = None
-    if tif.is_ome and tif.ome_metadata:
-        mpp = _ome_mpp(tif.ome_metadata)
-    if mpp is None and tif.is_svs:
-        found = re.search(r"MPP\s*=\s*([0-9.]+)", tif.pages[0].description)
-        mpp = float(found.group(1)) if found else None
-    if mpp is None:
-        mpp = _tag_mpp(tif.pages[0])
-    return _plausible(mpp)
-
-
-class Slide:
-    """A lazily read RGB multi-resolution TIFF: one zarr array (H x W x 3 uint8) per level.
-
-    Use as a context manager (the file stays open while the levels are read).
-    """
-
-    def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
-        import tifffile
-        import zarr
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-            series = self._tif.series[0]
-            self.levels = [zarr.open(self._tif.aszarr(series=0, level=i), mode="r") for i in range(len(series.levels))]
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
-            raise InputError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__})") from None
-        shape, dtype = self.levels[0].shape, self.levels[0].dtype
-        if len(shape) != 3 or shape[-1] not in (3, 4) or dtype != np.uint8:
-            self.close()
-            raise InputError(f"{self.path}: expected an RGB uint8 slide (H x W x 3), got {shape} {dtype}")
-        self.mpp = _plausible(mpp) if mpp is not None else read_mpp(self._tif)
-        if mpp is not None and self.mpp is None:
-            raise InputError(f"mpp: {mpp} µm/px is outside the plausible range 0.01-20")
-
-    def __enter__(self) -> Slide:  # noqa: PYI034 - Python 3.10 has no typing.Self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the file."""
-        self._tif.close()
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """Level-0 height and width."""
-        return tuple(self.levels[0].shape[:2])
-
-    def downsample(self, level: int) -> float:
-        """Level-0 pixels per pixel of ``level``."""
-        return self.levels[0].shape[1] / self.levels[level].shape[1]
-
-    def level_mpp(self, level: int, default: float) -> float:
-        """µm/px of a level (``default`` stands in for an unknown level-0 pixel size)."""
-        return (self.mpp or default) * self.downsample(level)
-
-    def dask(self, level: int = 0):
-        """The level as a dask array (chunks = TIFF tiles)."""
-        import dask.array as da
-
-        return da.from_zarr(self.levels[level])
-
-    def tissue(self, max_side: int = TISSUE_SIDE) -> tuple[np.ndarray, float]:
-        """Tissue mask on a low level and its downsample (level-0 px per mask px)."""
-        fitting = [i for i, a in enumerate(self.levels) if max(a.shape[:2]) <= max_side]
-        level = fitting[0] if fitting else len(self.levels) - 1
-        array = self.levels[level]
-        step = max(1, math.ceil(max(array.shape[:2]) / max_side))
-        rgb = np.asarray(array[::step, ::step, :3])
-        mask = tissue_mask(rgb) if min(rgb.shape[:2]) >= 8 else np.ones(rgb.shape[:2], bool)
-        from scipy import ndimage
-
-        return ndimage.binary_dilation(mask, iterations=1), self.downsample(level) * step
-
-
-def pick_level(slide: Slide, target_mpp: float, default_mpp: float) -> tuple[int, float]:
-    """The coarsest level not coarser than ``target_mpp`` and its source-to-working factor."""
-    level = 0
-    for i in range(len(slide.levels)):
-        if slide.level_mpp(i, default_mpp) <= target_mpp * 1.05:
-            level = i
-    return level, slide.level_mpp(level, default_mpp) / target_mpp
 
 
 class _Window:
@@ -194,23 +76,6 @@ class SlidePlan:
         return cls(**data)
 
 
-def slide_name(path: str | os.PathLike) -> str:
-    """A slide's name: its file name without the (OME-)TIFF suffixes."""
-    name = Path(path).name
-    for suffix in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
-
-
-def _block_tissue(tissue: np.ndarray, scale: float, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Nearest-neighbour crop of the low-level tissue mask to a working-scale box (y0, x0, h, w)."""
-    y0, x0, h, w = box
-    rows = np.minimum(((y0 + np.arange(h) + 0.5) * scale).astype(int), tissue.shape[0] - 1)
-    cols = np.minimum(((x0 + np.arange(w) + 0.5) * scale).astype(int), tissue.shape[1] - 1)
-    return tissue[np.ix_(rows, cols)]
-
-
 def plan_slide(
     path: str | os.PathLike,
     scratch: str | os.PathLike,
@@ -246,7 +111,7 @@ def plan_slide(
     blocks = tuple(
         (by, bx)
         for by, bx in grid
-        if _block_tissue(
+        if tissue_crop(
             tissue,
             scale,
             (by * block, bx * block, min(block, shape[0] - by * block), min(block, shape[1] - bx * block)),
@@ -312,7 +177,7 @@ def process_block(
         window = _Window(level, sy0, sx0, sy1 - sy0, sx1 - sx0)
         out_h, out_w = max(1, round((sy1 - sy0) * plan.factor)), max(1, round((sx1 - sx0) * plan.factor))
         oy, ox = round(sy0 * plan.factor), round(sx0 * plan.factor)
-        tissue = _block_tissue(np.asarray(group["tissue"]), group.attrs["tissue_scale"], (oy, ox, out_h, out_w))
+        tissue = tissue_crop(np.asarray(group["tissue"]), group.attrs["tissue_scale"], (oy, ox, out_h, out_w))
         maps = compute_uncertainty_safe(
             model,
             window,
@@ -486,10 +351,7 @@ def slide_thumbnail(plan: SlidePlan, shape: tuple[int, int], mpp: float | None =
     from skimage.transform import resize
 
     with Slide(plan.path, mpp) as slide:
-        fitting = [i for i, a in enumerate(slide.levels) if a.shape[0] >= shape[0] and a.shape[1] >= shape[1]]
-        array = slide.levels[fitting[-1] if fitting else 0]
-        step = max(1, min(array.shape[0] // shape[0], array.shape[1] // shape[1]))
-        rgb = np.asarray(array[::step, ::step, :3])
+        rgb, _ = slide.thumbnail(max(TISSUE_SIDE, *shape))
     return (resize(rgb, shape, order=1, anti_aliasing=False, preserve_range=True)).astype(np.uint8)
 
 
