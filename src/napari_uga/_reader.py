@@ -1,7 +1,9 @@
-"""npe2 reader: PNG / JPEG / TIFF images, and pyramidal TIFF slides as lazy multiscale layers.
+"""npe2 reader: whole slides (TIFF / OME-TIFF / SVS / NDPI / MRXS / SCN / BIF / VMS / DICOM) and H&E images.
 
-A pyramid is opened level by level through tifffile's zarr store, so only the tiles on
-screen are decoded. A single-channel file opens as a labels layer (a 0/1 mask).
+Every file opens through :class:`napari_uga.wsi.Slide`: a pyramid becomes a lazy multiscale
+layer (only the tiles on screen are decoded), with its µm/px in ``metadata["mpp"]`` and its
+path in ``metadata["path"]``. A single-channel image opens as a labels layer (a 0/1 mask).
+A file that cannot be read gives one line in napari's notification, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,44 +12,57 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .io import IMAGE_SUFFIXES, InputError, read_image, read_mask
+from .io import InputError, read_mask
+from .wsi import PLAIN_SUFFIXES, Slide, is_slide_path, slide_name
 
 LayerData = tuple[object, dict, str]
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
-    """Return :func:`read` for supported image files, else ``None`` (napari tries other readers)."""
+    """Return :func:`read` for slides, slide folders (DICOM) and image files, else ``None``."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths or any(Path(p).suffix.lower() not in IMAGE_SUFFIXES for p in paths):
+    if not paths or not all(Path(p).exists() and is_slide_path(p) for p in paths):
         return None
     return read
 
 
 def read(path: str | list[str]) -> list[LayerData]:
-    """Layer data for one or more image files."""
+    """Layer data for one or more slides or image files (a bad file is reported in one line)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [read_one(Path(p)) for p in paths]
+    out = []
+    for p in paths:
+        try:
+            out.append(read_one(Path(p)))
+        except InputError as exc:
+            from napari.utils.notifications import show_error
+
+            show_error(f"napari-uga: {exc}")
+    return out
 
 
-def read_one(path: Path) -> LayerData:
-    """One file as an image layer (multiscale when it is a pyramid) or, for a 0/1 mask, a labels layer."""
-    meta: dict = {"name": path.stem, "metadata": {"path": str(path)}}
-    if path.suffix.lower() in (".tif", ".tiff"):
-        levels = tiff_levels(path)
-        if len(levels) > 1:
-            rgb = levels[0].ndim == 3 and levels[0].shape[-1] in (3, 4)
-            return levels, {**meta, "multiscale": True, "rgb": rgb}, "image"
+def read_one(path: Path, mpp: float | None = None) -> LayerData:
+    """One slide as an image layer (multiscale when it has levels) or, for a 0/1 mask image, a labels layer."""
+    meta: dict = {"name": slide_name(path)}
     try:
-        return read_image(path), {**meta, "rgb": True}, "image"
+        slide = Slide(path, mpp)
     except InputError:
+        if path.suffix.lower() in (*PLAIN_SUFFIXES, ".tif", ".tiff"):
+            return _map_or_mask(path, meta)
+        raise
+    meta["metadata"] = {"path": str(path), "mpp": slide.mpp, "reader": slide.reader}
+    levels = slide.levels
+    if len(levels) > 1:
+        return levels, {**meta, "multiscale": True, "rgb": True}, "image"
+    return levels[0], {**meta, "rgb": True}, "image"
+
+
+def _map_or_mask(path: Path, meta: dict) -> LayerData:
+    """A single-channel file: a pyramid of values (e.g. a written map) as an image, else a 0/1 mask as labels."""
+    from .slides import read_pyramid
+
+    meta = {**meta, "metadata": {"path": str(path)}}
+    try:
         return read_mask(path), meta, "labels"
-
-
-def tiff_levels(path: Path) -> list:
-    """Every level of a TIFF as a lazily read zarr array (one element for a flat TIFF)."""
-    import tifffile
-    import zarr
-
-    with tifffile.TiffFile(path) as tif:
-        count = len(tif.series[0].levels)
-    return [zarr.open(tifffile.imread(path, aszarr=True, level=i), mode="r") for i in range(count)]
+    except InputError:
+        levels = read_pyramid(path)
+        return levels, {**meta, "multiscale": len(levels) > 1, "rgb": False}, "image"

@@ -232,7 +232,8 @@ class Slide:
     def _zarr_reader(self, array):
         def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
             try:
-                return np.asarray(array[y0:y1, x0:x1, :3])
+                with self._lock:  # one file handle, many threads
+                    return np.asarray(array[y0:y1, x0:x1, :3])
             except Exception as exc:  # noqa: BLE001 - a damaged tile reads as a clear error
                 raise InputError(f"{self.path}: tiles at ({y0}, {x0}) cannot be decoded ({type(exc).__name__})") from None
 
