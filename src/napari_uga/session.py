@@ -2,10 +2,14 @@
 
 Layout::
 
-    session.json            schema, images (path + fingerprint), config, annotations, rounds, queue
-    images/<name>.tif       images that came from memory (so nothing is lost)
-    labels/<id>.png         one 0/1 mask per corrected patch, written when it is submitted
+    session.json            schema, slides (path + fingerprint + µm/px), config, annotations, rounds, queue
+    images/<name>.ome.tif   images that came from memory, as a tiled pyramid (so nothing is lost)
+    labels/<id>.png         one 0/1 mask per corrected patch (level-0 box), written when it is submitted
     checkpoints/round_NNN.safetensors
+    maps/round_NNN.zarr     each round's whole-slide maps, tile by tile (:mod:`napari_uga.tiles`)
+
+A slide is referred to by path and fingerprint; nothing the size of level 0 is ever copied.
+Patches are read from the slide lazily (:meth:`Session.read_patch`).
 
 Every write is atomic (temporary file, then rename); annotations are saved the moment they
 are submitted, so a crash loses nothing and a session can be resumed.
@@ -13,7 +17,6 @@ are submitted, so a crash loses nothing and a session can be resumed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -21,22 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, atomic_write_json, read_image, read_mask, write_array
+from .io import InputError, atomic_write_json, read_mask, write_array
+from .wsi import fingerprint
 from .selection import Box, Proposal
 
 SCHEMA_VERSION = 1
 
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """Cheap file fingerprint: size plus a hash of the first and last 64 KiB."""
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(65536))
-        handle.seek(max(0, size - 65536))
-        digest.update(handle.read(65536))
-    return digest.hexdigest()[:16]
+class SlideMissingError(InputError):
+    """A session's slide is missing or changed: point the session at it again (``Session.open(relocate=...)``)."""
+
+    def __init__(self, name: str, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: slide '{name}' {reason}; locate it to continue the session")
+        self.name, self.path = name, path
 
 
 @dataclass
@@ -85,8 +85,12 @@ class Session:
         return session
 
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> Session:
-        """Reopen a saved session; refuses a changed image file (fingerprint mismatch)."""
+    def open(cls, folder: str | os.PathLike, relocate: dict[str, str | os.PathLike] | None = None) -> Session:
+        """Reopen a saved session; a moved or changed slide raises :class:`SlideMissingError`.
+
+        ``relocate`` maps a slide's name to where it is now; the file there must have the
+        fingerprint the session recorded (the same slide, moved), and the new path is saved.
+        """
         import json
 
         folder = Path(folder)
@@ -115,17 +119,16 @@ class Session:
                 queue=list(data["queue"]),
                 queue_position=int(data["queue_position"]),
             )
-            changed = [
-                name
-                for name, info in session.images.items()
-                if not session.image_path(name).is_file()
-                or fingerprint(session.image_path(name)) != info["fingerprint"]
-            ]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{record}: incomplete session record ({type(exc).__name__}: {exc})") from None
-        if changed:
-            path = session.image_path(changed[0])
-            raise InputError(f"{path}: image '{changed[0]}' is missing or changed since the session was saved")
+        for name, new_path in (relocate or {}).items():
+            session.relocate(name, new_path)
+        for name, info in session.images.items():
+            path = session.image_path(name)
+            if not path.exists():
+                raise SlideMissingError(name, path, "is not where the session saw it (moved or deleted)")
+            if fingerprint(path) != info.get("fingerprint"):
+                raise SlideMissingError(name, path, "has changed since the session was saved (a different file)")
         return session
 
     def save(self) -> None:
@@ -154,21 +157,49 @@ class Session:
         if path is None:
             if array is None:
                 raise ValueError("add_image needs a path or an array")
-            path = write_array(self.folder / "images" / f"{name}.tif", np.asarray(array))
+            from .slides import write_rgb_pyramid
+
+            path = write_rgb_pyramid(self.folder / "images" / f"{name}.ome.tif", np.asarray(array), mpp)
         path = Path(path).resolve()
-        if not path.is_file():
-            raise InputError(f"{path}: no such image file")
+        if not path.exists():
+            raise InputError(f"{path}: no such slide or image file")
         self.images[name] = {"path": str(path), "fingerprint": fingerprint(path), "mpp": mpp}
         self.save()
         return path
+
+    def relocate(self, name: str, path: str | os.PathLike) -> None:
+        """Point slide ``name`` at its new path; refuses a file that is not the same slide."""
+        if name not in self.images:
+            raise InputError(f"relocate: the session has no slide '{name}'")
+        path = Path(path).resolve()
+        if not path.exists():
+            raise InputError(f"{path}: no such slide file or folder")
+        if fingerprint(path) != self.images[name].get("fingerprint"):
+            raise InputError(f"{path}: not the slide '{name}' of this session (its fingerprint differs)")
+        self.images[name]["path"] = str(path)
+        self.save()
 
     def image_path(self, name: str) -> Path:
         """Where an image of the session lives."""
         return Path(self.images[name]["path"])
 
-    def read_image(self, name: str) -> np.ndarray:
-        """An image of the session as RGB uint8."""
-        return read_image(self.image_path(name))
+    def slide(self, name: str):
+        """The session's slide ``name``, opened once and kept open (with the session's µm/px)."""
+        from .wsi import Slide
+
+        slides = self.__dict__.setdefault("_slides", {})
+        if name not in slides:
+            slides[name] = Slide(self.image_path(name), self.images[name].get("mpp"))
+        return slides[name]
+
+    def read_patch(self, box: Box) -> np.ndarray:
+        """The level-0 pixels of a patch (read lazily from its slide)."""
+        return np.ascontiguousarray(self.slide(box.image).read(0, box.y, box.x, box.h, box.w))
+
+    def close(self) -> None:
+        """Close the slides the session opened."""
+        for slide in self.__dict__.pop("_slides", {}).values():
+            slide.close()
 
     # -- annotations -----------------------------------------------------------------
     def add_annotations(self, boxes: list[Box], masks: list[np.ndarray]) -> list[int]:
@@ -196,11 +227,10 @@ class Session:
         from .loop import Annotation
 
         wanted = [a for a in self.annotations if ids is None or a["id"] in ids]
-        images = {name: self.read_image(name) for name in {a["image"] for a in wanted}}
         out = []
         for a in wanted:
             box = Box(a["image"], a["y"], a["x"], a["h"], a["w"])
-            out.append(Annotation(box, box.crop(images[a["image"]]), read_mask(self.folder / a["file"])))
+            out.append(Annotation(box, self.read_patch(box), read_mask(self.folder / a["file"])))
         return out
 
     # -- rounds and checkpoints ------------------------------------------------------

@@ -475,3 +475,130 @@ def write_synthetic_slide(
             level_shape = (-(-shape[0] // ds), -(-shape[1] // ds), 3)
             tif.write(tiles(ds), shape=level_shape, resolution=(1e4 / (mpp * ds),) * 2, **options, **extra)
     return path
+
+
+def _write_rgb_levels(
+    path: str | os.PathLike,
+    shape: tuple[int, int],
+    n_levels: int,
+    level_tiles: Callable[[int], Iterator[np.ndarray]],
+    mpp: float | None,
+    compression: str = "zlib",
+) -> Path:
+    """Write a tiled RGB pyramidal OME-TIFF (level ``i`` is ``2**i`` times smaller), atomically.
+
+    ``level_tiles(i)`` yields the 256 x 256 tiles of level ``i`` in row-major order.
+    """
+    import tifffile
+
+    options = {"tile": (TILE, TILE), "compression": compression, "photometric": "rgb", "dtype": "uint8"}
+    metadata: dict = {"axes": "YXS"}
+    if mpp is not None:
+        metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+        options.update(resolutionunit="CENTIMETER")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+            for i in range(n_levels):
+                ds = 2**i
+                extra = {"subifds": n_levels - 1, "metadata": metadata} if i == 0 else {"subfiletype": 1}
+                if mpp is not None:
+                    extra["resolution"] = (1e4 / (mpp * ds),) * 2
+                level_shape = (-(-shape[0] // ds), -(-shape[1] // ds), 3)
+                tif.write(level_tiles(i), shape=level_shape, **options, **extra)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_rgb_pyramid(path: str | os.PathLike, image: np.ndarray, mpp: float | None = None) -> Path:
+    """Save an in-memory RGB image as a tiled, lossless pyramidal OME-TIFF (levels by 2 x 2 means)."""
+    levels = [np.ascontiguousarray(np.asarray(image)[..., :3])]
+    while max(levels[-1].shape[:2]) > 2 * TILE:
+        prev = levels[-1]
+        h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
+        levels.append(prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8))
+
+    def tiles(i: int) -> Iterator[np.ndarray]:
+        level = levels[i]
+        h, w = -(-levels[0].shape[0] // 2**i), -(-levels[0].shape[1] // 2**i)
+        for y in range(0, h, TILE):
+            for x in range(0, w, TILE):
+                tile = np.full((TILE, TILE, 3), 255, np.uint8)
+                part = level[y : y + TILE, x : x + TILE]
+                tile[: part.shape[0], : part.shape[1]] = part
+                yield tile
+
+    return _write_rgb_levels(path, levels[0].shape[:2], len(levels), tiles, mpp)
+
+
+def write_tissue_slide(
+    path: str | os.PathLike,
+    shape: tuple[int, int],
+    tiles: list[np.ndarray],
+    mpp: float = 0.243,
+    tissue_fraction: float = 0.2,
+    n_islands: int = 12,
+    seed: int = 0,
+) -> Path:
+    """A whole-slide pyramid of any size whose tissue is real H&E: ``tiles`` (256 x 256 RGB) mirrored
+    and rotated into elliptic islands covering about ``tissue_fraction``, glass elsewhere (JPEG tiles).
+
+    Written tile by tile (a glass tile is one shared array), so memory stays small at any size.
+    """
+    rng = np.random.default_rng(seed)
+    variants = [np.ascontiguousarray(np.rot90(t[:TILE, :TILE, :3], k)[:, :: 1 - 2 * f]) for t in tiles for k in range(4) for f in (0, 1)]
+    radius = math.sqrt(tissue_fraction * shape[0] * shape[1] / (math.pi * n_islands))
+    centres = rng.uniform(0.1, 0.9, size=(n_islands, 2)) * np.array(shape)
+    axes = radius * rng.uniform(0.7, 1.3, (n_islands, 2))
+    n_levels = max(1, int(math.log2(max(shape) / 1024)) + 1)
+    glass = np.full((TILE, TILE, 3), 238, np.uint8)
+    pools = {0: variants}
+
+    def pool(i: int) -> list[np.ndarray]:
+        if i not in pools:
+            f = 2**i
+            pools[i] = [v.reshape(TILE // f, f, TILE // f, f, 3).mean(axis=(1, 3)).astype(np.uint8) if f <= TILE else v[:1, :1] for v in variants]
+        return pools[i]
+
+    def inside(y0: float, x0: float, size: float, n: int) -> np.ndarray:
+        """Which of n x n cells (level-0 origin y0, x0, cell side size) lie inside an island."""
+        yy = y0 + (np.arange(n)[:, None] + 0.5) * size
+        xx = x0 + (np.arange(n)[None, :] + 0.5) * size
+        mask = np.zeros((n, n), bool)
+        for (cy, cx), (ry, rx) in zip(centres, axes, strict=True):
+            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        return mask
+
+    def level_tiles(i: int) -> Iterator[np.ndarray]:
+        f = 2**i
+        h, w = -(-shape[0] // f), -(-shape[1] // f)
+        sub = pool(i)
+        cell = TILE // f if f <= TILE else 1  # px of one source tile at this level
+        n = TILE // cell
+        for y in range(0, h, TILE):
+            for x in range(0, w, TILE):
+                y0, x0 = y * f, x * f  # level-0 origin
+                near = np.any(
+                    (np.abs(centres[:, 0] - (y0 + TILE * f / 2)) < axes[:, 0] + TILE * f)
+                    & (np.abs(centres[:, 1] - (x0 + TILE * f / 2)) < axes[:, 1] + TILE * f)
+                )
+                if not near:
+                    yield glass
+                    continue
+                mask = inside(y0, x0, TILE, n)  # one decision per level-0 source tile
+                if not mask.any():
+                    yield glass
+                    continue
+                out = glass.copy()
+                for r, c in zip(*np.nonzero(mask), strict=True):
+                    ty, tx = (y0 // TILE) + r, (x0 // TILE) + c
+                    v = sub[(ty * 7919 + tx * 104729 + seed) % len(sub)]
+                    out[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = v
+                yield out
+
+    return _write_rgb_levels(path, shape, n_levels, level_tiles, mpp, compression="jpeg")
