@@ -44,6 +44,6 @@ def wait_idle(qtbot):
     """Wait until no worker of a dock runs any more (maps refresh included)."""
 
     def wait(widget: AnnotateWidget) -> None:
-        qtbot.waitUntil(lambda: widget.worker is None, timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: widget.worker is None and widget.maps_worker is None, timeout=WAIT_MS)
 
     return wait

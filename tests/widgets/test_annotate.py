@@ -37,14 +37,17 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
 
     first = dock.proposals[0]
     annotation = viewer.layers[ANNOTATION]
-    prefilled = annotation.data[first.y : first.y + first.h, first.x : first.x + first.w]
-    np.testing.assert_array_equal(prefilled, first.crop(dock.result.maps.prediction))
-    annotation.paint((first.y + first.h // 2, first.x + first.w // 2), 1)  # a brush correction
+    assert annotation.data.shape == (first.h, first.w)  # the correction layer is one patch, placed on the slide
+    np.testing.assert_allclose(annotation.translate, (first.y, first.x))
+    wy, wx, wh, ww = dock.plan.to_working(first)
+    predicted = np.asarray(viewer.layers[PREDICTION].data[0][wy : wy + wh, wx : wx + ww])
+    assert abs(annotation.data.mean() - predicted.mean()) < 0.05  # pre-filled with the prediction
+    annotation.paint((first.h // 2, first.w // 2), 1)  # a brush correction
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key.Key_N)
     assert dock.session.queue_position == 1
     assert dock.counter.text() == "patch 2 / 3 · 2 to submit"
 
-    before = viewer.layers[PROBABILITY].data.copy()
+    before = np.asarray(viewer.layers[PROBABILITY].data[0]).copy()
     qtbot.mouseClick(dock.submit_button, Qt.MouseButton.LeftButton)
     folder = dock.session.folder
     assert sorted(p.name for p in (folder / "labels").iterdir()) == ["00001.png", "00002.png"]  # saved before training
@@ -55,7 +58,8 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
 
     assert dock.session.current_round == 1
     assert (folder / "checkpoints" / "round_001.safetensors").is_file()
-    assert not np.array_equal(viewer.layers[PROBABILITY].data, before)
+    assert not np.array_equal(np.asarray(viewer.layers[PROBABILITY].data[0]), before)
+    assert (folder / "maps" / "round_001.zarr").is_dir() and dock.store.complete()
     assert dock.history.rowCount() == 2
     assert dock.history.item(1, 1).text() == "2"
     assert dock.history.item(1, 3).text() != "—"  # Dice against the loaded ground truth
@@ -95,7 +99,7 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     dock.config.lr = 3e-4  # a setting the dock has no box for (Python API)
     dock.k_spin.setValue(4)
     first = dock.proposals[0]
-    dock.viewer.layers[ANNOTATION].data[first.y : first.y + 40, first.x : first.x + 40] = 1
+    dock.viewer.layers[ANNOTATION].data[:40, :40] = 1
     dock.next_patch()
     dock.submit()
     wait_idle(dock)
@@ -111,9 +115,10 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     assert reopened.session.current_round == 1
     assert reopened.session.queue_position == 2
     assert len(viewer.layers[PROPOSALS].data) == 3
+    reopened.go_to(0)
     restored = viewer.layers[ANNOTATION].data
-    np.testing.assert_array_equal(restored[first.y : first.y + 40, first.x : first.x + 40], 1)
-    assert PROBABILITY in viewer.layers and reopened.result is not None
+    np.testing.assert_array_equal(restored[:40, :40], 1)
+    assert PROBABILITY in viewer.layers and reopened.store is not None
     assert reopened.history.rowCount() == 2
     assert not reopened.image_combo.isEnabled()  # the session is bound to its image
     assert reopened.shift_combo.currentIndex() == 1 and reopened.steps_spin.value() == 3

@@ -9,18 +9,17 @@ napari delivers on the main thread. The dock turns ``errored`` into a notificati
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 
-from ..io import Pair, tissue_mask
+from ..io import Pair
 from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs, self_labels
 from ..models import UNet
-from ..selection import Box, Candidate, score_candidates
-from ..training import CancelToken, ProgressEvent, progress_event, resize_image
-from ..uncertainty import UncertaintyMaps, compute_uncertainty
+from ..selection import Box
+from ..tiles import MapStore, TileMapper, TileQueue, compute_maps
+from ..training import CancelToken, ProgressEvent, progress_event
 
 
 class WorkerError(Exception):
@@ -33,62 +32,46 @@ class WorkerError(Exception):
     """
 
 
-@dataclass
-class MapsResult:
-    """Uncertainty maps of one image and its scored candidate patches."""
-
-    maps: UncertaintyMaps
-    candidates: list[Candidate]
-
-
-MIN_TISSUE = 0.6  # a patch worth an annotator's time is mostly tissue (tissue edges are uncertain but cheap)
-
-
 @lru_cache(maxsize=1)
 def _replay() -> tuple[Pair, ...]:
     return tuple(replay_pairs())
 
 
-def compute_maps(model: UNet, name: str, image, samples: int, factor: float, config: LoopConfig) -> MapsResult:
-    """Uncertainty maps of ``image`` and every tissue patch scored for the proposal queue.
+def maps_events(mapper: TileMapper, store: MapStore, queue: TileQueue, cancel: CancelToken, threads: int | None = None):
+    """Drive :func:`napari_uga.tiles.compute_maps` with capped torch threads (a core stays with the UI)."""
+    import torch
 
-    Tiles without tissue are skipped, and the maps are zero on glass (no tissue, no tumour,
-    nothing to annotate), so the overlay and the Dice only speak about tissue.
-    """
-    rgb = np.asarray(image)
-    tissue_small = tissue_mask(resize_image(rgb, factor))
-    maps = compute_uncertainty(model, rgb, samples=samples, tta=config.tta, factor=factor, tissue=tissue_small)
-    rows = np.minimum((np.arange(rgb.shape[0]) * factor).astype(int), tissue_small.shape[0] - 1)
-    cols = np.minimum((np.arange(rgb.shape[1]) * factor).astype(int), tissue_small.shape[1] - 1)
-    tissue = tissue_small[np.ix_(rows, cols)]
-    for array in (maps.probability, maps.entropy, maps.mutual_information, maps.variance):
-        array[~tissue] = 0
-    candidates = score_candidates(
-        name, rgb, maps.layer(config.measure), maps.probability, tissue, config.patch, config.aggregate, MIN_TISSUE
-    )
-    return MapsResult(maps, candidates)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield from compute_maps(mapper, store, queue, cancel)
+    except RuntimeError as exc:
+        raise WorkerError(f"computing the maps failed: {exc}") from exc
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _make_self_labels(
     origin: UNet,
     boxes: Sequence[Box],
-    read_image: Callable[[str], np.ndarray] | None,
+    read_patch: Callable[[Box], np.ndarray] | None,
     factor: float,
     config: LoopConfig,
     cancel: CancelToken,
 ) -> Generator[ProgressEvent, None, list[Annotation] | None]:
-    """The starting model's labels on unlabelled patches of the session's images, patch by patch.
+    """The starting model's labels on unlabelled patches of the session's slides, patch by patch.
 
-    Yields progress; returns the labelled patches (none if the preset uses none), or ``None`` when cancelled.
+    Each patch is read lazily from its slide (``read_patch``). Yields progress; returns the
+    labelled patches (none if the preset uses none), or ``None`` when cancelled.
     """
-    if config.self_share <= 0 or not boxes or read_image is None:
+    if config.self_share <= 0 or not boxes or read_patch is None:
         return []
-    images = {name: read_image(name) for name in {b.image for b in boxes}}
     labelled: list[Annotation] = []
     for i, box in enumerate(boxes):
         if cancel.is_set():
             return None
-        labelled += self_labels(origin, [(box, box.crop(images[box.image]))], factor)
+        labelled += self_labels(origin, [(box, read_patch(box))], factor)
         yield progress_event("self-labels", i + 1, len(boxes), f"starting model labels patch {i + 1}/{len(boxes)}")
     return labelled
 
@@ -103,12 +86,12 @@ def finetune_events(
     threads: int | None = None,
     origin: UNet | None = None,
     self_label_boxes: Sequence[Box] = (),
-    read_image: Callable[[str], np.ndarray] | None = None,
+    read_patch: Callable[[Box], np.ndarray] | None = None,
 ) -> Iterator[ProgressEvent]:
     """Drive :func:`napari_uga.loop.finetune` with the shipped replay tiles; returns its result.
 
     ``origin``: the session's starting model, which the fine-tuning anchor pulls towards and
-    which labels the ``self_label_boxes`` patches (read with ``read_image``) for the self-label share.
+    which labels the ``self_label_boxes`` patches (read with ``read_patch``) for the self-label share.
 
     ``threads`` caps torch's CPU threads for the run (fewer threads leave a core to the UI);
     the process-wide setting is restored afterwards.
@@ -120,7 +103,7 @@ def finetune_events(
         torch.set_num_threads(threads)
     try:
         self_labelled = yield from _make_self_labels(
-            origin or model, self_label_boxes, read_image, factor, config, cancel
+            origin or model, self_label_boxes, read_patch, factor, config, cancel
         )
         if self_labelled is None:
             return None
@@ -139,11 +122,9 @@ def _unstarted(function, *args, **options) -> FunctionWorker | GeneratorWorker:
     return create_worker(function, *args, _start_thread=False, _ignore_errors=True, **options)
 
 
-def maps_worker(model: UNet, name: str, image, samples: int, factor: float, config: LoopConfig) -> FunctionWorker:
-    """An unstarted worker returning :class:`MapsResult`."""
-    return _unstarted(
-        compute_maps, model, name, image, samples, factor, config, _progress={"desc": "UGA uncertainty maps"}
-    )
+def maps_worker(mapper: TileMapper, store: MapStore, queue: TileQueue, cancel: CancelToken, threads: int | None):
+    """An unstarted worker yielding :class:`~napari_uga.tiles.TileProgress` per finished tile or patch."""
+    return _unstarted(maps_events, mapper, store, queue, cancel, threads)
 
 
 def finetune_worker(
@@ -156,12 +137,12 @@ def finetune_worker(
     threads: int | None = None,
     origin: UNet | None = None,
     self_label_boxes: Sequence[Box] = (),
-    read_image: Callable[[str], np.ndarray] | None = None,
+    read_patch: Callable[[Box], np.ndarray] | None = None,
 ) -> GeneratorWorker:
     """An unstarted worker yielding progress events and returning a ``FinetuneResult`` (or ``None``)."""
     return _unstarted(
         finetune_events, model, list(annotations), factor, config, seed, cancel, threads, origin, list(self_label_boxes),
-        read_image,
+        read_patch,
     )
 
 

@@ -1,9 +1,13 @@
-"""The "UGA annotation" dock: uncertainty overlay, patch queue, corrections and background fine-tuning.
+"""The "UGA annotation" dock: whole-slide uncertainty overlay, patch queue, corrections and background fine-tuning.
 
-The widget only wires napari layers to the core: maps come from
-:func:`~napari_uga.uncertainty.compute_uncertainty`, proposals from
-:func:`~napari_uga.selection.select`, fine-tuning from :func:`~napari_uga.loop.finetune`, and
-all state from a :class:`~napari_uga.session.Session` folder (layers are views of it).
+The widget only wires napari layers to the core. The slide is a :class:`~napari_uga.wsi.Slide`
+(lazy levels); maps are computed tile by tile by :func:`~napari_uga.tiles.compute_maps` into
+the round's :class:`~napari_uga.tiles.MapStore`, the view first (the dock only tells the
+:class:`~napari_uga.tiles.TileQueue` where the camera is) and shown as multiscale layers that
+fill in; proposals come from :func:`~napari_uga.selection.select` over the store's scored
+candidates; the correction layer is the size of one patch, placed on the slide; fine-tuning
+reads its patches from the slide lazily (:func:`~napari_uga.loop.finetune`); all state lives
+in a :class:`~napari_uga.session.Session` folder (layers are views of it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from napari.utils.colormaps import Colormap, DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -27,6 +32,7 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QProgressBar,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -35,15 +41,27 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
-from ..io import InputError
+from ..io import InputError, read_mask
 from ..loop import config_for, config_from_record
 from ..metrics import dice
-from ..models import working_factor
+from ..models import DEFAULT_MPP
 from ..selection import Box, Proposal, select
-from ..session import Session
+from ..session import Session, SlideMissingError
+from ..tiles import (
+    MapStore,
+    MapView,
+    TileMapper,
+    TileProgress,
+    TileQueue,
+    map_levels,
+    plan_maps,
+    round_store_path,
+    survey_boxes,
+)
 from ..training import CancelToken
+from ..wsi import MAX_FLAT_SIDE, Slide, fingerprint
 from ._common import WorkerDock, follow_layers, refill_combo, zoom_to_box
-from ._workers import MapsResult, finetune_worker, maps_worker
+from ._workers import finetune_worker, maps_worker
 from .training import TrainingWidget
 
 if TYPE_CHECKING:
@@ -63,7 +81,10 @@ SHIFT_LABELS = {"centre": "new centre / scanner (same tissue)", "organ": "new or
 ANNOTATION_COLOR = "#39ff14"
 NEXT_KEY, PREVIOUS_KEY = "n", "Shift-N"
 TRAIN_THREADS = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the UI (see benchmarks/ui_stall.py)
-SELF_LABEL_PATCHES = 24  # unlabelled tissue patches of the image that the starting model labels for fine-tuning
+SELF_LABEL_PATCHES = 24  # unlabelled tissue patches of the slide that the starting model labels for fine-tuning
+REFRESH_S = 0.4  # the map layers are redrawn at most this often while tiles arrive
+RERANK_EVERY = 25  # tiles between two re-rankings of the queue's unopened patches
+SCORE_MAX_PIXELS = 4096 * 4096  # Dice against a loaded ground truth only on slides whose maps fit this
 
 
 def uncertainty_colormap() -> Colormap:
@@ -76,44 +97,47 @@ def uncertainty_colormap() -> Colormap:
     return Colormap(colors, name="uga inferno", controls=t)
 
 
-def uncertainty_limits(values: np.ndarray) -> tuple[float, float]:
-    """Contrast from the median to the 99.5th percentile of the tissue (non-zero) pixels: the top half glows.
-
-    A flat map (spread under 5 % of its level, e.g. an untrained model) is shown from zero instead.
-    """
-    tissue = values[values > 0]
-    if tissue.size == 0:
-        return 0.0, 1e-3
-    low, high = np.percentile(tissue, [50, 99.5])
-    if high - low < 0.05 * high:
-        low = 0.0
-    return float(low), float(max(high, low + 1e-3))
-
-
 def level0(layer: Image):
     """Full-resolution data of an image layer (level 0 of a multiscale layer)."""
     return layer.data[0] if layer.multiscale else layer.data
 
 
 class AnnotateWidget(WorkerDock):
-    """Dock widget driving one uncertainty-guided annotation session on an image layer."""
+    """Dock widget driving one uncertainty-guided annotation session on a whole slide.
+
+    ``self.worker`` is the fine-tune (one at a time); ``self.maps_worker`` computes the maps in the
+    background and is paused (cancelled, its tiles kept) while a round trains.
+    """
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.session: Session | None = None
         self.image_name: str | None = None
+        self.slide: Slide | None = None
         self.model = None
         self.origin = None  # the session's round-0 model: the fine-tuning anchor pulls towards it
-        self.result: MapsResult | None = None
+        self.plan = None
+        self.store: MapStore | None = None
+        self.stores: list[MapStore] = []  # shown, newest first (older rounds fill what the newest lacks)
+        self.queue: TileQueue | None = None
         self.proposals: list[Proposal] = []
-        self.opened: set[int] = set()
+        self.drafts: dict[Box, np.ndarray] = {}  # opened, not yet submitted corrections (patch-sized masks)
+        self.current: Box | None = None  # the patch in the correction layer
         self.worker = None
+        self.maps_worker = None
+        self.maps_token = CancelToken()
+        self.last_progress: TileProgress | None = None
+        self._propose_when_ready = False
+        self._last_refresh = 0.0
+        self._tiles_since_rank = 0
         self._follow_up = None
         self.token = CancelToken()
         self.config = config_for("centre")
         self._build()
         follow_layers(self.viewer, self._refresh_layers)
+        self.viewer.camera.events.center.connect(self._send_view)
+        self.viewer.camera.events.zoom.connect(self._send_view)
         self._update_controls()
 
     # -- construction ------------------------------------------------------------
@@ -130,15 +154,33 @@ class AnnotateWidget(WorkerDock):
         model_row.addWidget(model_browse)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setRange(0.0, 20.0)
+        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setSingleStep(0.01)
+        self.mpp_spin.setSpecialValueText("from the file")
+        self.mpp_spin.setToolTip("Level-0 µm per pixel of the slide; 'from the file' reads it from its metadata")
         self.samples_spin = _spin(1, 64, self.config.samples, "MC-dropout samples per tile")
         self.compute_button = QPushButton("Compute uncertainty")
         self.compute_button.clicked.connect(self.compute)
+        self.maps_bar = QProgressBar()
+        self.maps_bar.setFormat("%v / %m tiles")
+        self.maps_label = QLabel("")
+        self.maps_cancel = QPushButton("Stop maps")
+        self.maps_cancel.setToolTip("Stop computing maps (the tiles done are kept; Compute continues)")
+        self.maps_cancel.clicked.connect(self.stop_maps)
+        maps_row = QHBoxLayout()
+        maps_row.addWidget(self.maps_bar, stretch=1)
+        maps_row.addWidget(self.maps_cancel)
         setup = QFormLayout()
         setup.addRow("Image", self.image_combo)
         setup.addRow("Model", model_row)
         setup.addRow("Device", self.device_combo)
+        setup.addRow("µm / px", self.mpp_spin)
         setup.addRow("MC samples", self.samples_spin)
         setup.addRow(self.compute_button)
+        setup.addRow(maps_row)
+        setup.addRow(self.maps_label)
 
         self.k_spin = _spin(1, 50, self.config.batch, "How many patches to propose")
         self.propose_button = QPushButton("Propose patches")
@@ -154,7 +196,7 @@ class AnnotateWidget(WorkerDock):
         self.shift_combo.addItems(list(SHIFT_LABELS.values()))
         self.shift_combo.setToolTip(
             "What differs from the model's training data. New centre: gentle fine-tuning with replay of the "
-            "training tiles and of the starting model's own labels elsewhere in this image. "
+            "training tiles and of the starting model's own labels elsewhere on this slide. "
             "New organ: batch-norm statistics adapt, more steps, no replay."
         )
         self.shift_combo.currentIndexChanged.connect(self._shift_changed)
@@ -195,7 +237,7 @@ class AnnotateWidget(WorkerDock):
         session_row = QHBoxLayout()
         for button in (self.undo_button, self.save_button, self.open_button):
             session_row.addWidget(button)
-        self.status = QLabel("Pick an image and compute its uncertainty.")
+        self.status = QLabel("Pick a slide and compute its uncertainty.")
         self.status.setWordWrap(True)
 
         layout = QVBoxLayout(self)
@@ -220,20 +262,20 @@ class AnnotateWidget(WorkerDock):
 
     def _update_controls(self) -> None:
         busy = self.worker is not None
-        has_maps = self.result is not None
-        self.compute_button.setEnabled(not busy)
-        self.propose_button.setEnabled(not busy and has_maps)
+        self.compute_button.setEnabled(not busy and self.maps_worker is None)
+        self.maps_cancel.setEnabled(self.maps_worker is not None)
+        self.propose_button.setEnabled(not busy and self.store is not None)
         for button in (self.prev_button, self.next_button):
             button.setEnabled(bool(self.proposals))
-        self.submit_button.setEnabled(not busy and bool(self.opened))
+        self.submit_button.setEnabled(not busy and bool(self._unsubmitted()))
         self.undo_button.setEnabled(not busy and self.session is not None and self.session.current_round > 0)
         self.save_button.setEnabled(not busy and self.session is not None)
         self.open_button.setEnabled(not busy)
-        for widget in (self.image_combo, self.model_edit, self.device_combo, self.samples_spin):
+        for widget in (self.image_combo, self.model_edit, self.device_combo, self.samples_spin, self.mpp_spin):
             widget.setEnabled(not busy and self.session is None)
         position = self.session.queue_position if self.session else 0
         total = len(self.proposals)
-        waiting = len(self.opened)
+        waiting = len(self._unsubmitted())
         self.counter.setText(f"patch {position + 1} / {total} · {waiting} to submit" if total else "no patches")
 
     def _set_status(self, text: str) -> None:
@@ -244,138 +286,209 @@ class AnnotateWidget(WorkerDock):
         """The image layer the session works on."""
         name = self.image_name or self.image_combo.currentText()
         if name not in self.viewer.layers:
-            raise InputError("pick an image layer first (open an image or File > Open Sample > Camelyon demo slide)")
+            raise InputError("pick an image layer first (open a slide or File > Open Sample > Camelyon demo slide)")
         return self.viewer.layers[name]
 
     def compute(self) -> None:
-        """Start (or continue) the session and compute the uncertainty maps in a worker."""
+        """Start (or continue) the session and compute the maps tile by tile, the current view first."""
         try:
             layer = self.image_layer()
             if self.session is None:
                 self._start_session(layer)
+            self._start_maps()
         except InputError as exc:
             show_error(str(exc))
-            return
-        self._start_maps()
+            self._set_status(f"Cannot compute: {exc}")
+
+    def _mpp_override(self) -> float | None:
+        return self.mpp_spin.value() or None
 
     def _start_session(self, layer: Image) -> None:
+        """Create the session for ``layer``'s slide (by path; an in-memory image is saved as a pyramid)."""
+        path = layer.metadata.get("path") or layer.source.path
+        mpp = self._mpp_override() or layer.metadata.get("mpp")
+        if path:
+            with Slide(path, self._mpp_override()) as slide:
+                mpp = slide.mpp
+        else:
+            data = level0(layer)
+            if not isinstance(data, np.ndarray) or max(data.shape[:2]) > MAX_FLAT_SIDE:
+                raise InputError(f"'{layer.name}' is not backed by a file: open the slide from its file instead")
+        if mpp is None:
+            raise InputError(
+                f"'{layer.name}' has no µm/px in its metadata: enter the scanner's level-0 µm/px in the "
+                f"'µm / px' box (Camelyon level 0 is {DEFAULT_MPP})"
+            )
         folder = Path(self.session_edit.text()).expanduser()
         model_path = self.model_edit.text().strip() or None
         session = Session.create(folder, model_path, {"loop": self._loop_record()})
-        source = layer.source.path
-        if source:
-            session.add_image(layer.name, path=source, mpp=layer.metadata.get("mpp"))
+        if path:
+            session.add_image(layer.name, path=path, mpp=self._mpp_override())
         else:
-            session.add_image(layer.name, array=np.asarray(level0(layer)), mpp=layer.metadata.get("mpp"))
+            session.add_image(layer.name, array=np.asarray(level0(layer)), mpp=mpp)
         self._adopt(session, layer.name)
 
     def _adopt(self, session: Session, name: str) -> None:
         self.session = session
         self.image_name = name
+        self.slide = session.slide(name)
         self.model = session.load_model(device=self.device_combo.currentText())
         self.origin = session.load_model(0, device=self.device_combo.currentText())  # the anchor's reference
+        self.plan = plan_maps(self.slide, self.model.config.input_mpp, self.config.patch * DEFAULT_MPP)
         self.session_edit.setText(str(session.folder))
         self._fill_history()
 
     def _factor(self) -> float:
-        return working_factor(self.model, self.session.images[self.image_name].get("mpp"))
+        """Working px per level-0 px (the corrections and self-labels are level-0 crops)."""
+        return 1 / self.plan.scale
 
     def _start_maps(self) -> None:
-        layer = self.image_layer()
-        worker = maps_worker(
-            self.model, layer.name, level0(layer), self.samples_spin.value(), self._factor(), self.config
+        """Open (or start) the current round's store and compute what it lacks, the view first."""
+        self.stop_maps()
+        round_index = self.session.current_round
+        store = MapStore.open_or_create(
+            round_store_path(self.session.folder, round_index), self.plan, fingerprint(self.slide.path)
         )
-        worker.returned.connect(self._show_maps)
-        self._run(worker, f"Computing uncertainty with the round {self.session.current_round} model…")
-
-    def _run(self, worker, message: str) -> None:
-        self.worker = worker
+        self.stores = [store, *[s for s in self.stores if s.folder != store.folder]][:2]
+        self.store = store
+        survey = survey_boxes(self.slide, self.plan) if not store.candidates else []
+        self.queue = TileQueue(store.pending(), survey, seed=round_index)
+        self._show_maps()
+        self._send_view()
+        if not self.queue.remaining():
+            self._maps_complete()
+            return
+        self.maps_token = CancelToken()
+        mapper = TileMapper(self.model, self.slide, self.plan, self.samples_spin.value(), self.config.tta)
+        worker = maps_worker(mapper, store, self.queue, self.maps_token, TRAIN_THREADS)
+        worker.yielded.connect(self._on_tile)
         worker.errored.connect(self._failed)
-        worker.finished.connect(self._worker_done)
-        self._set_status(message)
+        worker.finished.connect(lambda w=worker: self._maps_finished(w))
+        self.maps_worker = worker
+        self.maps_bar.setRange(0, self.queue.remaining())
+        self.maps_bar.setValue(0)
+        self._set_status(f"Computing round {round_index}'s maps: the view first, then the rest of the tissue…")
         self._update_controls()
         worker.start()
 
-    def _worker_done(self) -> None:
-        """A worker ended (returned, failed or cancelled): re-enable, then run any follow-up."""
-        self.worker = None
-        follow_up, self._follow_up = self._follow_up, None
+    def stop_maps(self) -> None:
+        """Stop the background maps after the tile in progress (its tiles are kept in the store)."""
+        self.maps_token.set()
+        if self.maps_worker is not None:
+            self.maps_worker.quit()
+
+    def _maps_finished(self, worker) -> None:
+        if self.maps_worker is worker:
+            self.maps_worker = None
+        self._refresh_maps(force=True)
+        if self.store is not None and self.store.complete():
+            self._maps_complete()
         self._update_controls()
-        if follow_up is not None:
-            follow_up()
+        if self._propose_when_ready and self.store is not None and self.store.candidates:
+            self.propose()
 
-    def _failed(self, exc: Exception) -> None:
-        """A worker raised: notify (napari 0.9 does not relay worker errors itself), keep the session."""
-        LOG.error("UGA worker failed", exc_info=exc)
-        show_error(f"UGA: {exc}")
-        self.training.end(f"Failed: {exc}")
-        self._set_status(f"Failed: {exc}. The session is unchanged.")
-
-    def _show_maps(self, result: MapsResult) -> None:
-        self.result = result
-        maps = result.maps
-        image = self.image_layer()
-        place = {"scale": image.scale, "translate": image.translate}
-        limits = uncertainty_limits(maps.entropy)
-        _upsert(
-            self.viewer,
-            Image,
-            PROBABILITY,
-            maps.probability,
-            colormap="viridis",
-            contrast_limits=(0, 1),
-            opacity=0.5,
-            visible=False,
-            **place,
-        )
-        _upsert(
-            self.viewer,
-            Image,
-            UNCERTAINTY,
-            maps.entropy,
-            colormap=uncertainty_colormap(),
-            contrast_limits=limits,
-            opacity=0.8,
-            **place,
-        )
-        self.viewer.layers[UNCERTAINTY].contrast_limits = limits
-        prediction = _upsert(
-            self.viewer,
-            Labels,
-            PREDICTION,
-            maps.prediction,
-            opacity=0.9,
-            colormap=_one_color(PREDICTION_COLOR),
-            **place,
-        )
-        prediction.contour = 2
-        self._score_round(maps.prediction)
+    def _maps_complete(self) -> None:
+        self._score_round()
+        self.maps_label.setText(f"all {len(self.plan.tiles)} tissue tiles of round {self.session.current_round} done")
         self._set_status(
             f"Uncertainty of round {self.session.current_round}: bright = the model is unsure. Propose patches next."
         )
-        self.viewer.layers.selection.active = image
 
-    def _score_round(self, prediction: np.ndarray) -> None:
+    def _on_tile(self, progress: TileProgress) -> None:
+        """A tile (or survey patch) arrived: progress, a throttled redraw, queued proposals."""
+        self.last_progress = progress
+        self.maps_bar.setRange(0, progress.total)
+        self.maps_bar.setValue(progress.done)
+        survey = f" · survey {progress.survey_left} patches left" if progress.survey_left else ""
+        self.maps_label.setText(progress.message + survey)
+        self._refresh_maps()
+        self._tiles_since_rank += 1
+        if self._propose_when_ready and progress.survey_left == 0 and self.store.candidates:
+            self.propose()
+        elif self.proposals and self._tiles_since_rank >= RERANK_EVERY:
+            self._rerank()
+
+    def _refresh_maps(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_refresh < REFRESH_S:
+            return
+        self._last_refresh = now
+        if UNCERTAINTY in self.viewer.layers and self.store is not None:
+            self.viewer.layers[UNCERTAINTY].contrast_limits = self.store.limits()
+        for name in (UNCERTAINTY, PROBABILITY, PREDICTION):
+            if name in self.viewer.layers:
+                self.viewer.layers[name].refresh()
+
+    def _send_view(self, event=None) -> None:
+        """Tell the tile queue which working-scale box the camera shows."""
+        if self.queue is None or self.plan is None:
+            return
+        camera = self.viewer.camera
+        cy, cx = camera.center[-2:]
+        h, w = self.viewer.canvas.size if hasattr(self.viewer, "canvas") else (950, 1500)
+        half_h, half_w = h / camera.zoom / 2, w / camera.zoom / 2
+        image = self.image_layer()
+        sy, sx = np.asarray(image.scale[-2:]) * self.plan.scale
+        ty, tx = np.asarray(image.translate[-2:])
+        self.queue.set_view((cy - half_h - ty) / sy, (cx - half_w - tx) / sx, (cy + half_h - ty) / sy, (cx + half_w - tx) / sx)
+
+    def _map_place(self) -> dict:
+        image = self.image_layer()
+        scale = np.asarray(image.scale[-2:]) * self.plan.scale
+        offset = (self.plan.scale - 1) / 2 * np.asarray(image.scale[-2:])  # a working pixel's centre in level-0 px
+        return {"scale": tuple(scale), "translate": tuple(np.asarray(image.translate[-2:]) + offset)}
+
+    def _show_maps(self) -> None:
+        """The three map layers as lazy multiscale views of the stores (they fill in as tiles arrive)."""
+        place = self._map_place()
+        layers = {
+            PROBABILITY: (Image, map_levels(self.stores, "probability"), {
+                "colormap": "viridis", "contrast_limits": (0, 255), "opacity": 0.5, "visible": False}),
+            UNCERTAINTY: (Image, map_levels(self.stores, "entropy"), {
+                "colormap": uncertainty_colormap(), "contrast_limits": self.store.limits(), "opacity": 0.8}),
+            PREDICTION: (Labels, map_levels(self.stores, "probability", threshold=128), {
+                "opacity": 0.9, "colormap": _one_color(PREDICTION_COLOR)}),
+        }  # fmt: skip
+        for name, (kind, data, options) in layers.items():
+            layer = _upsert(self.viewer, kind, name, data, multiscale=True, **options, **place)
+            if kind is Labels:
+                layer.contour = 2
+        self.viewer.layers.selection.active = self.image_layer()
+
+    def _score_round(self) -> None:
         """Dice against a loaded ground-truth labels layer (the demo), stored with the round."""
-        if TRUTH_NAME not in self.viewer.layers:
+        if TRUTH_NAME not in self.viewer.layers or self.store is None:
             return
-        truth = self.viewer.layers[TRUTH_NAME]
-        truth = np.asarray(truth.data[0] if truth.multiscale else truth.data)
-        if truth.shape != prediction.shape:
+        h, w = self.plan.shape
+        truth_layer = self.viewer.layers[TRUTH_NAME]
+        truth = truth_layer.data[0] if truth_layer.multiscale else truth_layer.data
+        if h * w > SCORE_MAX_PIXELS or tuple(truth.shape[:2]) != tuple(self.slide.shape):
             return
+        prediction = np.asarray(MapView(self.stores[:1], "probability", 0, threshold=128)[:, :])
+        rows = np.minimum(((np.arange(h) + 0.5) * self.plan.scale).astype(int), truth.shape[0] - 1)
+        cols = np.minimum(((np.arange(w) + 0.5) * self.plan.scale).astype(int), truth.shape[1] - 1)
+        truth = np.asarray(truth)[np.ix_(rows, cols)] > 0
         current = self.session.rounds[self.session.current_round]
-        current.metrics["dice_truth"] = dice(prediction, truth > 0)
+        current.metrics["dice_truth"] = dice(prediction, truth)
         self.session.save()
         self._fill_history()
 
     # -- 2 · proposals and corrections -----------------------------------------------
     def propose(self) -> None:
-        """Pick the k most uncertain patches not yet annotated, and show the queue."""
-        if self.result is None:
+        """Rank the scored candidate patches of the whole slide (those computed so far) and show the queue."""
+        if self.store is None:
             show_error("compute the uncertainty first")
             return
-        done = [Box(a["image"], a["y"], a["x"], a["h"], a["w"]) for a in self.session.annotations]
-        picks = select(self.result.candidates, self.k_spin.value(), done, diversity=self.config.diversity)
+        survey_running = self.queue is not None and self.queue.survey_left() > 0 and self.maps_worker is not None
+        if not self.store.candidates or survey_running:
+            self._propose_when_ready = self.maps_worker is not None
+            if self._propose_when_ready:
+                self._set_status("Scoring candidate patches across the slide; the queue appears as soon as they are.")
+            else:
+                show_info("no tissue patch scored yet: compute the uncertainty first")
+            return
+        self._propose_when_ready = False
+        picks = self._rank([])
         if not picks:
             show_info("no tissue patch left to propose")
             return
@@ -383,28 +496,49 @@ class AnnotateWidget(WorkerDock):
         self._show_queue(picks)
         self.go_to(0)
 
+    def _rank(self, keep: list[Box]) -> list[Proposal]:
+        done = [Box(a["image"], a["y"], a["x"], a["h"], a["w"]) for a in self.session.annotations]
+        self._tiles_since_rank = 0
+        return select(self.store.candidates, self.k_spin.value() - len(keep), [*done, *keep], diversity=self.config.diversity)
+
+    def _rerank(self) -> None:
+        """New tiles arrived: re-rank the queue's unopened patches (opened and current ones stay)."""
+        keep = [p for p in self.proposals if p.box in self.drafts or p.box == self.current or self._annotated(p)]
+        fresh = self._rank([p.box for p in keep])
+        merged = [*keep, *fresh]
+        picks = [Proposal(**{**p.as_dict(), "rank": i + 1}) for i, p in enumerate(merged)]
+        if [p.box for p in picks] == [p.box for p in self.proposals]:
+            return
+        position = next((i for i, p in enumerate(picks) if p.box == self.current), 0)
+        self.session.set_queue(picks)
+        self.session.queue_position = position
+        self.session.save()
+        self._show_queue(picks)
+        self._color_queue()
+
     def _show_queue(self, picks: list[Proposal]) -> None:
         self.proposals = picks
-        self.opened = set()
         rects = [np.array([[p.y, p.x], [p.y + p.h, p.x + p.w]], float) for p in picks]
         image = self.image_layer()
         layer = _upsert(
-            self.viewer, Shapes, PROPOSALS, rects, shape_type="rectangle", edge_width=6, face_color="transparent",
-            edge_color=QUEUED_EDGE, features={"rank": [p.rank for p in picks], "score": [p.score for p in picks]},
+            self.viewer, Shapes, PROPOSALS, rects, shape_type="rectangle", edge_width=max(2, picks[0].h // 40),
+            face_color="transparent", edge_color=QUEUED_EDGE,
+            features={"rank": [p.rank for p in picks], "score": [p.score for p in picks]},
             text={"string": "#{rank}  {score:.3f}", "color": "white", "size": 10, "anchor": "upper_left"},
             scale=image.scale, translate=image.translate,
         )  # fmt: skip
-        self._annotation_layer()
-        for target in (layer, self.viewer.layers[ANNOTATION]):
+        annotation = self._annotation_layer()
+        for target in (layer, annotation):
             target.bind_key(NEXT_KEY, lambda _layer: self.next_patch(), overwrite=True)
             target.bind_key(PREVIOUS_KEY, lambda _layer: self.previous_patch(), overwrite=True)
+        self._update_controls()
 
     def _annotation_layer(self) -> Labels:
+        """The correction layer: one patch-sized labels array placed at the current patch."""
         if ANNOTATION not in self.viewer.layers:
             image = self.image_layer()
-            shape = level0(image).shape[:2]
             layer = self.viewer.add_labels(
-                np.zeros(shape, np.uint8),
+                np.zeros((1, 1), np.uint8),
                 name=ANNOTATION,
                 opacity=0.45,
                 colormap=_one_color(ANNOTATION_COLOR),
@@ -414,29 +548,51 @@ class AnnotateWidget(WorkerDock):
             layer.brush_size = 12
         return self.viewer.layers[ANNOTATION]
 
+    def _keep_draft(self) -> None:
+        """Copy the correction layer back into the current patch's draft."""
+        if self.current is not None and ANNOTATION in self.viewer.layers and not self._annotated(self.current):
+            data = np.asarray(self.viewer.layers[ANNOTATION].data)
+            if data.shape == (self.current.h, self.current.w):
+                self.drafts[self.current] = (data > 0).astype(np.uint8)
+
+    def _initial_mask(self, box: Box) -> np.ndarray:
+        """A patch's mask: its draft, its submitted correction, else the prediction (level-0 size)."""
+        if box in self.drafts:
+            return self.drafts[box]
+        for a in self.session.annotations:
+            if (a["y"], a["x"], a["h"], a["w"]) == (box.y, box.x, box.h, box.w):
+                return read_mask(self.session.folder / a["file"])
+        wy, wx, wh, ww = self.plan.to_working(box)
+        probability = MapView(self.stores, "probability", 0, threshold=128)[wy : wy + wh, wx : wx + ww]
+        rows = np.clip(((np.arange(box.h) + 0.5) / self.plan.scale).astype(int), 0, probability.shape[0] - 1)
+        cols = np.clip(((np.arange(box.w) + 0.5) / self.plan.scale).astype(int), 0, probability.shape[1] - 1)
+        mask = probability[np.ix_(rows, cols)].astype(np.uint8)
+        self.drafts[box] = mask
+        return mask
+
     def go_to(self, index: int) -> None:
-        """Make queue entry ``index`` current: zoom to it and pre-fill its correction with the prediction."""
+        """Make queue entry ``index`` current: zoom to it and load its correction (pre-filled with the prediction)."""
         if not self.proposals:
             return
+        self._keep_draft()
         index %= len(self.proposals)
         self.session.queue_position = index
         self.session.save()
         patch = self.proposals[index]
+        self.current = patch.box
         annotation = self._annotation_layer()
-        if index not in self.opened and self.result is not None and not self._annotated(patch):
-            region = (slice(patch.y, patch.y + patch.h), slice(patch.x, patch.x + patch.w))
-            annotation.data[region] = patch.crop(self.result.maps.prediction)
-            annotation.refresh()
-            self.opened.add(index)
+        image = self.image_layer()
+        annotation.data = self._initial_mask(patch.box).copy()
+        annotation.translate = tuple(np.asarray(image.translate[-2:]) + np.asarray(image.scale[-2:]) * (patch.y, patch.x))
         self._color_queue()
-        zoom_to_box(self.viewer, self.image_layer(), patch)
+        zoom_to_box(self.viewer, image, patch)
         annotation.selected_label = 1
         annotation.mode = "paint"
         self.viewer.layers.selection.active = annotation
         self._update_controls()
 
     def _color_queue(self) -> None:
-        """Current patch cyan, submitted ones green, the rest yellow."""
+        """Current patch white, submitted ones green, the rest yellow."""
         position = self.session.queue_position
         colors = [
             CURRENT_EDGE if i == position else DONE_EDGE if self._annotated(p) else QUEUED_EDGE
@@ -446,6 +602,10 @@ class AnnotateWidget(WorkerDock):
 
     def _annotated(self, box: Box) -> bool:
         return any((a["y"], a["x"], a["h"], a["w"]) == (box.y, box.x, box.h, box.w) for a in self.session.annotations)
+
+    def _unsubmitted(self) -> list[Box]:
+        current = [self.current] if self.current is not None and self.session and not self._annotated(self.current) else []
+        return list(dict.fromkeys([*self.drafts, *current]))
 
     def next_patch(self) -> None:
         """Go to the next patch of the queue (wraps around)."""
@@ -460,14 +620,16 @@ class AnnotateWidget(WorkerDock):
     # -- 3 · submit and fine-tune ----------------------------------------------------
     def submit(self) -> None:
         """Save the corrected patches to the session at once, then fine-tune in a worker."""
-        if not self.opened or self.worker is not None:
+        if self.worker is not None:
             return
-        annotation = np.asarray(self._annotation_layer().data)
-        picked = [self.proposals[i] for i in sorted(self.opened)]
-        masks = [(p.crop(annotation) > 0).astype(np.uint8) for p in picked]
-        self.session.add_annotations([p.box for p in picked], masks)
-        self.opened = set()
+        self._keep_draft()
+        boxes = [b for b in self.drafts if not self._annotated(b)]
+        if not boxes:
+            return
+        self.session.add_annotations(boxes, [self.drafts[b] for b in boxes])
+        self.drafts = {}
         self._color_queue()
+        self.stop_maps()  # the fine-tune gets the cores; the maps resume with the new round
         self._start_finetune()
 
     def _shift(self) -> str:
@@ -516,7 +678,7 @@ class AnnotateWidget(WorkerDock):
             TRAIN_THREADS,
             self.origin,
             self._self_label_boxes(),
-            self.session.read_image,
+            self.session.read_patch,
         )
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda result: self._finetuned(result, pending))
@@ -527,11 +689,37 @@ class AnnotateWidget(WorkerDock):
         self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches{extra}…")
         self._run(worker, f"Saved {len(pending)} patches to {self.session.folder}; fine-tuning in the background.")
 
+    def _run(self, worker, message: str) -> None:
+        self.worker = worker
+        worker.errored.connect(self._failed)
+        worker.finished.connect(self._worker_done)
+        self._set_status(message)
+        self._update_controls()
+        worker.start()
+
+    def _worker_done(self) -> None:
+        """The fine-tune ended (returned, failed or cancelled): re-enable, then run any follow-up."""
+        self.worker = None
+        follow_up, self._follow_up = self._follow_up, None
+        self._update_controls()
+        if follow_up is not None:
+            follow_up()
+        elif self.maps_worker is None and self.store is not None and not self.store.complete():
+            self._start_maps()  # cancelled or failed: the same round's maps continue
+
+    def _failed(self, exc: Exception) -> None:
+        """A worker raised: notify (napari 0.9 does not relay worker errors itself), keep the session."""
+        LOG.error("UGA worker failed", exc_info=exc)
+        show_error(f"UGA: {exc}")
+        self.training.end(f"Failed: {exc}")
+        self._set_status(f"Failed: {exc}. The session is unchanged.")
+
     def _self_label_boxes(self) -> list[Box]:
-        """Up to ``SELF_LABEL_PATCHES`` tissue patches spread over the current image (for the self-labels)."""
-        if self.result is None or self.config.self_share <= 0:
+        """Up to ``SELF_LABEL_PATCHES`` scored tissue patches spread over the slide (for the self-labels)."""
+        if self.store is None or self.config.self_share <= 0:
             return []
-        boxes = [c.box for c in self.result.candidates]
+        boxes = list(dict.fromkeys(c.box for c in self.store.candidates))
+        boxes.sort(key=lambda b: (b.y, b.x))
         spread = np.linspace(0, len(boxes) - 1, min(len(boxes), SELF_LABEL_PATCHES)).round().astype(int)
         return [boxes[i] for i in np.unique(spread)]
 
@@ -553,9 +741,17 @@ class AnnotateWidget(WorkerDock):
         if self.worker is not None:
             self.worker.quit()
 
+    def shutdown(self, timeout_ms: int = 5000) -> None:
+        """Stop the fine-tune and the maps and wait for both (called when the dock closes)."""
+        maps = self.maps_worker
+        self.stop_maps()
+        super().shutdown(timeout_ms)
+        if maps is not None:
+            maps.await_workers(timeout_ms)
+
     # -- session -------------------------------------------------------------------
     def undo_round(self) -> None:
-        """Roll back to the previous round's model and recompute the maps."""
+        """Roll back to the previous round's model and show its maps (kept in its store)."""
         if self.session is None or self.session.current_round == 0:
             return
         self.session.rollback()
@@ -569,10 +765,19 @@ class AnnotateWidget(WorkerDock):
             self.session.save()
             show_info(f"session saved to {self.session.folder}")
 
-    def open_session(self, folder: str | Path) -> None:
-        """Reopen a session: image, model round, annotations, queue and position."""
+    def open_session(self, folder: str | Path, relocate: dict[str, str] | None = None) -> None:
+        """Reopen a session: slide, model round, annotations, queue, position and maps.
+
+        A slide that moved is asked for (``relocate`` gives it without a dialog).
+        """
         try:
-            session = Session.open(folder)
+            session = Session.open(folder, relocate)
+        except SlideMissingError as exc:
+            show_error(str(exc))
+            found, _ = QFileDialog.getOpenFileName(self, f"Locate the slide '{exc.name}'", str(exc.path.parent))
+            if found:
+                self.open_session(folder, {**(relocate or {}), exc.name: found})
+            return
         except InputError as exc:
             show_error(str(exc))
             return
@@ -583,22 +788,17 @@ class AnnotateWidget(WorkerDock):
         if name not in self.viewer.layers:
             from .._reader import read_one
 
-            data, meta, _ = read_one(session.image_path(name))
+            data, meta, _ = read_one(session.image_path(name), session.images[name].get("mpp"))
             self.viewer.add_image(data, **{**meta, "name": name})
-        self.result = None
         self._adopt(session, name)
         self._restore_loop(session.config.get("loop", {}))
-        annotation = self._annotation_layer()
-        annotation.data[:] = 0
-        for item in session.load_annotations():
-            annotation.data[item.box.y : item.box.y + item.box.h, item.box.x : item.box.x + item.box.w] = item.mask
-        annotation.refresh()
+        self.drafts, self.current = {}, None
         self.proposals = session.queue_proposals()
+        self._start_maps()
         if self.proposals:
             self._show_queue(self.proposals)
-            self._color_queue()
+            self.go_to(session.queue_position)
         self._update_controls()
-        self._start_maps()
 
     def _fill_history(self) -> None:
         rounds = self.session.rounds[: self.session.current_round + 1] if self.session else []

@@ -298,7 +298,8 @@ class QCWidget(WorkerDock):
         )
         method = report["method"] + (", chosen by auto" if report["method_reason"] else "")
         text = (f"{accepted}/{len(rows)} accepted ({rule}; "
-                f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, method {method}).")  # fmt: skip
+                f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, "
+                f"method {method}).")  # fmt: skip
         if report["note"]:
             text += " " + report["note"] + "."
         metrics = report["metrics"]
