@@ -136,8 +136,8 @@ class AnnotateWidget(WorkerDock):
         self.config = config_for("centre")
         self._build()
         follow_layers(self.viewer, self._refresh_layers)
-        self.viewer.camera.events.center.connect(self._send_view)
-        self.viewer.camera.events.zoom.connect(self._send_view)
+        self.viewer.scene.camera.events.center.connect(self._send_view)
+        self.viewer.scene.camera.events.zoom.connect(self._send_view)
         self._update_controls()
 
     # -- construction ------------------------------------------------------------
@@ -423,7 +423,7 @@ class AnnotateWidget(WorkerDock):
         """Tell the tile queue which working-scale box the camera shows."""
         if self.queue is None or self.plan is None:
             return
-        camera = self.viewer.camera
+        camera = self.viewer.scene.camera
         cy, cx = camera.center[-2:]
         h, w = self.viewer.canvas.size if hasattr(self.viewer, "canvas") else (950, 1500)
         half_h, half_w = h / camera.zoom / 2, w / camera.zoom / 2

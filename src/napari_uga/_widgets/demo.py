@@ -13,11 +13,22 @@ if TYPE_CHECKING:
 
 
 def open_demo(viewer: napari.Viewer, out_dir: str | Path | None = None) -> AnnotateWidget:
-    """Load the demo samples into ``viewer`` and dock the UGA widget, ready to compute.
+    """Open the demo slide as a pathologist opens a slide (a pyramidal file, through the plugin's reader),
+    add its ground truth, and dock the UGA widget, ready to compute.
 
-    The session folder goes under ``out_dir`` (default: the widget's own default).
+    The slide file and the session folder go under ``out_dir`` (default: a temporary folder for the
+    slide, the widget's own default for the session).
     """
-    viewer.open_sample("napari-uga", "camelyon_demo_slide")
+    import tempfile
+
+    from .._sample_data import SLIDE_NAME, UMCU_MPP, demo_slide
+    from ..slides import write_rgb_pyramid
+
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="napari-uga-demo-"))
+    path = folder / f"{SLIDE_NAME}.ome.tif"
+    if not path.is_file():
+        write_rgb_pyramid(path, demo_slide()[0], UMCU_MPP)
+    viewer.open(path, plugin="napari-uga")
     viewer.open_sample("napari-uga", "camelyon_demo_truth")
     _, widget = viewer.window.add_plugin_dock_widget("napari-uga", "UGA annotation")
     if out_dir is not None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ._common import add_model_options, emit, load_model_from_args, progress_bar
 from .simulate import add_loop_options, loop_config, parse_budgets
+from .._sample_data import SAMPLE_DIR
 
-SAMPLE = Path(__file__).resolve().parents[3] / "sample_data" / "camelyon16_umcu"
 
 
 def register(sub) -> None:
@@ -45,7 +45,7 @@ def run_headless(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     budgets = parse_budgets(args.budgets)
     config = loop_config(args, 256)
-    pool, test = position_split(load_pairs(SAMPLE / "images", SAMPLE / "masks"))
+    pool, test = position_split(load_pairs(SAMPLE_DIR / "images", SAMPLE_DIR / "masks"))
     model = load_model_from_args(args)
     factor = working_factor(model, args.mpp)
     rounds = sum(-(-(b - a) // config.batch) for a, b in zip([0, *budgets], budgets, strict=False)) if budgets else 0
@@ -60,7 +60,7 @@ def run_headless(args: argparse.Namespace) -> dict:
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "data": str(SAMPLE),
+        "data": str(SAMPLE_DIR),
         "pool": [p.name for p in pool],
         "test": [p.name for p in test],
         "curve": [{"budget": b, "dice_global": d} for b, d in zip(trajectory.budgets, trajectory.dice_global, strict=True)],
