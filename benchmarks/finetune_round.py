@@ -49,7 +49,8 @@ def main() -> None:
             pass
         times.append(time.perf_counter() - started)
     print(f"fine-tune round ({args.shift}), 10 patches, {config.steps} steps on {model.head_out.weight.device}: "
-          f"runs {[round(t, 1) for t in times]} s, median {statistics.median(times):.1f} s, load average {os.getloadavg()}")
+          f"runs {[round(t, 1) for t in times]} s, median {statistics.median(times):.1f} s, "
+          f"load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":

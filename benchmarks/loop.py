@@ -58,7 +58,8 @@ SHIFT_OF = {"umcu": "centre", "ebhi": "organ"}  # UMCU: another hospital and sca
 def splits(dataset: str, ebhi_mpp: float):
     """(name, pool, test, mpp) for each split of a dataset."""
     if dataset == "umcu":
-        left, right = position_split(load_pairs(DATA / "camelyon16_umcu" / "images", DATA / "camelyon16_umcu" / "masks"))
+        umcu = DATA / "camelyon16_umcu"
+        left, right = position_split(load_pairs(umcu / "images", umcu / "masks"))
         return [("umcu left->right", left, right, 0.226), ("umcu right->left", right, left, 0.226)]
     pool, test = ebhi_patient_split()
     return [("ebhi patients", pool, test, ebhi_mpp)]
@@ -74,20 +75,26 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--tag", default="default", help="name of this configuration in the output files")
     parser.add_argument("--ebhi-mpp", type=float, default=0.97, help="µm/px assumed for EBHI tiles (about 1)")
-    parser.add_argument("--replay", type=Path, default=None, help="replay folder with images/ and masks/ (default: shipped)")
+    parser.add_argument(
+        "--replay", type=Path, default=None, help="replay folder with images/ and masks/ (default: shipped)"
+    )
     parser.add_argument("--only", default="", help="run only the splits whose name contains this (e.g. right->left)")
-    parser.add_argument("--shift", choices=tuple(SHIFTS), default=None, help="loop preset (default: centre for UMCU, organ for EBHI)")
+    parser.add_argument(
+        "--shift", choices=tuple(SHIFTS), default=None, help="loop preset (default: centre for UMCU, organ for EBHI)"
+    )
     defaults = LoopConfig()
     for field, value in vars(defaults).items():
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help=f"overrides the preset (centre: {value})")
+        option = f"--{field.replace('_', '-')}"
+        parser.add_argument(option, type=kind, default=None, help=f"overrides the preset (centre: {value})")
     args = parser.parse_args()
     overrides = {f: getattr(args, f) for f in vars(defaults) if getattr(args, f) is not None}
     config = config_for(args.shift or SHIFT_OF[args.dataset], **overrides)
     budgets = [int(b) for b in args.budgets.split(",")]
     model = load_model(args.model, "auto")
     replay = replay_pairs(args.replay)
-    results = {"config": vars(config), "shift": args.shift or SHIFT_OF[args.dataset], "tag": args.tag, "ebhi_mpp": args.ebhi_mpp, "splits": {}}
+    shift = args.shift or SHIFT_OF[args.dataset]
+    results = {"config": vars(config), "shift": shift, "tag": args.tag, "ebhi_mpp": args.ebhi_mpp, "splits": {}}
     for name, pool, test, mpp in splits(args.dataset, args.ebhi_mpp):
         if args.only not in name:
             continue
@@ -95,15 +102,28 @@ def main() -> None:
         curves = {}
         for strategy in args.strategies.split(","):
             started = time.perf_counter()
-            runs = [simulate(model, pool, test, budgets, strategy, s, factor, config, replay).dice_global for s in range(args.seeds)]
+            runs = [
+                simulate(model, pool, test, budgets, strategy, s, factor, config, replay).dice_global
+                for s in range(args.seeds)
+            ]
             arr = np.array(runs)
-            curves[strategy] = {"budgets": budgets, "mean": arr.mean(0).tolist(), "std": arr.std(0).tolist(), "per_seed": runs,
-                                "seconds": round(time.perf_counter() - started, 1)}
-            print(f"{name:18} {strategy:11} " + "  ".join(f"{b:>3}: {m:.3f}±{s:.3f}" for b, m, s in zip(budgets, arr.mean(0), arr.std(0), strict=True))
+            curves[strategy] = {
+                "budgets": budgets,
+                "mean": arr.mean(0).tolist(),
+                "std": arr.std(0).tolist(),
+                "per_seed": runs,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            points = zip(budgets, arr.mean(0), arr.std(0), strict=True)
+            print(f"{name:18} {strategy:11} " + "  ".join(f"{b:>3}: {m:.3f}±{s:.3f}" for b, m, s in points)
                   + f"   ({curves[strategy]['seconds']} s, {len(pool)} pool / {len(test)} test tiles)", flush=True)
         results["splits"][name] = curves
         slug = name.replace(" ", "_").replace(">", "").replace("-", "_")
-        plot_curves({k: (v["budgets"], v["mean"], v["std"]) for k, v in curves.items()}, RESULTS / f"loop_{args.tag}_{slug}.png", f"{name} ({args.tag})")
+        plot_curves(
+            {k: (v["budgets"], v["mean"], v["std"]) for k, v in curves.items()},
+            RESULTS / f"loop_{args.tag}_{slug}.png",
+            f"{name} ({args.tag})",
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"loop_{args.tag}_{args.dataset}.json").write_text(json.dumps(results, indent=1))
 

@@ -31,7 +31,8 @@ def main() -> None:
         for split, curves in run["splits"].items():
             seeds = {len(c["per_seed"]) for c in curves.values()}
             for strategy, c in curves.items():
-                merged.setdefault(split, {})[f"{strategy} ({tag}, {max(seeds)} seeds)"] = (c["budgets"], c["mean"], c["std"])
+                label = f"{strategy} ({tag}, {max(seeds)} seeds)"
+                merged.setdefault(split, {})[label] = (c["budgets"], c["mean"], c["std"])
     for split, curves in merged.items():
         slug = split.replace(" ", "_").replace(">", "").replace("-", "_")
         print(plot_curves(curves, RESULTS / f"loop_{slug}.png", split))

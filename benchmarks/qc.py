@@ -289,7 +289,8 @@ def main() -> None:
     if args.features_only:
         return
     header = (f"QC benchmark: alpha={args.alpha}, delta={args.delta}, threshold={args.threshold}, "
-              f"{args.samples} MC samples x {quality.QC_TTA} TTA, weights {weights_path().name}, EBHI at {args.ebhi_mpp} µm/px, "
+              f"{args.samples} MC samples x {quality.QC_TTA} TTA, weights {weights_path().name}, "
+              f"EBHI at {args.ebhi_mpp} µm/px, "
               f"calibration share {args.calibration_share:g}")  # fmt: skip
     text = header + "\n\n" + "\n\n".join(report) + "\n"
     print(text)

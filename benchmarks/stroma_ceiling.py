@@ -55,7 +55,8 @@ def finetune_on_rumc(tiles: list[str], overrides: dict) -> None:
     left, _ = position_split(pairs_of("camelyon16_umcu"))
     result = evaluate(tuned, left, working_factor(model, UMCU_MPP))
     print(f"fine-tuned on {len(tiles)} RUMC tiles ({config.steps} steps, anchor {config.anchor}, "
-          f"self-share {config.self_share}): UMCU left dice_global {result['dice_global']:.3f}; below 0.95: {failures(result)}")  # fmt: skip
+          f"self-share {config.self_share}): UMCU left dice_global {result['dice_global']:.3f}; "
+          f"below 0.95: {failures(result)}")  # fmt: skip
 
 
 def lab_stats(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

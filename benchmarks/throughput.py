@@ -1,4 +1,4 @@
-"""Inference and fine-tuning speed: fast vs naive MC dropout, batched vs looped TTA, Mpx/s, QC features, a fine-tune round.
+"""Inference and fine-tuning speed: fast vs naive MC dropout, batched vs looped TTA, Mpx/s, QC features, fine-tuning.
 
 Every ratio is measured in the same run on the same inputs; times are medians over repeats.
 The machine may be shared: the load average before and after is printed, so contention is visible.
@@ -140,7 +140,8 @@ def end_to_end_rows(model: UNet, side: int, samples: int, repeats: int, device: 
     level0 = side * side / 1e6
     return [
         {
-            "what": f"compute_uncertainty T={samples}, {side}^2 px level 0 -> {round(side * factor)}^2 working, 512 px tiles",
+            "what": f"compute_uncertainty T={samples}, {side}^2 px level 0 -> {round(side * factor)}^2 working, "
+            "512 px tiles",
             "seconds": seconds,
             "mpx_s": level0 / seconds,
             "note": f"level-0 Mpx/s (working-scale {level0 * factor**2 / seconds:.2f})",
@@ -226,7 +227,8 @@ def main() -> None:
         rows.append(finetune_row(model, device))
     load_after = os.getloadavg()
     print(
-        f"device {device}, torch threads {torch.get_num_threads()}, model: {source}, batch {args.batch} x {args.side}^2 px"
+        f"device {device}, torch threads {torch.get_num_threads()}, model: {source}, "
+        f"batch {args.batch} x {args.side}^2 px"
     )
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
     if device.type != "cuda":

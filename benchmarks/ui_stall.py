@@ -115,7 +115,8 @@ def main() -> None:
     factor = working_factor(model, 0.226)
     default_threads = torch.get_num_threads()
     print(
-        f"model: {source}; {len(annotations)} patches + replay; {args.steps} steps; torch threads default {default_threads}"
+        f"model: {source}; {len(annotations)} patches + replay; {args.steps} steps; "
+        f"torch threads default {default_threads}"
     )
 
     _replay()  # load the replay tiles once, as the dock's first round does

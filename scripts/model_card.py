@@ -44,7 +44,8 @@ def main() -> None:
   (Camelyon level 0 at half size); inputs are resized to that scale from their `--mpp`.
 - **Training data**: Camelyon16, Radboud UMC (CC0-1.0), 256 x 256 tiles at level 0:
   {len(meta.get('train_images', []))} training tiles (slides tumor_001, tumor_004 and the left half of tumor_064 by
-  position), {len(meta.get('val_images', []))} validation tiles (the right half of tumor_064; overlapping tiles kept on one side).
+  position), {len(meta.get('val_images', []))} validation tiles (the right half of tumor_064; overlapping
+  tiles kept on one side).
   No UMC Utrecht or EBHI tile was used for training or selection.
 - **Recipe**: random 128 px crops at working scale with ±20 % zoom, dihedral flips/rotations, H&E stain
   jitter (colour deconvolution, ±25 % per stain), saturation / contrast / brightness jitter; BCE + soft Dice;

@@ -165,7 +165,8 @@ def main() -> None:
     napari.utils.io.imsave(str(args.out / "dock.png"), window)
     print(f"wrote {args.out / 'overlay.png'} {overlay.shape[1::-1]} and {args.out / 'dock.png'} {window.shape[1::-1]}")
     dice = [r.metrics.get("dice_truth") for r in dock.session.rounds]
-    print("Dice of the demo slide against its ground truth, by round:", [None if d is None else round(d, 3) for d in dice])
+    rounded = [None if d is None else round(d, 3) for d in dice]
+    print("Dice of the demo slide against its ground truth, by round:", rounded)
     viewer.close()
     qc_screenshot(args.model or default_model(), args.out)
 

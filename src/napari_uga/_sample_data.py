@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
 from .io import read_image, read_mask
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data" / "camelyon16_umcu"
+# the repository's sample_data/ folder, installed as the package napari_uga.sample_data (see setup.py)
+SAMPLE_DIR = Path(str(files("napari_uga.sample_data") / "camelyon16_umcu"))
 UMCU_MPP = 0.226
 GLASS = (242, 240, 244)
 GAP = 48

@@ -39,7 +39,9 @@ def plot_dice_curve(budgets: Sequence[int], dice: Sequence[float], path: Path, l
     return _save(fig, path)
 
 
-def plot_curves(curves: dict[str, tuple[Sequence[int], Sequence[float], Sequence[float]]], path: Path, title: str) -> Path:
+def plot_curves(
+    curves: dict[str, tuple[Sequence[int], Sequence[float], Sequence[float]]], path: Path, title: str
+) -> Path:
     """Several mean ± sd Dice-vs-budget curves on one axis."""
     fig, ax = _figure(figsize=(5, 3.5))
     for label, (budgets, mean, std) in curves.items():

@@ -409,8 +409,9 @@ def conformal_selection(
     Each test image gets the conformal p-value of "this segmentation fails" (Dice <= threshold):
     p = (1 + #calibration failures scored at least as high) / (n + 1); Benjamini-Hochberg at level
     ``alpha`` over the test images then accepts a set whose expected share of failures (an empty
-    selection counting as none) is at most ``alpha`` for exchangeable calibration and test images (ties counted against acceptance, so
-    it is conservative). With no failure above it, one image alone passes once n >= 1/alpha - 1.
+    selection counting as none) is at most ``alpha`` for exchangeable calibration and test images
+    (ties counted against acceptance, so it is conservative). With no failure above it, one image
+    alone passes once n >= 1/alpha - 1.
     """
     if not 0 < alpha < 1:
         raise InputError(f"alpha must lie in (0, 1), got {alpha}")

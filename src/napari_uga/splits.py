@@ -40,7 +40,8 @@ def position_split(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
     """
     groups = overlap_groups(pairs)
     xs = np.array([tile_position(p.name)[0] for p in pairs], float)
-    tumour = {g: any(p.mask is not None and p.mask.any() for p in np.array(pairs, object)[groups == g]) for g in set(groups)}
+    members = np.array(pairs, object)
+    tumour = {g: any(p.mask is not None and p.mask.any() for p in members[groups == g]) for g in set(groups)}
     left_groups: set[int] = set()
     for has_tumour in (True, False):
         ids = sorted((g for g in tumour if tumour[g] == has_tumour), key=lambda g: xs[groups == g].mean())

@@ -202,7 +202,8 @@ def train_steps(
             task = dice_bce_loss(model(x.to(device)), y.to(device))
             loss = task
             if start:
-                loss = task + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))
+                pull = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))
+                loss = task + anchor * pull
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -284,13 +285,15 @@ def fit(
     torch.manual_seed(seed)
     scaled = [to_working_scale(p.image, p.mask, factor) for p in train_pairs]
     weights = balanced_weights([p.image for p in train_pairs], [p.mask for p in train_pairs], seed) if balance else None
-    sampler = PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=crop, weights=weights, strength=strength)
+    images, masks = [s[0] for s in scaled], [s[1] for s in scaled]
+    sampler = PatchSampler(images, masks, crop=crop, weights=weights, strength=strength)
     best = {"val_dice": -1.0, "step": 0, "state": None}
     losses: list[float] = []
     done = 0
     while done < steps and not (cancel is not None and cancel.is_set()):
         chunk = min(val_every, steps - done)
-        chunk_losses = yield from _offset_steps(train_steps(model, sampler, chunk, rng, lr, batch_size, cancel), done, steps)
+        chunk_steps = train_steps(model, sampler, chunk, rng, lr, batch_size, cancel)
+        chunk_losses = yield from _offset_steps(chunk_steps, done, steps)
         losses.extend(chunk_losses)
         done += chunk
         lr *= 0.7

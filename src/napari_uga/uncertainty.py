@@ -169,7 +169,8 @@ def compute_uncertainty(
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
         sizes = [(min(tile, h - y), min(tile, w - x)) for y, x in chunk]
-        batch = torch.stack([_pad_to(_read_tile(image, y, x, th, tw, factor), tile) for (y, x), (th, tw) in zip(chunk, sizes, strict=True)])
+        crops = [_read_tile(image, y, x, th, tw, factor) for (y, x), (th, tw) in zip(chunk, sizes, strict=True)]
+        batch = torch.stack([_pad_to(t, tile) for t in crops])
         probs = sample_batch(models, batch, samples, tta)  # S x N x tile x tile
         stats = {"p": probs.mean(0), "p2": (probs**2).mean(0), "h_exp": binary_entropy(probs).mean(0)}
         for i, ((y, x), (th, tw)) in enumerate(zip(chunk, sizes, strict=True)):

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
-CORE = ["io", "models", "uncertainty", "selection", "training", "loop", "session", "metrics", "splits", "plots", "quality", "slides"]
+CORE = [
+    "io", "models", "uncertainty", "selection", "training", "loop", "session", "metrics", "splits", "plots", "quality",
+    "slides",
+]
 
 
 def test_core_imports_no_gui_or_cluster_module():

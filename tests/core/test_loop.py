@@ -103,7 +103,9 @@ def test_anchor_keeps_the_fine_tuned_weights_near_the_start(tiny_model, umcu_pai
 
     def drift(anchor: float) -> float:
         tuned = _last(finetune(tiny_model, annotations, [], 0.5, LoopConfig(steps=6, batch_size=4, anchor=anchor)))
-        return sum(float(((p - q) ** 2).sum()) for p, q in zip(tuned.model.parameters(), tiny_model.parameters()))
+        return sum(
+            float(((p - q) ** 2).sum()) for p, q in zip(tuned.model.parameters(), tiny_model.parameters(), strict=True)
+        )
 
     assert drift(100.0) < 0.5 * drift(0.0)
 
@@ -115,7 +117,7 @@ def test_anchor_keeps_the_fine_tuned_weights_near_the_start(tiny_model, umcu_pai
     tuned = _last(finetune(moved, annotations, [], 0.5, config, origin=tiny_model)).model
 
     def distance(a, b):
-        return sum(float(((p - q) ** 2).sum()) for p, q in zip(a.parameters(), b.parameters()))
+        return sum(float(((p - q) ** 2).sum()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
     assert distance(tuned, tiny_model) < distance(moved, tiny_model)  # pulled back to the session's start
 
