@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .io import InputError, read_mask
-from .wsi import PLAIN_SUFFIXES, Slide, is_slide_path, slide_name
+from .wsi import MAX_FLAT_SIDE, PLAIN_SUFFIXES, NotRGBError, Slide, is_slide_path, slide_name
 
 LayerData = tuple[object, dict, str]
 
@@ -27,17 +27,13 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 
 def read(path: str | list[str]) -> list[LayerData]:
-    """Layer data for one or more slides or image files (a bad file is reported in one line)."""
-    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    out = []
-    for p in paths:
-        try:
-            out.append(read_one(Path(p)))
-        except InputError as exc:
-            from napari.utils.notifications import show_error
+    """Layer data for one or more slides or image files.
 
-            show_error(f"napari-uga: {exc}")
-    return out
+    A file that cannot be read raises :class:`InputError` with one line naming it and why
+    (napari shows it as a notification; the viewer stays usable).
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [read_one(Path(p)) for p in paths]
 
 
 def read_one(path: Path, mpp: float | None = None) -> LayerData:
@@ -45,7 +41,7 @@ def read_one(path: Path, mpp: float | None = None) -> LayerData:
     meta: dict = {"name": slide_name(path)}
     try:
         slide = Slide(path, mpp)
-    except InputError:
+    except NotRGBError:
         if path.suffix.lower() in (*PLAIN_SUFFIXES, ".tif", ".tiff"):
             return _map_or_mask(path, meta)
         raise
@@ -61,8 +57,11 @@ def _map_or_mask(path: Path, meta: dict) -> LayerData:
     from .slides import read_pyramid
 
     meta = {**meta, "metadata": {"path": str(path)}}
-    try:
-        return read_mask(path), meta, "labels"
-    except InputError:
-        levels = read_pyramid(path)
-        return levels, {**meta, "multiscale": len(levels) > 1, "rgb": False}, "image"
+    levels = read_pyramid(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    if levels is None or (len(levels) == 1 and max(levels[0].shape[:2]) <= MAX_FLAT_SIDE):
+        try:
+            return read_mask(path), meta, "labels"
+        except InputError:
+            if levels is None:
+                raise
+    return levels, {**meta, "multiscale": len(levels) > 1, "rgb": False}, "image"

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .io import InputError, atomic_write_json, read_mask, write_array
-from .wsi import fingerprint
 from .selection import Box, Proposal
+from .wsi import fingerprint
 
 SCHEMA_VERSION = 1
 

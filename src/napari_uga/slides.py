@@ -551,7 +551,12 @@ def write_tissue_slide(
     Written tile by tile (a glass tile is one shared array), so memory stays small at any size.
     """
     rng = np.random.default_rng(seed)
-    variants = [np.ascontiguousarray(np.rot90(t[:TILE, :TILE, :3], k)[:, :: 1 - 2 * f]) for t in tiles for k in range(4) for f in (0, 1)]
+    variants = [
+        np.ascontiguousarray(np.rot90(t[:TILE, :TILE, :3], k)[:, :: 1 - 2 * f])
+        for t in tiles
+        for k in range(4)
+        for f in (0, 1)
+    ]
     radius = math.sqrt(tissue_fraction * shape[0] * shape[1] / (math.pi * n_islands))
     centres = rng.uniform(0.1, 0.9, size=(n_islands, 2)) * np.array(shape)
     axes = radius * rng.uniform(0.7, 1.3, (n_islands, 2))
@@ -562,7 +567,10 @@ def write_tissue_slide(
     def pool(i: int) -> list[np.ndarray]:
         if i not in pools:
             f = 2**i
-            pools[i] = [v.reshape(TILE // f, f, TILE // f, f, 3).mean(axis=(1, 3)).astype(np.uint8) if f <= TILE else v[:1, :1] for v in variants]
+            pools[i] = [
+                v.reshape(TILE // f, f, TILE // f, f, 3).mean(axis=(1, 3)).astype(np.uint8) if f <= TILE else v[:1, :1]
+                for v in variants
+            ]
         return pools[i]
 
     def inside(y0: float, x0: float, size: float, n: int) -> np.ndarray:

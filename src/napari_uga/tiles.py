@@ -313,7 +313,9 @@ class MapView:
             cols = (np.arange(x0, x1) // tile).astype(int)
             filled = np.zeros(out.shape, bool)
             for store in self.stores:
-                done = store.done[np.ix_(np.minimum(rows, store.done.shape[0] - 1), np.minimum(cols, store.done.shape[1] - 1))]
+                done = store.done[
+                    np.ix_(np.minimum(rows, store.done.shape[0] - 1), np.minimum(cols, store.done.shape[1] - 1))
+                ]
                 take = done & ~filled
                 if store is not self.stores[0] and take.any():
                     older = np.asarray(store.levels[self.key][self.k][y0:y1, x0:x1])
@@ -483,8 +485,15 @@ class TileMapper:
         out_h, out_w = max(1, round((sy1 - sy0) * plan.factor)), max(1, round((sx1 - sx0) * plan.factor))
         tissue = tissue_crop(self.tissue, self.tissue_per_px, (oy, ox, out_h, out_w))
         result = compute_uncertainty_safe(
-            self.model, source, samples=self.samples, tta=self.tta, factor=plan.factor, batch_size=1,
-            tile=max(out_h, out_w), output_scale="working", tissue=tissue,
+            self.model,
+            source,
+            samples=self.samples,
+            tta=self.tta,
+            factor=plan.factor,
+            batch_size=1,
+            tile=max(out_h, out_w),
+            output_scale="working",
+            tissue=tissue,
         )  # fmt: skip  (one pass over the whole window: its margin is the context)
         rgb = resize_image(source, plan.factor) if abs(plan.factor - 1) > 1e-3 else source
         crop = (slice(y - oy, y - oy + h), slice(x - ox, x - ox + w))
@@ -541,10 +550,7 @@ def compute_maps(
         if job is None:
             return
         kind, item = job
-        if kind == "tile":
-            box = mapper.plan.tile_box(item)
-        else:
-            box = mapper.plan.to_working(item)
+        box = mapper.plan.tile_box(item) if kind == "tile" else mapper.plan.to_working(item)
         try:
             probability, entropy, rgb, tissue = mapper.maps(*box)
         except BaseException:

@@ -35,8 +35,13 @@ PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg")
 SLIDE_SUFFIXES = (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES, *PLAIN_SUFFIXES)
 TISSUE_SIDE = 2048  # the tissue mask comes from a level (or a stride of one) at most this long
 MAX_FLAT_SIDE = 16384  # a single-level image larger than this cannot be shown or surveyed without a pyramid
+OVERVIEW_SIDE = 2048  # a single-level image gets halved levels down to this size (napari shows it multiscale)
 MAX_READ_PIXELS = 8192 * 8192  # no read of a slide is ever larger (a guard, not a working size)
 _UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+class NotRGBError(InputError):
+    """The file is readable but not an RGB uint8 image (a mask, a map, fluorescence channels)."""
 
 
 def plausible_mpp(mpp: float | None) -> float | None:
@@ -152,6 +157,25 @@ class SlideLevel:
         return out if dtype is None else out.astype(dtype)
 
 
+def _halved_reader(parent: SlideLevel, part: int = 2048):
+    """Reads a box of a level half the size of ``parent`` (2 x 2 means), in parent reads of at most ``part`` px."""
+
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        step = part // 2
+        for y in range(y0, y1, step):
+            for x in range(x0, x1, step):
+                h, w = min(step, y1 - y), min(step, x1 - x)
+                block = parent[2 * y : 2 * (y + h), 2 * x : 2 * (x + w)]
+                ph, pw = 2 * h - block.shape[0], 2 * w - block.shape[1]
+                if ph or pw:
+                    block = np.pad(block, ((0, ph), (0, pw), (0, 0)), mode="edge")
+                out[y - y0 : y - y0 + h, x - x0 : x - x0 + w] = block.reshape(h, 2, w, 2, 3).mean(axis=(1, 3))
+        return out
+
+    return read
+
+
 def _local(key, step: int):
     """The index into a read box that applies ``key`` (an int picks its one row, a slice its step)."""
     return slice(None, None, step) if isinstance(key, slice) else 0
@@ -193,6 +217,7 @@ class Slide:
         else:
             raise InputError(f"{self.path}: not a slide format napari-uga reads ({', '.join(SLIDE_SUFFIXES)})")
         self.file_mpp = file_mpp
+        self._add_overview_levels()
         self.mpp = plausible_mpp(mpp) if mpp is not None else file_mpp
         coarsest = self.levels[-1].shape
         if max(coarsest[:2]) > MAX_FLAT_SIDE:
@@ -224,7 +249,7 @@ class Slide:
         shape, dtype = arrays[0].shape, arrays[0].dtype
         if len(shape) != 3 or shape[-1] not in (3, 4) or dtype != np.uint8:
             self.close()
-            raise InputError(f"{self.path}: expected an RGB uint8 slide (H x W x 3), got {shape} {dtype}")
+            raise NotRGBError(f"{self.path}: expected an RGB uint8 slide (H x W x 3), got {shape} {dtype}")
         levels = [SlideLevel(a.shape[:2], self._zarr_reader(a)) for a in arrays]
         self._check_readable(levels[-1])
         return levels, file_mpp
@@ -235,7 +260,9 @@ class Slide:
                 with self._lock:  # one file handle, many threads
                     return np.asarray(array[y0:y1, x0:x1, :3])
             except Exception as exc:  # noqa: BLE001 - a damaged tile reads as a clear error
-                raise InputError(f"{self.path}: tiles at ({y0}, {x0}) cannot be decoded ({type(exc).__name__})") from None
+                raise InputError(
+                    f"{self.path}: tiles at ({y0}, {x0}) cannot be decoded ({type(exc).__name__})"
+                ) from None
 
         return read
 
@@ -278,8 +305,20 @@ class Slide:
     def _open_plain(self) -> tuple[list[SlideLevel], float | None]:
         from .io import read_image
 
-        image = read_image(self.path)
+        try:
+            image = read_image(self.path)
+        except InputError as exc:
+            raise NotRGBError(str(exc)) from None
         return [SlideLevel(image.shape[:2], lambda y0, y1, x0, x1: image[y0:y1, x0:x1])], None
+
+    def _add_overview_levels(self) -> None:
+        """Give a single-level image halved levels (read from the one below, box by box) down to 2048 px."""
+        if len(self.levels) != 1 or max(self.levels[0].shape[:2]) > MAX_FLAT_SIDE:
+            return
+        while max(self.levels[-1].shape[:2]) > OVERVIEW_SIDE:
+            parent = self.levels[-1]
+            h, w = parent.shape[:2]
+            self.levels.append(SlideLevel((-(-h // 2), -(-w // 2)), _halved_reader(parent)))
 
     def _check_readable(self, level: SlideLevel) -> None:
         """Decode one tile of the coarsest level now, so a truncated file fails at open, not later."""

@@ -98,7 +98,6 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     dock.steps_spin.setValue(3)
     dock.config.lr = 3e-4  # a setting the dock has no box for (Python API)
     dock.k_spin.setValue(4)
-    first = dock.proposals[0]
     dock.viewer.layers[ANNOTATION].data[:40, :40] = 1
     dock.next_patch()
     dock.submit()

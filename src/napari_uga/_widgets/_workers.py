@@ -141,7 +141,16 @@ def finetune_worker(
 ) -> GeneratorWorker:
     """An unstarted worker yielding progress events and returning a ``FinetuneResult`` (or ``None``)."""
     return _unstarted(
-        finetune_events, model, list(annotations), factor, config, seed, cancel, threads, origin, list(self_label_boxes),
+        finetune_events,
+        model,
+        list(annotations),
+        factor,
+        config,
+        seed,
+        cancel,
+        threads,
+        origin,
+        list(self_label_boxes),
         read_patch,
     )
 

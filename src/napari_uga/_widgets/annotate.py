@@ -129,6 +129,7 @@ class AnnotateWidget(WorkerDock):
         self.maps_token = CancelToken()
         self.last_progress: TileProgress | None = None
         self._propose_when_ready = False
+        self._closing = False
         self._last_refresh = 0.0
         self._tiles_since_rank = 0
         self._follow_up = None
@@ -380,6 +381,8 @@ class AnnotateWidget(WorkerDock):
     def _maps_finished(self, worker) -> None:
         if self.maps_worker is worker:
             self.maps_worker = None
+        if self._closing:  # the dock is going away: its widgets may already be deleted
+            return
         self._refresh_maps(force=True)
         if self.store is not None and self.store.complete():
             self._maps_complete()
@@ -430,7 +433,9 @@ class AnnotateWidget(WorkerDock):
         image = self.image_layer()
         sy, sx = np.asarray(image.scale[-2:]) * self.plan.scale
         ty, tx = np.asarray(image.translate[-2:])
-        self.queue.set_view((cy - half_h - ty) / sy, (cx - half_w - tx) / sx, (cy + half_h - ty) / sy, (cx + half_w - tx) / sx)
+        self.queue.set_view(
+            (cy - half_h - ty) / sy, (cx - half_w - tx) / sx, (cy + half_h - ty) / sy, (cx + half_w - tx) / sx
+        )
 
     def _map_place(self) -> dict:
         image = self.image_layer()
@@ -499,7 +504,9 @@ class AnnotateWidget(WorkerDock):
     def _rank(self, keep: list[Box]) -> list[Proposal]:
         done = [Box(a["image"], a["y"], a["x"], a["h"], a["w"]) for a in self.session.annotations]
         self._tiles_since_rank = 0
-        return select(self.store.candidates, self.k_spin.value() - len(keep), [*done, *keep], diversity=self.config.diversity)
+        return select(
+            self.store.candidates, self.k_spin.value() - len(keep), [*done, *keep], diversity=self.config.diversity
+        )
 
     def _rerank(self) -> None:
         """New tiles arrived: re-rank the queue's unopened patches (opened and current ones stay)."""
@@ -583,7 +590,9 @@ class AnnotateWidget(WorkerDock):
         annotation = self._annotation_layer()
         image = self.image_layer()
         annotation.data = self._initial_mask(patch.box).copy()
-        annotation.translate = tuple(np.asarray(image.translate[-2:]) + np.asarray(image.scale[-2:]) * (patch.y, patch.x))
+        annotation.translate = tuple(
+            np.asarray(image.translate[-2:]) + np.asarray(image.scale[-2:]) * (patch.y, patch.x)
+        )
         self._color_queue()
         zoom_to_box(self.viewer, image, patch)
         annotation.selected_label = 1
@@ -604,7 +613,9 @@ class AnnotateWidget(WorkerDock):
         return any((a["y"], a["x"], a["h"], a["w"]) == (box.y, box.x, box.h, box.w) for a in self.session.annotations)
 
     def _unsubmitted(self) -> list[Box]:
-        current = [self.current] if self.current is not None and self.session and not self._annotated(self.current) else []
+        current = (
+            [self.current] if self.current is not None and self.session and not self._annotated(self.current) else []
+        )
         return list(dict.fromkeys([*self.drafts, *current]))
 
     def next_patch(self) -> None:
@@ -744,6 +755,7 @@ class AnnotateWidget(WorkerDock):
     def shutdown(self, timeout_ms: int = 5000) -> None:
         """Stop the fine-tune and the maps and wait for both (called when the dock closes)."""
         maps = self.maps_worker
+        self._closing = True
         self.stop_maps()
         super().shutdown(timeout_ms)
         if maps is not None:

@@ -7,10 +7,9 @@ import os
 import time
 from pathlib import Path
 
+from .._sample_data import SAMPLE_DIR
 from ._common import add_model_options, emit, load_model_from_args, progress_bar
 from .simulate import add_loop_options, loop_config, parse_budgets
-from .._sample_data import SAMPLE_DIR
-
 
 
 def register(sub) -> None:
@@ -56,14 +55,18 @@ def run_headless(args: argparse.Namespace) -> dict:
         if event["stage"] == "evaluate":
             bar.write(event["message"])
 
-    trajectory = simulate(model, pool, test, budgets, "uncertainty", args.seed, factor, config, replay_pairs(), on_event=on_event)
+    trajectory = simulate(
+        model, pool, test, budgets, "uncertainty", args.seed, factor, config, replay_pairs(), on_event=on_event
+    )
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "data": str(SAMPLE_DIR),
         "pool": [p.name for p in pool],
         "test": [p.name for p in test],
-        "curve": [{"budget": b, "dice_global": d} for b, d in zip(trajectory.budgets, trajectory.dice_global, strict=True)],
+        "curve": [
+            {"budget": b, "dice_global": d} for b, d in zip(trajectory.budgets, trajectory.dice_global, strict=True)
+        ],
         "picks": trajectory.picks,
         "seconds": round(time.perf_counter() - started, 1),
         "files": {"report": "report.json", "overlay": "overlay.png", "plot": "dice_vs_round.png"},
@@ -76,5 +79,9 @@ def run_headless(args: argparse.Namespace) -> dict:
     plot_overlay(models, pick_showcase(test), factor, config.samples, args.out / "overlay.png")
     atomic_write_json(args.out / "report.json", report)
     lines = [f"budget {c['budget']:>3}: Dice {c['dice_global']:.3f}" for c in report["curve"]]
-    emit(args, report, "\n".join([*lines, f"wrote {args.out}/report.json, overlay.png, dice_vs_round.png ({report['seconds']} s)"]))
+    emit(
+        args,
+        report,
+        "\n".join([*lines, f"wrote {args.out}/report.json, overlay.png, dice_vs_round.png ({report['seconds']} s)"]),
+    )
     return report

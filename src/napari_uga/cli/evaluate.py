@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> dict:
     pairs = load_pairs(args.images, args.masks)
     model = load_model_from_args(args)
     result = evaluate(model, pairs, working_factor(model, args.mpp))
-    human = f"dice_global {result['dice_global']:.4f}  dice_mean {result['dice_mean']:.4f}  ({result['n_images']} images)"
+    human = (
+        f"dice_global {result['dice_global']:.4f}  dice_mean {result['dice_mean']:.4f}  ({result['n_images']} images)"
+    )
     emit(args, result, human)
     return result

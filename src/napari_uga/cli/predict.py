@@ -16,7 +16,9 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=8, help="MC-dropout samples (1 = deterministic)")
     p.add_argument("--tta", choices=("none", "flips", "d4"), default="none", help="test-time augmentation")
     p.add_argument(
-        "--measure", choices=("entropy", "mutual_information", "variance"), default="entropy",
+        "--measure",
+        choices=("entropy", "mutual_information", "variance"),
+        default="entropy",
         help="which uncertainty map goes to <name>_uncertainty.tif",
     )
     add_model_options(p)

@@ -95,7 +95,8 @@ def _guarantee(payload: dict) -> str:
     """The acceptance rule in words."""
     precision = f"Dice > {payload['threshold']} with precision >= {1 - payload['alpha']:.2f}"
     if payload["rule"] == "fdr":
-        return f"accepted by conformal selection (expected share of Dice <= {payload['threshold']} among the accepted <= {payload['alpha']})"
+        share = f"expected share of Dice <= {payload['threshold']} among the accepted <= {payload['alpha']}"
+        return f"accepted by conformal selection ({share})"
     cut = payload["cut"]
     when = "no predicted Dice is high enough" if cut is None else f"accept when predicted Dice >= {cut:.3f}"
     return f"{when} ({precision} w.p. >= {1 - payload['delta']:.2f})"

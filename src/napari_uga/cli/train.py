@@ -17,11 +17,15 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output weights (.safetensors)")
     p.add_argument("--val-pattern", default=None, help="images whose name contains this are held out for validation")
     p.add_argument(
-        "--val-side", choices=("all", "left", "right"), default="all",
-        help="hold out all matching tiles, or only their left or right half by position (overlapping tiles kept together)",
+        "--val-side",
+        choices=("all", "left", "right"),
+        default="all",
+        help="hold out all matching tiles, or only their left or right half by position "
+        "(overlapping tiles kept together)",
     )
     p.add_argument(
-        "--balance", action="store_true",
+        "--balance",
+        action="store_true",
         help="draw tumour and tumour-free tiles equally, and each appearance cluster within them equally",
     )
     p.add_argument("--augment-strength", type=float, default=1.0, help="scale of the stain and colour jitter")
@@ -53,8 +57,17 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError("train: --epochs and --steps-per-epoch must be at least 1")
     model = UNet(ModelConfig(base=args.base)).to(pick_device(args.device))
     steps = args.epochs * args.steps_per_epoch
-    run = fit(model, pairs, val, steps, seed=args.seed, factor=working_factor(model, args.mpp), val_every=args.steps_per_epoch,
-              balance=args.balance, strength=args.augment_strength)
+    run = fit(
+        model,
+        pairs,
+        val,
+        steps,
+        seed=args.seed,
+        factor=working_factor(model, args.mpp),
+        val_every=args.steps_per_epoch,
+        balance=args.balance,
+        strength=args.augment_strength,
+    )
     result = drive(run, progress_bar(steps, "train", args.json))
     extra = {
         "train_images": [p.name for p in pairs],
