@@ -119,6 +119,8 @@ class Session:
                 queue=list(data["queue"]),
                 queue_position=int(data["queue_position"]),
             )
+            for info in session.images.values():
+                Path(info["path"])  # each slide has a path
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{record}: incomplete session record ({type(exc).__name__}: {exc})") from None
         for name, new_path in (relocate or {}).items():

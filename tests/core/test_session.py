@@ -39,7 +39,7 @@ def test_changed_image_is_refused(tmp_path, tiny_model_path, umcu_pairs):
     session = Session.create(tmp_path / "s", tiny_model_path)
     path = session.add_image("tile", array=umcu_pairs[0].image)
     path.write_bytes(path.read_bytes() + b"changed")
-    with pytest.raises(InputError, match="missing or changed"):
+    with pytest.raises(InputError, match="changed since the session was saved"):
         Session.open(tmp_path / "s")
 
 
