@@ -1,7 +1,9 @@
 """npe2 writers: labels as a TIFF mask, labels and shapes as QuPath-compatible GeoJSON.
 
-Coordinates are the layers' data coordinates, which are the full-resolution (level-0)
-pixel coordinates of the image they were drawn on; GeoJSON points are ``[x, y]``.
+GeoJSON coordinates are the layers' world coordinates (data coordinates through the layer's
+``scale`` and ``translate``), which are the level-0 pixel coordinates of the slide they were
+drawn on: the dock's patch-sized correction layer exports where it lies on the slide.
+GeoJSON points are ``[x, y]``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
     """Write each label value of a labels layer as one (multi)polygon feature."""
     array = np.asarray(data[0] if meta.get("multiscale") else data)
     features = []
+    scale = np.asarray(meta.get("scale", (1.0, 1.0)), float)[-2:][::-1]  # (x, y)
+    offset = np.asarray(meta.get("translate", (0.0, 0.0)), float)[-2:][::-1]
     for value in np.unique(array):
         if value == 0:
             continue
-        polygons = mask_polygons(array == value)
+        polygons = [
+            [[[float(v) for v in np.asarray(p) * scale + offset] for p in ring] for ring in polygon]
+            for polygon in mask_polygons(array == value)
+        ]
         geometry = {"type": "MultiPolygon", "coordinates": polygons}
         features.append(_feature(geometry, "Tumor", f"{meta.get('name', 'labels')} {int(value)}"))
     return [_dump(path, features)]

@@ -61,6 +61,11 @@ def test_labels_geojson_traces_holes_in_pixel_coordinates(tmp_path):
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (20, 80, 10, 50)
     hx, hy = np.array(hole)[:, 0], np.array(hole)[:, 1]
     assert (hx.min(), hx.max(), hy.min(), hy.max()) == (40, 50, 20, 30)
+    placed = {"name": "uga: annotation", "translate": (5000.0, 7000.0), "scale": (1.0, 1.0)}  # a patch on a slide
+    [written] = _writer.write_labels_geojson(str(tmp_path / "b.geojson"), labels, placed)
+    [[outer, _]] = json.loads(Path(written).read_text())["features"][0]["geometry"]["coordinates"]
+    xs, ys = np.array(outer)[:, 0], np.array(outer)[:, 1]
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (7020, 7080, 5010, 5050)  # slide coordinates
 
 
 def test_shapes_geojson_through_napari(make_napari_viewer, tmp_path):

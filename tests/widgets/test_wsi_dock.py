@@ -189,3 +189,41 @@ def test_moved_slide_is_located_again(make_napari_viewer, tiny_model_path, tmp_p
     reopened.open_session(tmp_path / "session", relocate={"CMU-1-Small-Region": str(moved)})
     assert reopened.session.image_path("CMU-1-Small-Region") == moved.resolve()
     assert Session.open(tmp_path / "session").image_path("CMU-1-Small-Region") == moved.resolve()  # saved
+
+
+def test_qc_dock_checks_the_proposed_patches_and_the_current_view_of_a_slide(
+    qtbot, make_napari_viewer, tiny_model_path, tmp_path, docks
+):
+    from napari_uga._widgets.qc import BOXES, PROPOSED, VIEW, QCWidget
+
+    viewer = make_napari_viewer(show=True)
+    [layer] = viewer.open(WSI / "CMU-1-Small-Region.svs", plugin="napari-uga")
+    dock = _dock(viewer, tiny_model_path, tmp_path / "session", docks)
+    dock.compute()
+    qtbot.waitUntil(lambda: dock.maps_worker is None, timeout=WAIT_MS)
+    dock.propose()
+    qc = QCWidget(viewer)
+    viewer.window.add_dock_widget(qc, name="Quality control")
+    qc.model_edit.setText(str(tiny_model_path))
+    qc.image_combo.setCurrentText(layer.name)
+
+    qc.source_combo.setCurrentText(PROPOSED)
+    qc.run()
+    qtbot.waitUntil(lambda: qc.worker is None and qc.report is not None, timeout=WAIT_MS)
+    proposed = {(p.y, p.x, p.h, p.w) for p in dock.proposals}
+    assert {(b.y, b.x, b.h, b.w) for b in qc.boxes.values()} == proposed and qc.table.rowCount() == 3
+
+    viewer.scene.camera.center = (1500, 1100)
+    viewer.scene.camera.zoom = 1.0  # about one canvas of level-0 pixels around (1500, 1100)
+    qc.report = None
+    qc.source_combo.setCurrentText(VIEW)
+    qc.patch_spin.setValue(256)
+    qc.run()
+    qtbot.waitUntil(lambda: qc.worker is None and qc.report is not None, timeout=WAIT_MS)
+    h, w = viewer.canvas.size
+    for box in qc.boxes.values():  # every checked patch lies in the view
+        assert 1500 - h / 2 - 1 <= box.y and box.y + box.h <= 1500 + h / 2 + 1
+        assert 1100 - w / 2 - 1 <= box.x and box.x + box.w <= 1100 + w / 2 + 1
+    assert qc.boxes and BOXES in viewer.layers
+    assert layer.data[0].largest_read <= 4096 * 4096  # the view, never the slide, was read
+    qc.shutdown()

@@ -46,10 +46,25 @@ if TYPE_CHECKING:
     import napari
 
 CURRENT, FOLDER = "Patches of the current image", "Images of a folder"
+VIEW, PROPOSED = "Patches of the current view", "The proposed patches (UGA queue)"
+PROPOSALS = "uga: proposals"
+MAX_WHOLE = 8192 * 8192  # level-0 px above which "the current image" is too large to check whole
 BOXES = "uga: qc"
 OPENED = "uga: qc image"
 ACCEPT_COLOR, REVIEW_COLOR = "#2e7d32", "#c62828"
 BACKGROUND, FOREGROUND = "#262930", "#d0d0d0"
+
+
+class _Offset:
+    """A lazily sliced window (y0, x0, h, w) of an image array: slicing reads only that box."""
+
+    def __init__(self, data, y0: int, x0: int, h: int, w: int) -> None:
+        self.data, self.y0, self.x0 = data, y0, x0
+        self.shape = (h, w, *data.shape[2:])
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        ys, xs = key[:2]
+        return np.asarray(self.data[self.y0 + ys.start : self.y0 + ys.stop, self.x0 + xs.start : self.x0 + xs.stop])
 
 
 class QCWidget(WorkerDock):
@@ -68,7 +83,10 @@ class QCWidget(WorkerDock):
     # -- construction ------------------------------------------------------------
     def _build(self) -> None:
         self.source_combo = QComboBox()
-        self.source_combo.addItems([CURRENT, FOLDER])
+        self.source_combo.addItems([CURRENT, VIEW, PROPOSED, FOLDER])
+        self.source_combo.setToolTip(
+            "On a whole slide, check the patches of what is on screen, or the UGA dock's proposed patches"
+        )
         self.image_combo = QComboBox()
         self.patch_spin = QSpinBox()
         self.patch_spin.setRange(64, 4096)
@@ -198,16 +216,56 @@ class QCWidget(WorkerDock):
         }
 
     def _patches(self) -> list[Pair]:
+        """Patches of the chosen image: all of it, the part on screen, or the UGA queue's proposals."""
         name = self.image_combo.currentText()
         if name not in self.viewer.layers:
             raise InputError("qc: open an RGB image first (or check a folder)")
         layer = self.viewer.layers[name]
         data = layer.data[0] if layer.multiscale else layer.data
-        found = image_patches(name, data, self.patch_spin.value())
+        source = self.source_combo.currentText()
+        if source == PROPOSED:
+            found = self._proposed(name, layer, data)
+        else:
+            y0, x0, h, w = self._view_box(layer, data) if source == VIEW else (0, 0, *data.shape[:2])
+            if h * w > MAX_WHOLE:
+                raise InputError(
+                    f"qc: {name} is {data.shape[1]} x {data.shape[0]} px; check the current view (zoom in) "
+                    "or the proposed patches instead"
+                )
+            found = [
+                (
+                    Box(name, box.y + y0, box.x + x0, box.h, box.w),
+                    Pair(f"{name} y={box.y + y0} x={box.x + x0}", pair.image),
+                )
+                for box, pair in image_patches(name, _Offset(data, y0, x0, h, w), self.patch_spin.value())
+            ]
         if not found:
             raise InputError(f"qc: no patch of {name} holds enough tissue")
         self.boxes = {pair.name: box for box, pair in found}
         return [pair for _, pair in found]
+
+    def _view_box(self, layer, data) -> tuple[int, int, int, int]:
+        """The level-0 box (y, x, h, w) of ``layer`` that the camera shows, clipped to the image."""
+        camera = self.viewer.scene.camera
+        h, w = self.viewer.canvas.size
+        centre = (np.asarray(camera.center[-2:]) - np.asarray(layer.translate[-2:])) / np.asarray(layer.scale[-2:])
+        half = np.array([h, w]) / camera.zoom / 2 / np.asarray(layer.scale[-2:])
+        y0, x0 = np.maximum(0, np.floor(centre - half)).astype(int)
+        y1, x1 = np.minimum(data.shape[:2], np.ceil(centre + half)).astype(int)
+        if y1 <= y0 or x1 <= x0:
+            raise InputError(f"qc: the view shows nothing of {layer.name}")
+        return int(y0), int(x0), int(y1 - y0), int(x1 - x0)
+
+    def _proposed(self, name: str, layer, data) -> list[tuple[Box, Pair]]:
+        if PROPOSALS not in self.viewer.layers or not len(self.viewer.layers[PROPOSALS].data):
+            raise InputError("qc: no proposed patches yet (Propose patches in the UGA annotation dock)")
+        out = []
+        for corners in self.viewer.layers[PROPOSALS].data:
+            (y0, x0), (y1, x1) = np.floor(corners.min(0)).astype(int), np.ceil(corners.max(0)).astype(int)
+            box = Box(name, int(y0), int(x0), int(y1 - y0), int(x1 - x0))
+            image = np.ascontiguousarray(np.asarray(data[box.y : box.y + box.h, box.x : box.x + box.w])[..., :3])
+            out.append((box, Pair(f"{name} y={box.y} x={box.x}", image)))
+        return out
 
     def run(self) -> None:
         """Start QC in a worker for the chosen source."""
@@ -216,7 +274,7 @@ class QCWidget(WorkerDock):
         try:
             settings = self._settings()
             pairs, folder = None, None
-            if self.source_combo.currentText() == CURRENT:
+            if self.source_combo.currentText() != FOLDER:
                 pairs = self._patches()
                 layer = self.viewer.layers[self.image_combo.currentText()]
                 settings["mpp"] = settings["mpp"] or layer.metadata.get("mpp")
