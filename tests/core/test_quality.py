@@ -254,7 +254,7 @@ def test_auto_keeps_one_model_only_when_it_is_clearly_better(monkeypatch, forest
     truth = np.random.default_rng(1).uniform(size=40)
     noise = {"regressor": forest_noise, "presence": presence_noise}
     scores = {m: truth + noise[m] * np.random.default_rng(seed).normal(size=40) for seed, m in enumerate(noise)}
-    monkeypatch.setattr(quality, "_cross_fit_rows", lambda m, *_: scores[m])
+    monkeypatch.setattr(quality.auto, "_cross_fit_rows", lambda m, *_: scores[m])
     rows = [{"empty": 0.0, "lbp_cue": 0.0}] * 40
     method, oof, evidence = quality._select_method(rows, truth, None, np.ones(40, bool))
     assert method == chosen and evidence["naurc_gap_se"] > 0
@@ -263,7 +263,7 @@ def test_auto_keeps_one_model_only_when_it_is_clearly_better(monkeypatch, forest
 
 def test_auto_blends_where_nothing_tells_the_models_apart(monkeypatch):
     scores = {"regressor": np.array([0.2, 0.9]), "presence": np.array([0.9, 0.2])}
-    monkeypatch.setattr(quality, "_cross_fit_rows", lambda m, *_: scores[m])
+    monkeypatch.setattr(quality.auto, "_cross_fit_rows", lambda m, *_: scores[m])
     rows = [{"empty": 0.0, "lbp_cue": 0.0}] * 2
     assert quality._select_method(rows, np.array([0.1, 0.95]), None, np.ones(2, bool))[0] == "blend"  # 2 images
     same = np.full(2, 0.7)  # every image equally good: no ordering to score
