@@ -254,3 +254,26 @@ def test_explicit_loop_options_override_the_shift_preset():
         loop_config(parser.parse_args(["--anchor", "-1"]), 256)
     with pytest.raises(InputError, match="--self-share"):
         loop_config(parser.parse_args(["--replay-share", "0.6", "--self-share", "0.5"]), 256)
+
+
+def test_predict_reads_vendor_slides_through_the_slide_abstraction(tmp_path, tiny_model_path, capsys):
+    from napari_uga.slides import write_synthetic_slide
+
+    wsi = Path(__file__).resolve().parent / "data" / "wsi"
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_synthetic_slide(slides / "large.ome.tif", (4200, 4200), n_regions=2, tissue_fraction=0.05, seed=1)
+    for source in (wsi / "CMU-1-Small-Region.svs", wsi / "CMU-1-Small-Region-dicom"):
+        code = main(["predict", "--images", str(source), "--out", str(tmp_path / "o"), "--model",
+                     str(tiny_model_path), "--samples", "1", "--json"])  # fmt: skip
+        assert code == 0
+    code = main(["predict", "--images", str(slides), "--out", str(tmp_path / "o"), "--model", str(tiny_model_path),
+                 "--samples", "1", "--json"])  # fmt: skip
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(payload["images"][0]) == {"name", "probability", "entropy", "prediction"}  # a large slide: pyramids
+    import tifffile
+
+    for name in ("CMU-1-Small-Region", "CMU-1-Small-Region-dicom"):
+        assert tifffile.imread(tmp_path / "o" / f"{name}_prob.tif").shape == (2967, 2220)
+    assert (tmp_path / "o" / "large_probability.ome.tif").is_file()

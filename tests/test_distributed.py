@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from napari_uga.distributed import BatchOptions, calibrate_qc, list_inputs, run_batch
+from napari_uga.distributed import BatchOptions, calibrate_qc, run_batch
 from napari_uga.io import InputError, load_pairs
 from napari_uga.slides import MAP_NAMES, write_synthetic_slide
+from napari_uga.wsi import list_inputs
 
 distributed = pytest.importorskip("distributed")
 

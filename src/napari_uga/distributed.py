@@ -13,7 +13,6 @@ its nanny and its tasks rerun (Dask's ``allowed-failures``).
 from __future__ import annotations
 
 import csv
-import glob
 import io as _bytesio
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import InputError, atomic_write_bytes, atomic_write_json
-from .wsi import PLAIN_SUFFIXES, SLIDE_SUFFIXES, Slide, is_slide_path, slide_name
+from .wsi import is_large, read_whole, slide_name
 
 _MODELS: dict[tuple, object] = {}
 
@@ -43,31 +42,6 @@ class BatchOptions:
     split_above: int = 4096 * 4096  # source pixels; larger TIFFs are split into blocks
     device: str = "auto"
     threads: int = 0  # torch threads per worker (0 = leave torch's default)
-
-
-def list_inputs(spec: str | os.PathLike) -> list[Path]:
-    """Images and slides named by a folder, a file or a glob pattern (sorted)."""
-    text = str(spec)
-    if any(ch in text for ch in "*?["):
-        paths = [Path(p) for p in sorted(glob.glob(text))]
-    elif Path(text).is_dir():
-        paths = [Path(text)] if is_slide_path(text) else sorted(Path(text).iterdir())
-    elif Path(text).is_file():
-        paths = [Path(text)]
-    else:
-        raise InputError(f"{text}: no such file, folder or matching pattern")
-    paths = [p for p in paths if is_slide_path(p)]
-    if not paths:
-        raise InputError(f"{text}: no image or slide files ({', '.join(SLIDE_SUFFIXES)}, or a DICOM folder)")
-    names = [_name(p) for p in paths]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(f"{text}: several inputs share the name {duplicates[0]!r}; outputs would collide")
-    return paths
-
-
-def _name(path: Path) -> str:
-    return slide_name(path)
 
 
 def cached_model(model_path: str, device: str = "auto", threads: int = 0):
@@ -173,13 +147,13 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
     start = time.perf_counter()
     opts = BatchOptions(**options)
     model = cached_model(model_path, opts.device, opts.threads)
-    image, mpp = _read_small(Path(path), opts.mpp)
+    image, mpp = read_whole(Path(path), opts.mpp)
     mpp = mpp or DEFAULT_MPP
     factor = mpp / model.config.input_mpp
     maps = compute_uncertainty_safe(
         model, image, samples=opts.samples, tta=opts.tta, factor=factor, tile=INFER_TILE, batch_size=opts.batch_size
     )
-    name = _name(Path(path))
+    name = slide_name(Path(path))
     paths = output_paths(out_dir, name)
     write_pyramid_array(paths["probability"], maps.probability, mpp, name=f"{name} probability")
     write_pyramid_array(paths["entropy"], maps.entropy, mpp, name=f"{name} entropy")
@@ -204,15 +178,6 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
     }
     atomic_write_json(record_path(out_dir, name), record)
     return record
-
-
-def _read_small(path: Path, mpp: float | None) -> tuple[np.ndarray, float | None]:
-    """An image in memory and its pixel size (from the TIFF, else ``mpp``)."""
-    from .io import to_rgb_uint8
-
-    with Slide(path, mpp) as slide:
-        h, w = slide.shape
-        return to_rgb_uint8(slide.read(0, 0, 0, h, w), str(path)), slide.mpp
 
 
 def block_task(plan: dict, index: tuple[int, int], model_path: str, options: dict, with_qc: bool) -> list[dict]:
@@ -248,14 +213,6 @@ def finalize_task(plan: dict, out_dir: str, qc: dict | None, key: str, start: fl
     return record
 
 
-def _is_large(path: Path, opts: BatchOptions) -> bool:
-    if path.suffix.lower() in PLAIN_SUFFIXES:  # PNG / JPEG are read whole
-        return False
-    with Slide(path, opts.mpp) as slide:
-        h, w = slide.shape
-    return h * w > opts.split_above
-
-
 def _has_gpu_workers(client) -> bool:
     workers = client.scheduler_info().get("workers", {}).values()
     return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
@@ -264,7 +221,7 @@ def _has_gpu_workers(client) -> bool:
 def _failed(path: Path, error: BaseException | str) -> dict:
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return {
-        "name": _name(path),
+        "name": slide_name(path),
         "path": str(path),
         "status": "failed",
         "error": message,
@@ -287,13 +244,13 @@ def submit_all(
     early: list[dict] = []
     n_tasks = 0
     for path in inputs:
-        name = _name(path)
+        name = slide_name(path)
         done = finished_record(out_dir, name, settings)
         if done is not None:
             early.append({**done, "skipped": True})
             continue
         try:
-            large = _is_large(path, opts)
+            large = is_large(path, opts.mpp, opts.split_above)
             if large:
                 plan = plan_slide(
                     path,
@@ -367,7 +324,7 @@ def run_batch(
     Parameters
     ----------
     client : a ``distributed.Client``.
-    inputs : image / slide paths (see :func:`list_inputs`).
+    inputs : image / slide paths (see :func:`napari_uga.wsi.list_inputs`).
     out_dir : outputs per input (``<name>_{probability,entropy,prediction}.ome.tif``, ``<name>.json``).
     model_path : the weights file, loaded inside the workers.
     qc : a ``QCModel.to_dict()``, or ``None`` to skip QC.
@@ -390,7 +347,7 @@ def run_batch(
             records.append(_failed(path, future.exception()))
         if progress is not None:
             progress(len(records), total)
-    order = {_name(p): i for i, p in enumerate(inputs)}
+    order = {slide_name(p): i for i, p in enumerate(inputs)}
     records.sort(key=lambda r: order.get(r["name"], len(order)))
     summary = _summary(records, time.perf_counter() - start, n_tasks)
     if (out_dir / ".scratch").is_dir() and not any((out_dir / ".scratch").iterdir()):

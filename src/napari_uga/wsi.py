@@ -17,6 +17,7 @@ largest read it served, so tests can prove that nothing larger than a block is e
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import os
@@ -384,12 +385,17 @@ class Slide:
         return rgb, self.downsample(level) * step
 
     def tissue(self, max_side: int = TISSUE_SIDE) -> tuple[np.ndarray, float]:
-        """Tissue mask from a low level and its downsample (level-0 px per mask px)."""
+        """Tissue mask from a low level and its downsample (level-0 px per mask px); computed once per size."""
         from scipy import ndimage
 
-        rgb, ds = self.thumbnail(max_side)
-        mask = tissue_mask(rgb) if min(rgb.shape[:2]) >= 8 else np.ones(rgb.shape[:2], bool)
-        return ndimage.binary_dilation(mask, iterations=1), ds
+        cache = self.__dict__.setdefault("_tissue", {})
+        if max_side not in cache:
+            rgb, ds = self.thumbnail(max_side)
+            mask = tissue_mask(rgb) if min(rgb.shape[:2]) >= 8 else np.ones(rgb.shape[:2], bool)
+            mask = ndimage.binary_dilation(mask, iterations=1)
+            mask.flags.writeable = False
+            cache[max_side] = (mask, ds)
+        return cache[max_side]
 
 
 def _strided(level: SlideLevel, step: int, strip: int = 1024) -> np.ndarray:
@@ -409,6 +415,43 @@ def _float(text) -> float | None:
         return None
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
-    """Open a slide (see :class:`Slide`); raises :class:`InputError` with a one-line reason."""
-    return Slide(path, mpp)
+def list_inputs(spec: str | os.PathLike) -> list[Path]:
+    """Images and slides named by a folder, a file or a glob pattern (sorted)."""
+    text = str(spec)
+    if any(ch in text for ch in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(text))]
+    elif Path(text).is_dir():
+        paths = [Path(text)] if is_slide_path(text) else sorted(Path(text).iterdir())
+    elif Path(text).is_file():
+        paths = [Path(text)]
+    else:
+        raise InputError(f"{text}: no such file, folder or matching pattern")
+    paths = [p for p in paths if is_slide_path(p)]
+    if not paths:
+        raise InputError(f"{text}: no image or slide files ({', '.join(SLIDE_SUFFIXES)}, or a DICOM folder)")
+    names = [slide_name(p) for p in paths]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"{text}: several inputs share the name {duplicates[0]!r}; outputs would collide")
+    return paths
+
+
+WHOLE_PIXELS = 4096 * 4096  # level-0 px up to which a slide is read into memory whole
+
+
+def is_large(path: str | os.PathLike, mpp: float | None = None, limit: int = WHOLE_PIXELS) -> bool:
+    """Whether a slide has more than ``limit`` level-0 pixels (PNG / JPEG never do: they are read whole)."""
+    if Path(path).suffix.lower() in PLAIN_SUFFIXES:
+        return False
+    with Slide(path, mpp) as slide:
+        h, w = slide.shape
+    return h * w > limit
+
+
+def read_whole(path: str | os.PathLike, mpp: float | None = None) -> tuple[np.ndarray, float | None]:
+    """A small slide or image in memory (RGB uint8, level 0) and its µm/px (``mpp``, else the file's)."""
+    from .io import to_rgb_uint8
+
+    with Slide(path, mpp) as slide:
+        h, w = slide.shape
+        return to_rgb_uint8(slide.read(0, 0, 0, h, w), str(path)), slide.mpp

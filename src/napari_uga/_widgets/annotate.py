@@ -404,12 +404,30 @@ class AnnotateWidget(WorkerDock):
         self.maps_bar.setValue(progress.done)
         survey = f" · survey {progress.survey_left} patches left" if progress.survey_left else ""
         self.maps_label.setText(progress.message + survey)
-        self._refresh_maps()
+        if self._in_view(progress.box):  # off-screen tiles need no redraw
+            self._refresh_maps()
         self._tiles_since_rank += 1
         if self._propose_when_ready and progress.survey_left == 0 and self.store.candidates:
             self.propose()
         elif self.proposals and self._tiles_since_rank >= RERANK_EVERY:
             self._rerank()
+
+    def _in_view(self, box: tuple[int, int, int, int]) -> bool:
+        """Whether a working-scale box (y, x, h, w) overlaps what the camera shows."""
+        y0, x0, y1, x1 = self._view_box()
+        y, x, h, w = box
+        return y < y1 and y + h > y0 and x < x1 and x + w > x0
+
+    def _view_box(self) -> tuple[float, float, float, float]:
+        """The working-scale box (y0, x0, y1, x1) on screen."""
+        camera = self.viewer.scene.camera
+        cy, cx = camera.center[-2:]
+        h, w = self.viewer.canvas.size
+        half_h, half_w = h / camera.zoom / 2, w / camera.zoom / 2
+        image = self.image_layer()
+        sy, sx = np.asarray(image.scale[-2:]) * self.plan.scale
+        ty, tx = np.asarray(image.translate[-2:])
+        return (cy - half_h - ty) / sy, (cx - half_w - tx) / sx, (cy + half_h - ty) / sy, (cx + half_w - tx) / sx
 
     def _refresh_maps(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -426,16 +444,7 @@ class AnnotateWidget(WorkerDock):
         """Tell the tile queue which working-scale box the camera shows."""
         if self.queue is None or self.plan is None:
             return
-        camera = self.viewer.scene.camera
-        cy, cx = camera.center[-2:]
-        h, w = self.viewer.canvas.size if hasattr(self.viewer, "canvas") else (950, 1500)
-        half_h, half_w = h / camera.zoom / 2, w / camera.zoom / 2
-        image = self.image_layer()
-        sy, sx = np.asarray(image.scale[-2:]) * self.plan.scale
-        ty, tx = np.asarray(image.translate[-2:])
-        self.queue.set_view(
-            (cy - half_h - ty) / sy, (cx - half_w - tx) / sx, (cy + half_h - ty) / sy, (cx + half_w - tx) / sx
-        )
+        self.queue.set_view(*self._view_box())
 
     def _map_place(self) -> dict:
         image = self.image_layer()

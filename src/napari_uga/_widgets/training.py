@@ -18,7 +18,7 @@ from ..training import ProgressEvent
 BACKGROUND = "#262930"  # napari dark theme
 FOREGROUND = "#d0d0d0"
 LINE = "#f9a03f"
-REDRAW_S = 2.0  # a plot redraw costs ~40 ms of main thread; at most one per this many seconds
+REDRAW_S = 5.0  # a plot redraw costs 35-75 ms of main thread (benchmarks/wsi_session.py); at most one per 5 s
 
 
 class TrainingWidget(QWidget):
@@ -96,3 +96,5 @@ class TrainingWidget(QWidget):
         self.axes.autoscale_view()
         self.canvas.draw_idle()
         self._drawn_at = time.monotonic()
+        if self.losses:
+            self.figure.set_tight_layout(False)  # laid out once: later redraws skip the layout pass

@@ -66,9 +66,10 @@ def _qc_dict(args: argparse.Namespace, model) -> dict | None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the batch and print its summary."""
-    from ..distributed import BatchOptions, list_inputs, make_client, run_batch, worker_threads
+    from ..distributed import BatchOptions, make_client, run_batch, worker_threads
     from ..io import InputError
     from ..models import DEFAULT_WEIGHTS, load_model
+    from ..wsi import list_inputs
 
     if args.samples < 1:
         raise InputError(f"--samples must be at least 1, got {args.samples}")

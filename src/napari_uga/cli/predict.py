@@ -10,8 +10,14 @@ from ._common import add_model_options, emit, load_model_from_args, progress_bar
 
 def register(sub) -> None:
     """Add the ``predict`` subcommand."""
-    p = sub.add_parser("predict", help="write <name>_prob.tif, <name>_uncertainty.tif and <name>_mask.png per image")
-    p.add_argument("--images", type=Path, required=True, help="an image file or a folder of images")
+    p = sub.add_parser(
+        "predict",
+        help="write <name>_prob.tif, <name>_uncertainty.tif and <name>_mask.png per image "
+        "(OME-TIFF pyramids for a large slide)",
+    )
+    p.add_argument(
+        "--images", type=Path, required=True, help="an image or slide (SVS, NDPI, ...), a DICOM folder, or a folder"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--samples", type=int, default=8, help="MC-dropout samples (1 = deterministic)")
     p.add_argument("--tta", choices=("none", "flips", "d4"), default="none", help="test-time augmentation")
@@ -26,28 +32,47 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Predict every image and write its three files atomically."""
-    from ..io import InputError, list_images, read_image, write_array
-    from ..models import working_factor
+    """Predict every image or slide and write its files atomically.
+
+    Small inputs are read whole through :class:`napari_uga.wsi.Slide` and get three flat files;
+    a slide of more than 4096 x 4096 px is processed block by block into probability, entropy
+    and prediction OME-TIFF pyramids (:func:`napari_uga.slides.process_slide`). The pixel size
+    is ``--mpp``, else the file's, else Camelyon level 0 (said on stderr).
+    """
+    import sys
+
+    from ..io import InputError, write_array
+    from ..models import DEFAULT_MPP, working_factor
+    from ..slides import process_slide
     from ..uncertainty import compute_uncertainty
+    from ..wsi import is_large, list_inputs, read_whole, slide_name
 
     if args.samples < 1:
         raise InputError("predict: --samples must be at least 1")
-    files = list_images(args.images)
+    files = list_inputs(args.images)
     model = load_model_from_args(args)
-    factor = working_factor(model, args.mpp)
     written = []
     bar = progress_bar(len(files), "predict", args.json)
     for path in files:
-        maps = compute_uncertainty(model, read_image(path), samples=args.samples, tta=args.tta, factor=factor)
+        name = slide_name(path)
+        if is_large(path, args.mpp):
+            summary = process_slide(model, path, args.out, samples=args.samples, tta=args.tta, mpp=args.mpp)
+            written.append({"name": name, **summary["outputs"]})
+            bar.update()
+            continue
+        image, mpp = read_whole(path, args.mpp)
+        if mpp is None:
+            print(f"{path}: no µm/px in the file; assumed {DEFAULT_MPP} (give --mpp)", file=sys.stderr)
+        factor = working_factor(model, mpp)
+        maps = compute_uncertainty(model, image, samples=args.samples, tta=args.tta, factor=factor)
         outputs = {
-            "prob": write_array(args.out / f"{path.stem}_prob.tif", maps.probability),
-            "uncertainty": write_array(args.out / f"{path.stem}_uncertainty.tif", maps.layer(args.measure)),
-            "mask": write_array(args.out / f"{path.stem}_mask.png", maps.prediction),
+            "prob": write_array(args.out / f"{name}_prob.tif", maps.probability),
+            "uncertainty": write_array(args.out / f"{name}_uncertainty.tif", maps.layer(args.measure)),
+            "mask": write_array(args.out / f"{name}_mask.png", maps.prediction),
         }
-        written.append({"name": path.stem, **{k: str(v) for k, v in outputs.items()}})
+        written.append({"name": name, **{k: str(v) for k, v in outputs.items()}})
         bar.update()
     bar.close()
     payload = {"out": str(args.out), "n_images": len(written), "images": written}
-    emit(args, payload, f"wrote {3 * len(written)} files for {len(written)} images to {args.out}")
+    emit(args, payload, f"wrote the maps of {len(written)} images and slides to {args.out}")
     return payload
