@@ -156,7 +156,9 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
     view_s = time.perf_counter() - clicked
     dock.propose()
     wait(app, lambda: len(dock.proposals) >= 10, 1800)
+    dock.go_to(0)
     proposals_s = time.perf_counter() - clicked
+    print(f"  first tile {first_tile:.1f} s, view {view_s:.1f} s, 10 proposals {proposals_s:.1f} s", flush=True)
     tiles = [(t, p) for t, p in arrivals if p.kind == "tile"]
     span = tiles[-1][0] - tiles[0][0] if len(tiles) > 1 else float("nan")
     working_mpx = (len(tiles) - 1) * TILE * TILE / 1e6 / span if len(tiles) > 1 else float("nan")
@@ -168,6 +170,8 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
             viewer.layers[ANNOTATION].data = data
             dock.next_patch()
         target = dock.session.current_round + 1
+        viewer.scene.camera.center = (centre[0] * plan.scale, centre[1] * plan.scale)  # back to the view
+        viewer.scene.camera.zoom = 1 / plan.scale
         probe.phase = "finetune"
         submitted = time.perf_counter()
         dock.submit()
@@ -175,8 +179,10 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
         probe.phase = "maps"
         after_s = wait(app, lambda: all(dock.store.done[t] for t in wanted), 1800)
         rounds.append({"finetune_s": tune_s, "view_after_s": after_s, "wall_s": time.perf_counter() - submitted})
-        dock.propose()
-        wait(app, lambda: len(dock.proposals) >= 1, 1800)
+        print(f"  round {target}: fine-tune {tune_s:.1f} s, its view {after_s:.1f} s", flush=True)
+        dock.propose()  # the new round's queue: as soon as its survey has ended
+        wait(app, lambda: not dock._propose_when_ready, 1800)
+        dock.go_to(0)
     dock.shutdown()
     result = {
         "open_s": opened,

@@ -350,7 +350,8 @@ class AnnotateWidget(WorkerDock):
         store = MapStore.open_or_create(
             round_store_path(self.session.folder, round_index), self.plan, fingerprint(self.slide.path)
         )
-        self.stores = [store, *[s for s in self.stores if s.folder != store.folder]][:2]
+        older = [s for s in self.stores if s.folder.name < store.folder.name]  # round_NNN names sort by round
+        self.stores = [store, *older][:2]  # an earlier round fills in what this one has not computed yet
         self.store = store
         survey = survey_boxes(self.slide, self.plan) if not store.candidates else []
         self.queue = TileQueue(store.pending(), survey, seed=round_index)
@@ -388,7 +389,7 @@ class AnnotateWidget(WorkerDock):
             self._maps_complete()
         self._update_controls()
         if self._propose_when_ready and self.store is not None and self.store.candidates:
-            self.propose()
+            self.propose(zoom=False)
 
     def _maps_complete(self) -> None:
         self._score_round()
@@ -408,7 +409,7 @@ class AnnotateWidget(WorkerDock):
             self._refresh_maps()
         self._tiles_since_rank += 1
         if self._propose_when_ready and progress.survey_left == 0 and self.store.candidates:
-            self.propose()
+            self.propose(zoom=False)
         elif self.proposals and self._tiles_since_rank >= RERANK_EVERY:
             self._rerank()
 
@@ -488,8 +489,12 @@ class AnnotateWidget(WorkerDock):
         self._fill_history()
 
     # -- 2 · proposals and corrections -----------------------------------------------
-    def propose(self) -> None:
-        """Rank the scored candidate patches of the whole slide (those computed so far) and show the queue."""
+    def propose(self, zoom: bool = True) -> None:
+        """Rank the scored candidate patches of the whole slide (those computed so far) and show the queue.
+
+        Before the survey of candidates has ended, the queue is shown as soon as it has, without
+        moving the camera (the user may be looking elsewhere by then).
+        """
         if self.store is None:
             show_error("compute the uncertainty first")
             return
@@ -508,7 +513,12 @@ class AnnotateWidget(WorkerDock):
             return
         self.session.set_queue(picks)
         self._show_queue(picks)
-        self.go_to(0)
+        self.go_to(0, zoom=zoom)
+        if not zoom:
+            self._set_status(
+                f"{len(picks)} patches proposed across the slide (the first outlined in white); "
+                "◀ Prev / Next ▶ walk the queue."
+            )
 
     def _rank(self, keep: list[Box]) -> list[Proposal]:
         done = [Box(a["image"], a["y"], a["x"], a["h"], a["w"]) for a in self.session.annotations]
@@ -586,7 +596,7 @@ class AnnotateWidget(WorkerDock):
         self.drafts[box] = mask
         return mask
 
-    def go_to(self, index: int) -> None:
+    def go_to(self, index: int, zoom: bool = True) -> None:
         """Make queue entry ``index`` current: zoom to it and load its correction (pre-filled with the prediction)."""
         if not self.proposals:
             return
@@ -603,10 +613,11 @@ class AnnotateWidget(WorkerDock):
             np.asarray(image.translate[-2:]) + np.asarray(image.scale[-2:]) * (patch.y, patch.x)
         )
         self._color_queue()
-        zoom_to_box(self.viewer, image, patch)
-        annotation.selected_label = 1
-        annotation.mode = "paint"
-        self.viewer.layers.selection.active = annotation
+        if zoom:
+            zoom_to_box(self.viewer, image, patch)
+            annotation.selected_label = 1
+            annotation.mode = "paint"
+            self.viewer.layers.selection.active = annotation
         self._update_controls()
 
     def _color_queue(self) -> None:
