@@ -9,7 +9,8 @@ the process's resident memory sampled at every tick. Per run it prints:
 - first map tile on screen, and the whole current view (1,500 x 950 screen px at working scale);
 - the first 10 proposals (the slide-wide survey of candidate patches);
 - tissue throughput in Mpx/s (level-0 and working-scale pixels of tissue tiles per second);
-- event-loop stall p50 / p99 / max while maps compute and while it fine-tunes;
+- event-loop stall p50 / p99 / max while maps compute, while it fine-tunes, and (apart) while the
+  script walks the queue (napari re-slices the slide at each patch on the main thread);
 - seconds per fine-tune round, and the new round's view after it.
 
 Usage (a display is needed; on a headless machine)::
@@ -20,13 +21,16 @@ Usage (a display is needed; on a headless machine)::
 
 ``--generate HxW`` writes (once, into ``benchmarks/.cache/``) a pyramid at 0.243 µm/px whose tissue
 is the shipped Camelyon tiles, mirrored and rotated into islands covering about 20 % of the slide.
-Medians over ``--repeats`` runs (each in a fresh session folder) close the output.
+Each of the ``--repeats`` runs is a fresh process (so resident memory is that of one session) with a
+fresh session folder; their medians close the output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -156,14 +160,16 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
     view_s = time.perf_counter() - clicked
     dock.propose()
     wait(app, lambda: len(dock.proposals) >= 10, 1800)
+    probe.phase = "navigate"
     dock.go_to(0)
     proposals_s = time.perf_counter() - clicked
     print(f"  first tile {first_tile:.1f} s, view {view_s:.1f} s, 10 proposals {proposals_s:.1f} s", flush=True)
-    tiles = [(t, p) for t, p in arrivals if p.kind == "tile"]
-    span = tiles[-1][0] - tiles[0][0] if len(tiles) > 1 else float("nan")
-    working_mpx = (len(tiles) - 1) * TILE * TILE / 1e6 / span if len(tiles) > 1 else float("nan")
+    # seconds per tile: the median gap between two tiles that arrived one after the other (no survey patch between)
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False) if a[1].kind == b[1].kind == "tile"]
+    working_mpx = TILE * TILE / 1e6 / float(np.median(gaps)) if gaps else float("nan")
     rounds = []
     for _ in range(args.rounds):
+        probe.phase = "navigate"
         for _ in range(min(args.patches, len(dock.proposals))):
             data = np.asarray(viewer.layers[ANNOTATION].data).copy()
             data[: data.shape[0] // 3] = 1 - data[: data.shape[0] // 3]  # a correction
@@ -182,6 +188,7 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
         print(f"  round {target}: fine-tune {tune_s:.1f} s, its view {after_s:.1f} s", flush=True)
         dock.propose()  # the new round's queue: as soon as its survey has ended
         wait(app, lambda: not dock._propose_when_ready, 1800)
+        probe.phase = "navigate"
         dock.go_to(0)
     dock.shutdown()
     result = {
@@ -195,6 +202,7 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
         "level0_mpx_s": working_mpx * plan.scale**2,
         "stall_maps": probe.summary("maps"),
         "stall_finetune": probe.summary("finetune"),
+        "stall_navigate": probe.summary("navigate"),
         "rounds": rounds,
         "peak_rss_gb": probe.peak / 1024**3,
         "largest_slide_read_px": dock.slide.largest_read(),
@@ -216,25 +224,35 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=5, help="patches corrected per round")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the runs here")
+    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: one run, its result to this file
     args = parser.parse_args()
     if bool(args.slide) == bool(args.generate):
         parser.error("give --slide or --generate")
     slide = args.slide or generated(tuple(int(v) for v in args.generate.split("x")), args.tissue)
 
-    import napari
+    if args.one is not None:
+        import napari
 
-    app = napari.qt.get_qapp()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_once(napari.qt.get_qapp(), napari, slide, args, Path(tmp))
+        args.one.write_text(json.dumps(result))
+        return
+    own = ["--mpp", str(args.mpp), "--samples", str(args.samples), "--rounds", str(args.rounds)]
+    own += ["--patches", str(args.patches), "--slide", str(slide)]
     runs = []
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(run_once(app, napari, slide, args, Path(tmp)))
+            out = Path(tmp) / "run.json"
+            subprocess.run([sys.executable, __file__, *own, "--one", str(out)], check=True)
+            runs.append(json.loads(out.read_text()))
         r = runs[-1]
         tunes = " ".join(f"{x['finetune_s']:.0f}/{x['view_after_s']:.0f}" for x in r["rounds"])
         print(
             f"run {i + 1}: open {r['open_s']:.1f} s · first tile {r['first_tile_s']:.1f} s · view "
             f"({r['view_tiles']} tiles) {r['view_s']:.1f} s · 10 proposals {r['proposals_10_s']:.1f} s · "
             f"{r['level0_mpx_s']:.2f} level-0 Mpx/s ({r['working_mpx_s']:.2f} working) · "
-            f"stall p99 maps {r['stall_maps'][1]:.0f} ms, fine-tune {r['stall_finetune'][1]:.0f} ms · "
+            f"stall p99 maps {r['stall_maps'][1]:.0f} ms, fine-tune {r['stall_finetune'][1]:.0f} ms, "
+            f"walking the queue {r['stall_navigate'][1]:.0f} ms · "
             f"rounds fine-tune/view-after s {tunes} · peak RSS {r['peak_rss_gb']:.2f} GB",
             flush=True,
         )
@@ -242,6 +260,7 @@ def main() -> None:
     medians = {k: float(np.median([r[k] for r in runs])) for k in keys}
     medians["stall_p99_maps_ms"] = float(np.median([r["stall_maps"][1] for r in runs]))
     medians["stall_p99_finetune_ms"] = float(np.median([r["stall_finetune"][1] for r in runs]))
+    medians["stall_p99_navigate_ms"] = float(np.median([r["stall_navigate"][1] for r in runs]))
     medians["finetune_s"] = float(np.median([x["finetune_s"] for r in runs for x in r["rounds"]] or [np.nan]))
     print(f"{slide.name}: {runs[0]['tissue_tiles']} tissue tiles; medians of {len(runs)} runs:")
     print(json.dumps(medians, indent=2))
