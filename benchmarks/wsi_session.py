@@ -105,6 +105,12 @@ def wait(app, condition, timeout: float) -> float:
     return time.perf_counter() - started
 
 
+def pause(app, seconds: float) -> None:
+    """Run the event loop for ``seconds`` (the ticks after a step record its stall in its phase)."""
+    end = time.perf_counter() + seconds
+    wait(app, lambda: time.perf_counter() >= end, seconds + 60)
+
+
 def view_tiles(plan, centre_working: tuple[float, float]) -> set:
     """Tissue tiles of the working-scale box of ``VIEW`` around a centre."""
     from napari_uga.tiles import TILE
@@ -162,6 +168,7 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
     wait(app, lambda: len(dock.proposals) >= 10, 1800)
     probe.phase = "navigate"
     dock.go_to(0)
+    pause(app, 0.5)
     proposals_s = time.perf_counter() - clicked
     print(f"  first tile {first_tile:.1f} s, view {view_s:.1f} s, 10 proposals {proposals_s:.1f} s", flush=True)
     # seconds per tile: the median gap between two tiles that arrived one after the other (no survey patch between)
@@ -175,6 +182,7 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
             data[: data.shape[0] // 3] = 1 - data[: data.shape[0] // 3]  # a correction
             viewer.layers[ANNOTATION].data = data
             dock.next_patch()
+            pause(app, 0.5)
         target = dock.session.current_round + 1
         viewer.scene.camera.center = (centre[0] * plan.scale, centre[1] * plan.scale)  # back to the view
         viewer.scene.camera.zoom = 1 / plan.scale
@@ -190,6 +198,7 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
         wait(app, lambda: not dock._propose_when_ready, 1800)
         probe.phase = "navigate"
         dock.go_to(0)
+        pause(app, 0.5)
     dock.shutdown()
     result = {
         "open_s": opened,

@@ -283,11 +283,14 @@ class MapView:
     """A level of a map as napari reads it: the newest round where its tile is done, else the older rounds'.
 
     So after a fine-tune the previous round's tiles stay on screen until their replacements arrive.
-    ``threshold`` turns the probability into a 0/1 prediction.
+    ``threshold`` turns the probability into a 0/1 prediction; ``outline`` keeps only its boundary
+    (1 px at the level read), which napari draws far faster than a labels layer's contour.
     """
 
-    def __init__(self, stores: Sequence[MapStore], key: str, level: int, threshold: int | None = None) -> None:
-        self.stores, self.key, self.k, self.threshold = list(stores), key, level, threshold
+    def __init__(
+        self, stores: Sequence[MapStore], key: str, level: int, threshold: int | None = None, outline: bool = False
+    ) -> None:
+        self.stores, self.key, self.k, self.threshold, self.outline = list(stores), key, level, threshold, outline
         self.shape = tuple(stores[0].levels[key][level].shape)
         self.dtype = np.dtype(np.uint8)
         self.ndim = 2
@@ -306,6 +309,27 @@ class MapView:
         slices = [k if isinstance(k, slice) else slice(int(k), int(k) + 1) for k in key]
         (y0, y1, sy), (x0, x1, sx) = (s.indices(n) for s, n in zip(slices, self.shape, strict=True))
         y1, x1 = max(y0, y1), max(x0, x1)
+        if self.outline:
+            out = self._outline(y0, y1, x0, x1)
+        else:
+            out = self._values(y0, y1, x0, x1)
+            if self.threshold is not None:
+                out = (out >= self.threshold).astype(np.uint8)
+        out = out[::sy, ::sx]
+        return out[tuple(0 if not isinstance(k, slice) else slice(None) for k in key)]
+
+    def _outline(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The boundary pixels of the thresholded map in a box (read with a 1 px rim for the neighbours)."""
+        py0, px0 = max(0, y0 - 1), max(0, x0 - 1)
+        py1, px1 = min(self.shape[0], y1 + 1), min(self.shape[1], x1 + 1)
+        inside = np.pad(self._values(py0, py1, px0, px1) >= (self.threshold or 128), 1, mode="edge")
+        core = inside[1:-1, 1:-1]
+        interior = core & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+        edge = (core & ~interior).astype(np.uint8)
+        return edge[y0 - py0 : y0 - py0 + (y1 - y0), x0 - px0 : x0 - px0 + (x1 - x0)]
+
+    def _values(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The uint8 map in a box: the newest round where its tiles are done, else an older round's."""
         out = np.asarray(self.stores[0].levels[self.key][self.k][y0:y1, x0:x1])
         if len(self.stores) > 1 and out.size:
             tile = TILE / 2**self.k
@@ -321,19 +345,18 @@ class MapView:
                     older = np.asarray(store.levels[self.key][self.k][y0:y1, x0:x1])
                     out = np.where(take, older, out)
                 filled |= done
-        if self.threshold is not None:
-            out = (out >= self.threshold).astype(np.uint8)
-        out = out[::sy, ::sx]
-        return out[tuple(0 if not isinstance(k, slice) else slice(None) for k in key)]
+        return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:, :]
         return out if dtype is None else out.astype(dtype)
 
 
-def map_levels(stores: Sequence[MapStore], key: str, threshold: int | None = None) -> list[MapView]:
+def map_levels(
+    stores: Sequence[MapStore], key: str, threshold: int | None = None, outline: bool = False
+) -> list[MapView]:
     """Every level of a map as :class:`MapView` (finest first), for a multiscale napari layer."""
-    return [MapView(stores, key, k, threshold) for k in range(len(stores[0].levels[key]))]
+    return [MapView(stores, key, k, threshold, outline) for k in range(len(stores[0].levels[key]))]
 
 
 # -- the queue ---------------------------------------------------------------------------

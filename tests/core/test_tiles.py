@@ -81,6 +81,8 @@ def test_store_pyramid_done_flags_candidates_and_fallback_to_the_older_round(tmp
     new.mark_done(plan.tiles[0], [])
     assert (view[y : y + h, x : x + w] == 255).all()  # the new round's tile replaces the old one once done
     assert [v.shape for v in map_levels([new, old], "entropy")] == level_shapes(plan.shape)
+    outline = MapView([new], "probability", 0, threshold=128, outline=True)[y : y + h, x : x + w]
+    assert outline[0].all() and outline[:, 0].all() and not outline[1:-1, 1:-1].any()  # the tile's boundary only
 
     (tmp_path / "round_000.zarr" / "candidates.jsonl").open("a").write('{"image": "cut')  # a crash mid-line
     reopened = MapStore.open_or_create(tmp_path / "round_000.zarr", plan, "fp")

@@ -14,6 +14,7 @@ from napari_uga._widgets.annotate import (
     UNCERTAINTY,
     AnnotateWidget,
 )
+from napari_uga.tiles import MapView
 
 WAIT_MS = 120_000
 
@@ -40,7 +41,7 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert annotation.data.shape == (first.h, first.w)  # the correction layer is one patch, placed on the slide
     np.testing.assert_allclose(annotation.translate, (first.y, first.x))
     wy, wx, wh, ww = dock.plan.to_working(first)
-    predicted = np.asarray(viewer.layers[PREDICTION].data[0][wy : wy + wh, wx : wx + ww])
+    predicted = np.asarray(MapView(dock.stores, "probability", 0, threshold=128)[wy : wy + wh, wx : wx + ww])
     assert abs(annotation.data.mean() - predicted.mean()) < 0.05  # pre-filled with the prediction
     annotation.paint((first.h // 2, first.w // 2), 1)  # a brush correction
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key.Key_N)

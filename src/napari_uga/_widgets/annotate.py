@@ -461,13 +461,11 @@ class AnnotateWidget(WorkerDock):
                 "colormap": "viridis", "contrast_limits": (0, 255), "opacity": 0.5, "visible": False}),
             UNCERTAINTY: (Image, map_levels(self.stores, "entropy"), {
                 "colormap": uncertainty_colormap(), "contrast_limits": self.store.limits(), "opacity": 0.8}),
-            PREDICTION: (Labels, map_levels(self.stores, "probability", threshold=128), {
-                "opacity": 0.9, "colormap": _one_color(PREDICTION_COLOR)}),
+            PREDICTION: (Image, map_levels(self.stores, "probability", threshold=128, outline=True), {
+                "colormap": _outline_colormap(), "contrast_limits": (0, 1), "opacity": 0.9}),
         }  # fmt: skip
         for name, (kind, data, options) in layers.items():
-            layer = _upsert(self.viewer, kind, name, data, multiscale=True, **options, **place)
-            if kind is Labels:
-                layer.contour = 2
+            _upsert(self.viewer, kind, name, data, multiscale=True, **options, **place)
         self.viewer.layers.selection.active = self.image_layer()
 
     def _score_round(self) -> None:
@@ -855,6 +853,13 @@ class AnnotateWidget(WorkerDock):
         folder = QFileDialog.getExistingDirectory(self, "Open a napari-uga session folder")
         if folder:
             self.open_session(folder)
+
+
+def _outline_colormap() -> Colormap:
+    """0 transparent, 1 the prediction's colour: the tumour outline drawn by ``uga: prediction``."""
+    from matplotlib.colors import to_rgba
+
+    return Colormap([(0, 0, 0, 0), to_rgba(PREDICTION_COLOR)], name="uga outline")
 
 
 def _one_color(color: str) -> DirectLabelColormap:
