@@ -42,8 +42,12 @@ def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path
     assert out["method_reason"].startswith(f"auto chose {out['method']}: out-of-fold normalised AURC")
     assert [r["name"] for r in out["per_image"]] == sorted(p.stem for p in (test / "images").iterdir())
     for row in out["per_image"]:
-        assert set(row) == {"name", "dice_pred", "accepted", "dice_true"}
+        assert set(row) == {"name", "dice_pred", "accepted", "dice_true", "in_domain", "domain_p", "reason"}
         assert 0 <= row["dice_pred"] <= 1 and isinstance(row["accepted"], bool) and 0 <= row["dice_true"] <= 1
+        assert isinstance(row["in_domain"], bool) and 0 < row["domain_p"] <= 1
+        assert (row["reason"] == "") == row["accepted"]
+    # 4 calibration tiles: the gate cannot flag anything at 0.05, and the report says so
+    assert out["domain_level"] == 0.05 and "cannot flag anything with 4 calibration images" in out["domain_note"]
     # the saved QC model reproduces the predictions without calibration images and without masks
     proc = subprocess.run(
         [sys.executable, "-m", "napari_uga.cli", "qc", "--images", str(test / "images"), "--qc-model", str(saved),
@@ -55,6 +59,23 @@ def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path
     assert again["metrics"] == {} and all(r["dice_true"] is None for r in again["per_image"])
     assert out["rule"] == "ltt" and again["rule"] == "fdr" and again["cut"] is None
     np.testing.assert_allclose([r["dice_pred"] for r in again["per_image"]], [r["dice_pred"] for r in out["per_image"]])
+
+
+def test_colon_tiles_under_the_shipped_lymph_node_calibration_go_to_review(capsys):
+    """What a new user gets: colon biopsies checked with the shipped calibration (lymph node, RUMC)
+    are unlike its images, so none is accepted, each with the reason; without the gate all were."""
+    ebhi = Path(__file__).parent / "data" / "ebhi_seg"
+    assert main(["qc", "--images", str(ebhi / "images"), "--masks", str(ebhi / "masks"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["per_image"]) == 6 and out["method"] == "entropy"
+    for row in out["per_image"]:
+        assert not row["in_domain"] and not row["accepted"] and row["domain_p"] <= 0.05
+        assert row["reason"].startswith("unlike the calibration images: atypicality p = ")
+    assert out["domain_note"].startswith("6 of 6 images are unlike the calibration images")
+    assert out["metrics"]["coverage"] == 0.0
+    assert main(["qc", "--images", str(ebhi / "images"), "--domain-level", "0"]) == 0  # the gate off, human table
+    text = capsys.readouterr().out
+    assert [line.split()[2] for line in text.splitlines()[1:7]] == ["accept"] * 6 and "gate is off" in text
 
 
 def _error(capsys, args) -> str:
@@ -84,6 +105,7 @@ def test_error_paths_are_one_line(folders, tiny_model_path, tmp_path, capsys):
     )
     assert "--alpha" in _error(capsys, ["--images", str(test / "images"), "--alpha", "1.5"])
     assert "--method" in _error(capsys, ["--images", str(test / "images"), "--method", "magic"])
+    assert "--domain-level" in _error(capsys, ["--images", str(test / "images"), "--domain-level", "1"])
     junk = tmp_path / "junk.json"
     junk.write_text("[1, 2]")
     assert "QC model" in _error(capsys, ["--images", str(test / "images"), "--qc-model", str(junk), *model])

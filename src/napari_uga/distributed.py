@@ -129,13 +129,31 @@ def calibrate_qc(
 
 
 def _qc_row(qc: dict | None, rows: Sequence[dict]) -> dict:
-    """Predicted Dice and acceptance from feature rows (several rows: one per block, averaged)."""
-    if qc is None or not rows:
-        return {"dice_pred": None, "accepted": None}
-    from .quality import QCModel
+    """Predicted Dice, acceptance and the exchangeability gate from feature rows (several: one per block).
 
-    pred, accepted = QCModel.from_dict(qc).predict(list(rows))
-    return {"dice_pred": float(np.mean(pred)), "accepted": bool(np.all(accepted))}
+    One row (an image): the QC model's decision, gate included. Several rows (a slide's blocks):
+    the mean predicted Dice; the slide's domain p-value merges its blocks' (twice their median,
+    valid whatever their dependence), and the slide is accepted when every block passes the rule
+    and the slide is in domain.
+    """
+    if qc is None or not rows:
+        return {"dice_pred": None, "accepted": None, "in_domain": None, "domain_p": None}
+    from .quality import QCModel, merge_p_values
+
+    model = QCModel.from_dict(qc)
+    if len(rows) == 1:
+        pred, accepted, p_values = model.decide(list(rows))
+        domain_p = float(p_values[0])
+    else:
+        pred, accepted, _ = model.decide(list(rows), gate=False)
+        domain_p = merge_p_values(model.domain_p(list(rows)))
+    in_domain = bool(model.in_domain(np.array([domain_p]))[0])
+    return {
+        "dice_pred": float(np.mean(pred)),
+        "accepted": bool(np.all(accepted)) and in_domain,
+        "in_domain": in_domain,
+        "domain_p": domain_p if np.isfinite(domain_p) else None,
+    }
 
 
 def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict | None, key: str) -> dict:
@@ -374,14 +392,16 @@ def _summary(records: list[dict], seconds: float, n_tasks: int) -> dict:
 
 
 def write_qc_csv(path: Path, records: Sequence[dict]) -> None:
-    """``name, dice_pred, accepted`` for every input (empty cells where QC did not run)."""
+    """``name, dice_pred, accepted, in_domain, domain_p`` for every input (empty cells where QC did not run)."""
     buffer = _bytesio.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["name", "dice_pred", "accepted"])
+    writer.writerow(["name", "dice_pred", "accepted", "in_domain", "domain_p"])
     for r in records:
         dice_pred = "" if r.get("dice_pred") is None else f"{r['dice_pred']:.4f}"
         accepted = "" if r.get("accepted") is None else str(bool(r["accepted"])).lower()
-        writer.writerow([r["name"], dice_pred, accepted])
+        in_domain = "" if r.get("in_domain") is None else str(bool(r["in_domain"])).lower()
+        domain_p = "" if r.get("domain_p") is None else f"{r['domain_p']:.4f}"
+        writer.writerow([r["name"], dice_pred, accepted, in_domain, domain_p])
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 

@@ -1,12 +1,14 @@
 """Quality control: metrics against hand-computed cases, the conformal guarantee, features, models."""
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from napari_uga import quality
-from napari_uga.io import InputError
+from napari_uga.io import InputError, load_pairs
 from napari_uga.uncertainty import UncertaintyMaps
 
 
@@ -370,3 +372,160 @@ def test_shipped_calibration_matches_the_features(rng):
     assert "camelyon16_rumc" in qc.info["calibration"]  # never a test split
     pred, accepted = qc.predict([row])
     assert 0 <= pred[0] <= 1 and accepted.dtype == bool
+
+
+# ----------------------------------------------------------------------------- the exchangeability gate
+
+
+def _domain_rows(rng, n, shift=0.0, copies=1):
+    """Rows with colour, the gate's features (texture, network distance) and a QC score; ``copies``
+    near-identical images per group (overlapping tiles)."""
+    rows = []
+    for _ in range(n // copies):
+        base = rng.normal(size=8) + shift
+        for _ in range(copies):
+            v = base + rng.normal(0, 0.02, 8)
+            rows.append(
+                {"saturation": v[0], "value": v[1], "hematoxylin": v[2], "eosin": v[3], "tissue_fraction": 1.0,
+                 "lbp_grey_r1_0": v[4], "lbp_grey_r1_1": v[5], "lbp_hem_r3_2": v[6], "feature_distance": v[7],
+                 "pairwise_dice": float(rng.uniform())}
+            )  # fmt: skip
+    return rows
+
+
+def test_domain_p_values_are_valid_in_domain_and_small_out_of_it(rng):
+    """Full conformal: over many exchangeable draws p <= 0.05 happens at most 5 % of the time."""
+    flagged, shifted = [], []
+    for _ in range(200):
+        cal, test = _domain_rows(rng, 30), _domain_rows(rng, 5)
+        flagged.extend(quality.domain_p_values(cal, test) <= 0.05)
+        shifted.extend(quality.domain_p_values(cal, _domain_rows(rng, 2, shift=3.0)) <= 0.05)
+    assert np.mean(flagged) <= 0.05 + 0.02 and np.mean(flagged) > 0.01  # about the level, not far below
+    assert np.mean(shifted) > 0.95
+    p = quality.domain_p_values(cal, test)
+    assert np.all((1 / 31 <= p) & (p <= 1)) and np.allclose(p * 31, np.round(p * 31))  # ranks among n + 1
+    assert quality.min_domain_images(0.05) == 19 and quality.min_domain_images(0.1) == 9
+
+
+def test_domain_groups_keep_copies_from_making_calibration_images_typical(rng):
+    """Calibration tiles that overlap (groups of near-copies) would look typical of each other; a new
+    tile has no copy. Leaving the own group out keeps the gate valid."""
+    plain, grouped = [], []
+    for _ in range(100):
+        cal = _domain_rows(rng, 40, copies=4)
+        groups = np.repeat(np.arange(10), 4)
+        test = _domain_rows(rng, 4)
+        plain.extend(quality.domain_p_values(cal, test) <= 0.1)
+        grouped.extend(quality.domain_p_values(cal, test, groups) <= 0.1)
+    assert np.mean(plain) > 0.5 and np.mean(grouped) <= 0.1 + 0.04
+
+
+def test_gate_sends_unlike_images_to_review_with_the_reason(tmp_path, rng):
+    cal = _domain_rows(rng, 60)
+    truth = [0.95] * 60  # every calibration image good: Learn-then-Test accepts from the lowest score up
+    qc = quality.fit_qc_model(cal, truth, method="pairwise_dice", groups=[f"g{i // 2}" for i in range(60)])
+    assert qc.groups[:3] == ["g0", "g0", "g1"] and math.isfinite(qc.cut)
+    near, far = _domain_rows(rng, 10), _domain_rows(rng, 10, shift=4.0)
+    report = quality.qc_report(qc, [f"i{i}" for i in range(20)], near + far, [None] * 20)
+    rows = report["per_image"]
+    assert all({"in_domain", "domain_p", "reason"} <= set(r) for r in rows) and report["domain_level"] == 0.05
+    assert sum(r["in_domain"] for r in rows[:10]) >= 8 and not any(r["in_domain"] for r in rows[10:])
+    assert not any(r["accepted"] for r in rows[10:])
+    assert rows[15]["reason"].startswith("unlike the calibration images: atypicality p = ")
+    assert (
+        "10 of 20 images are unlike the calibration images" in report["domain_note"] or "of 20" in report["domain_note"]
+    )
+    fdr = quality.refit_for(qc, 0.1, 0.1, 0.8, rule="fdr")
+    assert not fdr.predict(far)[1].any() and fdr.predict(far, gate=False)[1].all()
+    # the gate travels with the file: groups, level, the calibration images' own scores
+    data = qc.to_dict()
+    assert data["groups"] == qc.groups and data["domain"]["level"] == 0.05 and len(data["domain"]["scores"]) == 60
+    assert set(data["domain"]["features"]) == {"texture", "network"}
+    loaded = quality.QCModel.load(qc.save(tmp_path / "qc.json"))
+    np.testing.assert_allclose(loaded.domain_p(far), qc.domain_p(far))
+    off = quality.refit_for(loaded, 0.1, 0.1, 0.8, domain_level=0.0)
+    assert off.predict(far)[1].all() and np.isnan(off.domain_p(far)).all()
+    assert "gate is off" in quality.qc_report(off, ["a"], far[:1], [None])["domain_note"]
+    older = {k: v for k, v in data.items() if k not in ("groups", "domain")}  # a file from before the gate
+    old = quality.QCModel.from_dict(older)
+    assert old.groups == [] and old.domain_level == 0.05 and not old.predict(far)[1].any()
+    with pytest.raises(InputError, match="domain level"):
+        quality.QCModel.from_dict({**data, "domain": {"level": 1.5}})
+    with pytest.raises(InputError, match="groups"):
+        quality.QCModel.from_dict({**data, "groups": ["a"]})
+
+
+def test_gate_cannot_flag_with_too_few_calibration_images_and_says_so(rng):
+    cal = _domain_rows(rng, 12)
+    qc = quality.fit_qc_model(cal, [0.9] * 12, method="pairwise_dice", rule="fdr")
+    report = quality.qc_report(qc, ["x"], _domain_rows(rng, 1, shift=5.0), [None])
+    assert report["per_image"][0]["in_domain"] and report["per_image"][0]["domain_p"] == pytest.approx(1 / 13)
+    assert "cannot flag anything with 12 calibration images" in report["domain_note"]
+
+
+def test_slide_domain_p_merges_blocks():
+    assert quality.merge_p_values([0.01, 0.02, 0.5, 0.6]) == pytest.approx(0.52)
+    assert quality.merge_p_values([0.01, 0.01, 0.02]) == pytest.approx(0.02)
+    assert math.isnan(quality.merge_p_values([math.nan]))
+
+
+EBHI = Path(__file__).resolve().parents[1] / "data" / "ebhi_seg"  # six real colon biopsy tiles (README there)
+
+
+@pytest.fixture(scope="module")
+def shipped_net():
+    from napari_uga.models import DEFAULT_WEIGHTS, load_model
+
+    return load_model(DEFAULT_WEIGHTS, "cpu")
+
+
+def _overlap_groups(names: list[str]) -> list[int]:
+    """Connected groups of overlapping 256 px Camelyon tiles (names carry their level-0 corner)."""
+    xy = np.array([[int(v) for v in re.search(r"_x(\d+)_y(\d+)", n).groups()] for n in names])
+    label = list(range(len(names)))
+    for i in range(len(names)):
+        for j in range(i):
+            if np.all(np.abs(xy[i] - xy[j]) < 256):
+                old, new = label[i], label[j]
+                label = [new if g == old else g for g in label]
+    return label
+
+
+def test_gate_on_real_tiles_of_two_domains(shipped_net, umcu_pairs):
+    """Colon biopsies are unlike the lymph-node calibration images (shipped, or UMCU tiles); UMCU tiles
+    of groups held out of a UMCU calibration are mostly like it."""
+    from napari_uga.models import working_factor
+
+    factor = working_factor(shipped_net, None)  # what a user gets without --mpp
+    ebhi = load_pairs(EBHI / "images", EBHI / "masks")
+    ebhi_rows = [quality.domain_row(shipped_net, p.image, factor) for p in ebhi]
+    shipped = quality.default_qc_model()
+    assert len(shipped.groups) == len(shipped.rows) and shipped.domain_level == quality.DOMAIN_LEVEL
+    assert not shipped.in_domain(shipped.domain_p(ebhi_rows)).any()  # every colon tile: review
+    umcu_rows = [quality.domain_row(shipped_net, p.image, factor) for p in umcu_pairs]
+    groups = np.array(_overlap_groups([p.name for p in umcu_pairs]))
+    held_out = np.isin(groups, np.unique(groups)[::4])  # a quarter of the groups
+    cal = [r for r, h in zip(umcu_rows, held_out, strict=True) if not h]
+    test = [r for r, h in zip(umcu_rows, held_out, strict=True) if h]
+    assert len(cal) >= quality.min_domain_images()  # enough to flag at 0.05
+    p = quality.domain_p_values(cal, test, groups[~held_out])
+    assert np.mean(p > quality.DOMAIN_LEVEL) >= 0.75
+    # 26 calibration tiles: a p-value is a multiple of 1/27, the power is smaller than with the 57 shipped ones
+    assert np.mean(quality.domain_p_values(cal, ebhi_rows, groups[~held_out]) <= quality.DOMAIN_LEVEL) >= 0.8
+
+
+def test_batch_qc_rows_and_csv_carry_the_gate(tmp_path, rng):
+    """``uga batch``: each record and ``qc.csv`` say whether the input is like the calibration images."""
+    from napari_uga.distributed import _qc_row, write_qc_csv
+
+    qc = quality.fit_qc_model(_domain_rows(rng, 60), [0.95] * 60, method="pairwise_dice").to_dict()
+    image = _qc_row(qc, _domain_rows(rng, 1, shift=4.0))
+    assert image["in_domain"] is False and image["accepted"] is False and image["domain_p"] <= 0.05
+    slide = _qc_row(qc, _domain_rows(rng, 20))  # a slide's blocks: one merged p-value
+    assert slide["in_domain"] is True and slide["accepted"] is True and 0.05 < slide["domain_p"] <= 1
+    assert _qc_row(None, []) == {"dice_pred": None, "accepted": None, "in_domain": None, "domain_p": None}
+    write_qc_csv(tmp_path / "qc.csv", [{"name": "a", **image}, {"name": "b", **slide}, {"name": "c"}])
+    lines = (tmp_path / "qc.csv").read_text().splitlines()
+    assert lines[0] == "name,dice_pred,accepted,in_domain,domain_p" and lines[3] == "c,,,,"
+    assert lines[1].startswith("a,") and lines[1].split(",")[2:4] == ["false", "false"]
+    assert lines[2].split(",")[2:4] == ["true", "true"]

@@ -62,6 +62,8 @@ def test_folder_table_sorted_worst_first_and_click_opens(qc_dock, qtbot, tmp_pat
         expected = "#2e7d32" if decision == "accept" else "#c62828"
         assert table.item(r, 0).background().color().name() == expected
         assert table.item(r, 3).text() != "–"  # masks given: true Dice shown
+        assert 0 < float(table.item(r, 4).text()) <= 1  # the exchangeability gate's p-value
+    assert table.horizontalHeaderItem(4).text() == "domain p"
     assert "auroc" in qc_dock.status.text() or "mae" in qc_dock.status.text()
     assert "chosen by auto" in qc_dock.status.text() and qc_dock.status.toolTip().startswith("auto chose")
     assert qc_dock.axes.lines  # risk-coverage curve drawn
@@ -88,3 +90,24 @@ def test_patches_of_current_image_outlined_and_zoomed(qc_dock, qtbot, tmp_path, 
     qc_dock._row_clicked(n - 1, 0)
     box = qc_dock.boxes[qc_dock.table.item(n - 1, 0).text()]
     np.testing.assert_allclose(qc_dock.viewer.camera.center[-2:], (box.y + box.h / 2, box.x + box.w / 2))
+
+
+def test_out_of_domain_rows_say_so(qc_dock):
+    """A row the exchangeability gate sent to review reads 'review: out of domain', with the reason."""
+    reason = "unlike the calibration images: atypicality p = 0.0172"
+    rows = [
+        {"name": "colon", "dice_pred": 0.9, "accepted": False, "dice_true": None, "in_domain": False,
+         "domain_p": 0.0172, "reason": reason},
+        {"name": "node", "dice_pred": 0.8, "accepted": True, "dice_true": None, "in_domain": True,
+         "domain_p": 0.4, "reason": ""},
+    ]  # fmt: skip
+    report = {"per_image": rows, "threshold": 0.8, "alpha": 0.1, "delta": 0.1, "method": "entropy", "rule": "ltt",
+              "cut": 0.0, "note": "", "method_reason": "", "metrics": {}, "domain_level": 0.05,
+              "domain_note": "1 of 2 images are unlike the calibration images"}  # fmt: skip
+    qc_dock.show_report(report)
+    table = qc_dock.table
+    by_name = {table.item(r, 0).text(): r for r in range(table.rowCount())}
+    colon, node = by_name["colon"], by_name["node"]
+    assert table.item(colon, 2).text() == "review: out of domain" and table.item(colon, 2).toolTip() == reason
+    assert table.item(colon, 4).text() == "0.017" and table.item(node, 2).text() == "accept"
+    assert "1 of 2 images are unlike the calibration images" in qc_dock.status.text()

@@ -162,8 +162,8 @@ class QCWidget(WorkerDock):
         self.status = QLabel("Pick patches of an image or a folder, then Run QC.")
         self.status.setWordWrap(True)
 
-        self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["name", "predicted Dice", "decision", "true Dice"])
+        self.table = QTableWidget(0, 5)
+        self.table.setHorizontalHeaderLabels(["name", "predicted Dice", "decision", "true Dice", "domain p"])
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSortingEnabled(True)
@@ -336,14 +336,19 @@ class QCWidget(WorkerDock):
         self.table.setRowCount(len(rows))
         for i, row in enumerate(rows):
             color = QColor(ACCEPT_COLOR if row["accepted"] else REVIEW_COLOR)
+            domain_p = row.get("domain_p")  # the exchangeability gate's p-value (None: not tested)
             cells = [
                 QTableWidgetItem(row["name"]),
                 _number(row["dice_pred"]),
-                QTableWidgetItem("accept" if row["accepted"] else "review"),
+                QTableWidgetItem(
+                    "accept" if row["accepted"] else "review" if row.get("in_domain", True) else "review: out of domain"
+                ),
                 QTableWidgetItem("–") if row["dice_true"] is None else _number(row["dice_true"]),
+                QTableWidgetItem("–") if domain_p is None else _number(domain_p),
             ]
             for col, item in enumerate(cells):
                 item.setBackground(color)
+                item.setToolTip(row.get("reason", ""))  # why it goes to review, e.g. unlike the calibration images
                 self.table.setItem(i, col, item)
         self.table.setSortingEnabled(True)
         self.table.sortItems(1, Qt.SortOrder.AscendingOrder)
@@ -360,6 +365,8 @@ class QCWidget(WorkerDock):
                 f"method {method}).")  # fmt: skip
         if report["note"]:
             text += " " + report["note"] + "."
+        if report.get("domain_note"):
+            text += " " + report["domain_note"] + "."
         metrics = report["metrics"]
         if metrics:
             text += " " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)

@@ -33,6 +33,13 @@ def register(sub) -> None:
         help="QC method (default: the QC model's; with calibration images auto: the random forest or the "
         "presence model where one ranks the calibration images clearly better, else their mean, blend)",
     )
+    p.add_argument(
+        "--domain-level",
+        type=float,
+        default=None,
+        help="exchangeability gate: an image whose atypicality p-value against the calibration images is <= this "
+        "is out of domain and goes to review (default: the QC model's, else 0.05; 0 turns the gate off)",
+    )
     p.add_argument("--samples", type=int, default=None, help="MC samples per TTA view (default 8)")
     p.add_argument("--qc-model", type=Path, default=None, help="QC model JSON (default: the shipped calibration)")
     p.add_argument("--save-qc-model", type=Path, default=None, help="write the fitted QC model as JSON")
@@ -53,6 +60,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise InputError("--threshold is a Dice in [0, 1]")
     if args.method is not None and args.method not in METHODS:
         raise InputError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
+    if args.domain_level is not None and not 0 <= args.domain_level < 1:
+        raise InputError("--domain-level must lie in [0, 1) (0 turns the gate off)")
     if args.samples is not None and not 1 <= args.samples <= 64:
         raise InputError("--samples must be between 1 and 64")
 
@@ -72,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model_from_args(args)
     factor = working_factor(model, args.mpp)
     steps = iter_qc(model, pairs, calibration, args.alpha, args.delta, args.threshold, args.method,
-                    args.samples or QC_SAMPLES, factor, qc, args.rule)  # fmt: skip
+                    args.samples or QC_SAMPLES, factor, qc, args.rule, args.domain_level)  # fmt: skip
     payload, qc = drive_steps(steps, progress_bar(len(pairs) + len(calibration or []), "qc", args.json))
     if args.save_qc_model is not None:
         qc.save(args.save_qc_model)
@@ -103,12 +112,17 @@ def _guarantee(payload: dict) -> str:
 
 
 def _human(payload: dict) -> str:
-    lines = [f"{'name':40s} {'dice_pred':>9s} {'decision':>8s} {'dice_true':>9s}"]
+    lines = [f"{'name':40s} {'dice_pred':>9s} {'decision':>8s} {'dice_true':>9s} {'domain_p':>8s}  reason"]
     for row in sorted(payload["per_image"], key=lambda r: r["dice_pred"]):
         true = "-" if row["dice_true"] is None else f"{row['dice_true']:.3f}"
+        domain = "-" if row["domain_p"] is None else f"{row['domain_p']:.3f}"
         decision = "accept" if row["accepted"] else "review"
-        lines.append(f"{row['name'][:40]:40s} {row['dice_pred']:9.3f} {decision:>8s} {true:>9s}")
+        lines.append(
+            f"{row['name'][:40]:40s} {row['dice_pred']:9.3f} {decision:>8s} {true:>9s} {domain:>8s}  {row['reason']}"
+        )
     lines.append(f"method {payload['method']}, {_guarantee(payload)}")
+    if payload["domain_note"]:
+        lines.append(payload["domain_note"])
     if payload["method_reason"]:
         lines.append(payload["method_reason"])
     if payload["note"]:

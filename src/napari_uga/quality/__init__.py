@@ -24,14 +24,30 @@ Pipeline (one call: :func:`run_qc`):
 Models are stored as JSON (the calibration rows and settings); the regressor is refitted
 deterministically at load time, so nothing is ever unpickled.
 
+4. The exchangeability gate (:mod:`.domain`): both guarantees hold only for images like the
+   calibration images, so an image is accepted only when a conformal test of its atypicality
+   (texture, network-feature distance) against the calibration images' own does not
+   reject at ``domain_level`` (default 0.05); otherwise it goes to review, with the p-value.
+
 Modules: :mod:`.features` (step 1), :mod:`.estimators` and :mod:`.auto` (step 2),
-:mod:`.conformal` (step 3), :mod:`.model` (:class:`QCModel`, fitting, files), :mod:`.metrics`
-(failure-detection metrics) and :mod:`.report` (:func:`iter_qc`, :func:`run_qc`, the report).
-Every name is importable from ``napari_uga.quality``.
+:mod:`.conformal` (step 3), :mod:`.domain` (step 4), :mod:`.model` (:class:`QCModel`, fitting,
+files), :mod:`.metrics` (failure-detection metrics) and :mod:`.report` (:func:`iter_qc`,
+:func:`run_qc`, the report). Every name is importable from ``napari_uga.quality``.
 """
 
 from .auto import _cross_fit_rows, _naurc_gap_se, _score, _select_method
 from .conformal import conformal_cut, conformal_selection, min_accepted
+from .domain import (
+    DOMAIN_LEVEL,
+    DOMAIN_NEIGHBOURS,
+    NETWORK_FEATURES,
+    calibration_scores,
+    domain_features,
+    domain_p_values,
+    domain_row,
+    merge_p_values,
+    min_domain_images,
+)
 from .estimators import (
     METHODS,
     PRESENCE_METHODS,
@@ -78,6 +94,8 @@ from .model import (
     RULES,
     QCModel,
     _checked_flags,
+    _checked_groups,
+    _checked_level,
     _checked_rule,
     _fit_cached,
     _refit,
@@ -85,10 +103,13 @@ from .model import (
     default_qc_model,
     fit_qc_model,
 )
-from .report import _acceptance_note, iter_qc, method_reason, qc_report, refit_for, run_qc
+from .report import _acceptance_note, domain_note, iter_qc, method_reason, qc_report, refit_for, review_reason, run_qc
 
 __all__ = [
     "BAND_RADIUS",
+    "DOMAIN_LEVEL",
+    "DOMAIN_NEIGHBOURS",
+    "NETWORK_FEATURES",
     "DEFAULT_METHOD",
     "DEFAULT_QC_FILE",
     "DEFAULT_RULE",
@@ -107,6 +128,14 @@ __all__ = [
     "PresenceModel",
     "QCModel",
     "aurc",
+    "calibration_scores",
+    "domain_features",
+    "domain_note",
+    "domain_p_values",
+    "domain_row",
+    "merge_p_values",
+    "min_domain_images",
+    "review_reason",
     "compute_features",
     "conformal_cut",
     "conformal_selection",
@@ -130,6 +159,8 @@ __all__ = [
     "_acceptance_note",
     "_appearance",
     "_checked_flags",
+    "_checked_groups",
+    "_checked_level",
     "_checked_rule",
     "_cross_fit_rows",
     "_estimator",

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from ..io import InputError, atomic_write_json
+from ..models import WEIGHTS_DIR
 from .auto import _cross_fit_rows, _select_method
 from .conformal import conformal_cut, conformal_selection
+from .domain import DOMAIN_LEVEL, DOMAIN_NEIGHBOURS, calibration_scores, domain_features, domain_p_values
 from .estimators import METHODS, PRESENCE_METHODS, _feature_names, _fit, _matrix, _predict
 from .features import QC_SAMPLES, QC_TTA
 
@@ -26,7 +28,7 @@ ESTIMATES = {
 DEFAULT_METHOD = "auto"  # forest, presence model or their mean, by the calibration images (_select_method)
 RULES = ("ltt", "fdr")  # precision >= 1 - alpha w.p. >= 1 - delta; or false discovery rate <= alpha
 DEFAULT_RULE = "ltt"
-DEFAULT_QC_FILE = Path(__file__).parents[1] / "weights" / "qc_calibration.json"
+DEFAULT_QC_FILE = WEIGHTS_DIR / "qc_calibration.json"
 
 
 _FITTED: dict[str, object] = {}
@@ -62,6 +64,10 @@ class QCModel:
     ``rule`` ``ltt`` accepts predicted Dice >= ``cut``; ``fdr`` accepts by conformal selection
     against ``oof`` (the calibration images' out-of-fold predicted Dice). The JSON form keeps the
     calibration rows and true Dice; the estimator is refitted from them (deterministically) when loading.
+
+    The exchangeability gate (:mod:`.domain`) accepts only images whose atypicality p-value
+    against the calibration rows (``groups``: their patients or overlap groups) exceeds
+    ``domain_level``; 0 turns the gate off.
     """
 
     method: str
@@ -78,20 +84,49 @@ class QCModel:
     rule: str = DEFAULT_RULE
     oof: list[float] = field(default_factory=list)
     tumour: list[bool] = field(default_factory=list)  # calibration images holding tumour (``presence`` needs them)
+    groups: list[str] = field(default_factory=list)  # the calibration images' patients / overlap groups ([]: unknown)
+    domain_level: float = DOMAIN_LEVEL  # the gate: out of domain when the atypicality p-value <= this
     estimator: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.estimator is None:
             self.estimator = _fit_cached(self.method, self.features, self.rows, self.dice_true, self.tumour)
 
-    def predict(self, rows: Sequence[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted Dice and acceptance (by :attr:`rule`) for feature rows, judged together."""
+    def predict(self, rows: Sequence[dict[str, float]], gate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted Dice and acceptance (by :attr:`rule`) for feature rows, judged together.
+
+        With ``gate`` only images in the calibration domain (:meth:`domain_p`) can be accepted;
+        conformal selection then runs over those images alone.
+        """
+        pred, accepted, _ = self.decide(rows, gate)
+        return pred, accepted
+
+    def decide(self, rows: Sequence[dict[str, float]], gate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicted Dice, acceptance and the domain p-value (NaN: not tested) of feature rows."""
         if not rows:
-            return np.zeros(0), np.zeros(0, bool)
+            return np.zeros(0), np.zeros(0, bool), np.zeros(0)
         pred = _predict(self.method, self.estimator, _matrix(rows, self.features))
+        p = self.domain_p(rows) if gate else np.full(len(rows), np.nan)
+        candidate = self.in_domain(p)
+        accepted = np.zeros(len(rows), bool)
         if self.rule == "fdr":
-            return pred, conformal_selection(self.oof, self.dice_true, pred, self.threshold, self.alpha)
-        return pred, pred >= self.cut
+            accepted[candidate] = conformal_selection(
+                self.oof, self.dice_true, pred[candidate], self.threshold, self.alpha
+            )
+        else:
+            accepted = candidate & (pred >= self.cut)
+        return pred, accepted, p
+
+    def domain_p(self, rows: Sequence[dict[str, float]]) -> np.ndarray:
+        """Conformal p-value of each row's atypicality among the calibration rows (NaN: gate off or untestable)."""
+        if self.domain_level <= 0:
+            return np.full(len(rows), np.nan)
+        return domain_p_values(self.rows, rows, self.groups or None)
+
+    def in_domain(self, p: np.ndarray) -> np.ndarray:
+        """Whether images with domain p-values ``p`` may be accepted (an untested image may)."""
+        p = np.asarray(p, float)
+        return ~(np.isfinite(p) & (p <= self.domain_level))
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (``cut`` is ``null`` when nothing is accepted)."""
@@ -112,6 +147,13 @@ class QCModel:
             "dice_true": [float(d) for d in self.dice_true],
             "tumour": [bool(t) for t in self.tumour],
             "estimate": ESTIMATES.get(self.method),
+            "groups": [str(g) for g in self.groups],
+            "domain": {
+                "level": self.domain_level,
+                "neighbours": DOMAIN_NEIGHBOURS,
+                "features": domain_features(self.rows[0] if self.rows else []),
+                "scores": calibration_scores(self.rows, self.groups or None),
+            },
         }
 
     @classmethod
@@ -135,6 +177,8 @@ class QCModel:
                 rule=_checked_rule(d.get("rule", "ltt")),
                 oof=[float(x) for x in d.get("oof", [])],
                 tumour=_checked_flags(d.get("tumour", []), d["method"], len(d["dice_true"])),
+                groups=_checked_groups(d.get("groups", []), len(d["dice_true"])),
+                domain_level=_checked_level(d.get("domain", {}).get("level", DOMAIN_LEVEL)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a napari-uga QC model ({exc})") from None
@@ -190,6 +234,8 @@ def _refit(qc: QCModel, alpha: float, delta: float, threshold: float, method: st
         info=info,
         rule=rule,
         tumour=qc.tumour or None,
+        groups=qc.groups or None,
+        domain_level=qc.domain_level,
     )
 
 
@@ -200,6 +246,21 @@ def _checked_flags(tumour, method: str, n: int) -> list[bool]:
     if method in PRESENCE_METHODS and len(tumour) != n:
         raise ValueError(f"method {method} needs one tumour flag per calibration image")
     return tumour
+
+
+def _checked_groups(groups, n: int) -> list[str]:
+    """Calibration groups of a model file: none, or one (text) per calibration image."""
+    if not isinstance(groups, list) or (groups and len(groups) != n):
+        raise ValueError("groups must be one per calibration image")
+    return [str(g) for g in groups]
+
+
+def _checked_level(level) -> float:
+    """The gate's level: 0 (off) or in (0, 1)."""
+    level = float(level)
+    if not 0 <= level < 1:
+        raise InputError(f"the domain level must lie in [0, 1) (0 turns the gate off), got {level}")
+    return level
 
 
 def _checked_rule(rule: str) -> str:
@@ -221,6 +282,7 @@ def fit_qc_model(
     info: dict | None = None,
     rule: str = DEFAULT_RULE,
     tumour: Sequence[bool] | None = None,
+    domain_level: float = DOMAIN_LEVEL,
 ) -> QCModel:
     """Fit a QC model on labelled calibration rows; the cut comes from out-of-fold predictions.
 
@@ -236,12 +298,16 @@ def fit_qc_model(
     groups : e.g. patient ids, so cross-fitting never predicts an image from its own group.
     rule : ``ltt`` (the cut above) or ``fdr`` (conformal selection against the out-of-fold scores).
     tumour : whether each calibration image holds tumour (its mask is not empty).
+    domain_level : the exchangeability gate's level (:mod:`.domain`; 0: off); ``groups`` also serve it.
     """
     _checked_rule(rule)
+    _checked_level(domain_level)
     if method not in METHODS:
         raise InputError(f"unknown QC method {method!r}; choose one of {', '.join(METHODS)}")
     if len(rows) != len(dice_true) or len(rows) < 2:
         raise InputError("QC calibration needs at least 2 labelled images, one Dice per feature row")
+    if groups is not None and len(groups) != len(rows):
+        raise InputError("QC calibration: one group per image")
     y = np.asarray(dice_true, float)
     flags = None if tumour is None else np.asarray(tumour, bool)
     if flags is not None and len(flags) != len(y):
@@ -268,6 +334,8 @@ def fit_qc_model(
         rule,
         oof.tolist(),
         [] if flags is None else flags.tolist(),
+        [] if groups is None else [str(g) for g in groups],
+        domain_level,
     )
 
 
