@@ -27,7 +27,7 @@ from .wsi import Slide, fingerprint
 
 TILE = 512  # working-scale tile side: one inference job and four store chunks
 CHUNK = 256
-MARGIN = 32  # working-scale context around a tile or a patch
+MARGIN = 64  # working-scale context around a tile or patch (32 left seams: mean |Δp| 0.19 at a tile edge, 64: 0.017)
 MIN_TISSUE = 0.6  # a candidate patch worth an annotator's time is mostly tissue
 SURVEY_PATCHES = 160  # candidate patches scored across the whole tissue before the slide is done
 SURVEY_MIN_TILES = 48  # below this many tissue tiles the slide itself is computed as fast as a survey

@@ -8,6 +8,7 @@ import pytest
 from napari_uga.selection import Box
 from napari_uga.slides import write_tissue_slide
 from napari_uga.tiles import (
+    MARGIN,
     TILE,
     MapStore,
     MapView,
@@ -68,7 +69,7 @@ def test_store_pyramid_done_flags_candidates_and_fallback_to_the_older_round(tmp
         events = list(compute_maps(mapper, old, queue))
         assert [e.done for e in events][-1] == events[0].total and old.done.sum() == 3
         assert old.candidates and all(c.box.h == 256 for c in old.candidates)
-        assert slide.levels[plan.level].largest_read <= (TILE + 64) ** 2  # one tile and its margin at a time
+        assert slide.levels[plan.level].largest_read <= (TILE + 2 * MARGIN) ** 2  # one tile and its margins at a time
     y, x, h, w = plan.tile_box(plan.tiles[0])
     values = old.region("probability", y, x, h, w)
     assert values.shape == (h, w) and 0 <= values.min() and values.max() <= 1
