@@ -6,7 +6,9 @@ with a one-line message naming the file, so the CLI can print it without a trace
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MIN_SIZE = 64
+MAX_DECODED_BYTES = 16384 * 16384 * 4  # an image read whole (or one TIFF tile or strip) is never larger
 
 
 class InputError(ValueError):
@@ -49,7 +52,10 @@ def _imread(path: Path) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            return tifffile.imread(path, level=0) if _is_pyramid(path) else tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                level = tif.series[0].levels[0]
+                check_decoded_size(path, level.shape, level.dtype, level.keyframe)
+                return tif.asarray(series=0, level=0)
         import imageio.v3 as iio
 
         return np.asarray(iio.imread(path))
@@ -59,11 +65,18 @@ def _imread(path: Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable image ({type(exc).__name__})") from None
 
 
-def _is_pyramid(path: Path) -> bool:
-    import tifffile
+def check_decoded_size(path: str | os.PathLike, shape, dtype, page=None, whole: bool = True) -> None:
+    """Refuse, before anything is allocated, an image (``whole``) or a TIFF tile/strip (``page``) over the limit.
 
-    with tifffile.TiffFile(path) as tif:
-        return len(tif.series[0].levels) > 1
+    A damaged or hostile header can claim any size; what it claims is checked here, not found
+    out by trying to allocate it.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    if whole and math.prod(shape) * itemsize > MAX_DECODED_BYTES:
+        raise InputError(f"{path}: claims an image of {' x '.join(map(str, shape))} px, too large to read whole")
+    chunks = getattr(page, "chunks", None)
+    if chunks is not None and math.prod(chunks) * itemsize > MAX_DECODED_BYTES:
+        raise InputError(f"{path}: claims tiles of {' x '.join(map(str, chunks))} px, too large to decode")
 
 
 def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
@@ -157,18 +170,40 @@ def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.07, max_value: float 
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
+    """Write a file under a temporary name in the same folder, flush it to disk, then rename it into place.
+
+    So the final name always holds a complete file: the old one or the new one, after a crash,
+    a power cut, a full disk or a read-only folder (an ``OSError`` then, and the old file stays).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform or file system can)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | os.PathLike, payload: object) -> None:
@@ -196,4 +231,3 @@ def write_array(path: str | os.PathLike, array: np.ndarray) -> Path:
     path = Path(path)
     atomic_write_bytes(path, _encode(np.asarray(array), path.suffix.lower()))
     return path
-

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, tissue_mask
+from .io import InputError, check_decoded_size, tissue_mask
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".ome.tif", ".ome.tiff", ".btf")
 OPENSLIDE_SUFFIXES = (".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm")
@@ -220,15 +220,17 @@ class Slide:
         self.file_mpp = file_mpp
         self._add_overview_levels()
         self.mpp = plausible_mpp(mpp) if mpp is not None else file_mpp
-        coarsest = self.levels[-1].shape
-        if max(coarsest[:2]) > MAX_FLAT_SIDE:
+        if max(self.levels[-1].shape[:2]) > MAX_FLAT_SIDE:
             self.close()
-            h, w = self.levels[0].shape[:2]
-            raise InputError(
-                f"{self.path}: a {w} x {h} px image without a small enough pyramid level "
-                f"(coarsest {coarsest[1]} x {coarsest[0]}); save it as a tiled pyramid first, "
-                "e.g. `vips tiffsave in out.tif --tile --pyramid --compression jpeg`"
-            )
+            raise self._unpyramided(self.levels[0].shape, self.levels[-1].shape)
+
+    def _unpyramided(self, level0: tuple, coarsest: tuple) -> InputError:
+        """The error for an image too large to show or survey without a (small enough) pyramid level."""
+        return InputError(
+            f"{self.path}: a {level0[1]} x {level0[0]} px image without a small enough pyramid level "
+            f"(coarsest {coarsest[1]} x {coarsest[0]}); save it as a tiled pyramid first, "
+            "e.g. `vips tiffsave in out.tif --tile --pyramid --compression jpeg`"
+        )
 
     # -- backends --------------------------------------------------------------------
     def _open_tiff(self) -> tuple[list[SlideLevel], float | None]:
@@ -244,9 +246,20 @@ class Slide:
             series = tif.series[0]
             arrays = [zarr.open(tif.aszarr(series=0, level=i), mode="r") for i in range(len(series.levels))]
             file_mpp = read_mpp(tif)
+            pages = [level.keyframe for level in series.levels]
         except Exception as exc:  # noqa: BLE001
             self.close()
             raise InputError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__}: {exc})") from None
+        try:  # what the header claims, checked before a tile is decoded (RGB or not)
+            for page, array in zip(pages, arrays, strict=True):
+                check_decoded_size(self.path, array.shape, array.dtype, page, whole=False)
+                if 0 in array.shape[:2]:
+                    raise InputError(f"{self.path}: not a readable TIFF slide (a level of {array.shape} px is empty)")
+            if max(arrays[-1].shape[:2]) > MAX_FLAT_SIDE:
+                raise self._unpyramided(arrays[0].shape, arrays[-1].shape)
+        except InputError:
+            self.close()
+            raise
         shape, dtype = arrays[0].shape, arrays[0].dtype
         if len(shape) != 3 or shape[-1] not in (3, 4) or dtype != np.uint8:
             self.close()
