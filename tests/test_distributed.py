@@ -71,8 +71,9 @@ def test_batch_tiles_and_split_slide_with_qc_failure_and_rerun(
         assert 0.0 <= by_name[name]["dice_pred"] <= 1.0 and isinstance(by_name[name]["accepted"], bool)
     assert not list(out.rglob(".*.partial")) and not (out / ".scratch").exists()
     rows = (out / "qc.csv").read_text().splitlines()
-    assert rows[0] == "name,dice_pred,accepted" and len(rows) == 6
-    assert rows[-1] == "slide," + f"{slide['dice_pred']:.4f}," + str(slide["accepted"]).lower()
+    assert rows[0] == "name,dice_pred,accepted,in_domain,domain_p" and len(rows) == 6
+    head = "slide," + f"{slide['dice_pred']:.4f}," + str(slide["accepted"]).lower()
+    assert rows[-1] == f"{head},{str(slide['in_domain']).lower()},{slide['domain_p']:.4f}"
     assert json.loads((out / "summary.json").read_text())["n_ok"] == 4
 
     again = run_batch(client, list_inputs(images), out, tiny_model_path, options, qc)
@@ -153,7 +154,7 @@ def test_cli_batch_on_external_scheduler(sample_dir, tiny_model_path, tmp_path, 
     assert payload["n_ok"] == len(tiles) and payload["failed"] == []
     for t in tiles:
         assert _outputs_complete(tmp_path / "out", t.stem)
-    assert (tmp_path / "out" / "qc.csv").read_text().splitlines()[1:] == [f"{t.stem},," for t in tiles]
+    assert (tmp_path / "out" / "qc.csv").read_text().splitlines()[1:] == [f"{t.stem},,,," for t in tiles]
 
 
 def test_cli_batch_bad_scheduler_is_one_line_error(tiny_model_path, sample_dir, tmp_path, capsys):
