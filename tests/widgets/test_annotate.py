@@ -202,3 +202,30 @@ def test_cancel_during_self_labelling_returns_before_any_step(tiny_model, umcu_p
             stages.append(next(run)["stage"])
     except StopIteration as stop:
         assert stop.value is None and stages == []  # cancelled before any fine-tuning step: no weights
+
+
+def test_full_disk_at_submit_keeps_the_corrections_for_a_retry(qtbot, wait_idle, dock, monkeypatch):
+    import errno
+
+    from napari_uga import session as session_module
+
+    _compute_and_propose(qtbot, wait_idle, dock)
+    first = dock.proposals[0]
+    dock.viewer.layers[ANNOTATION].data[:20, :20] = 1
+    real_write = session_module.write_array
+
+    def full_disk(path, array):  # the fault: the disk fills while the first mask is written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(session_module, "write_array", full_disk)
+    dock.submit()
+    assert dock.worker is None and dock.session.annotations == [] and dock.session.current_round == 0
+    assert first.box in dock.drafts and "Not saved" in dock.status.text()
+    labels = dock.session.folder / "labels"
+    assert not labels.exists() or not any(labels.glob("*.png"))  # all or nothing
+    monkeypatch.setattr(session_module, "write_array", real_write)  # space freed: Submit again
+    dock.submit()
+    assert [a["id"] for a in dock.session.annotations] == [1]
+    assert first.box not in dock.drafts  # submitted: no longer a draft
+    wait_idle(dock)
+    assert dock.session.current_round == 1

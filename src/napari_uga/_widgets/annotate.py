@@ -46,7 +46,7 @@ from ..loop import config_for, config_from_record
 from ..metrics import dice
 from ..models import DEFAULT_MPP
 from ..selection import Box, Proposal, select
-from ..session import Session, SlideMissingError
+from ..session import Session, SessionWriteError, SlideMissingError
 from ..tiles import (
     MapStore,
     MapView,
@@ -655,7 +655,12 @@ class AnnotateWidget(WorkerDock):
         boxes = [b for b in self.drafts if not self._annotated(b)]
         if not boxes:
             return
-        self.session.add_annotations(boxes, [self.drafts[b] for b in boxes])
+        try:
+            self.session.add_annotations(boxes, [self.drafts[b] for b in boxes])
+        except SessionWriteError as exc:  # a full or read-only disk: nothing was saved, nothing is lost
+            show_error(f"{exc}. Your {len(boxes)} corrections are kept here: free the disk and Submit again.")
+            self._set_status(f"Not saved: {exc}. The corrections wait in the dock; Submit retries.")
+            return
         self.drafts = {}
         self._color_queue()
         self.stop_maps()  # the fine-tune gets the cores; the maps resume with the new round
