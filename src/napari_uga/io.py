@@ -19,6 +19,7 @@ import numpy as np
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MIN_SIZE = 64
 MAX_DECODED_BYTES = 16384 * 16384 * 4  # an image read whole (or one TIFF tile or strip) is never larger
+MAX_TILE_BYTES = 2048 * 2048 * 4  # nor is a tile larger than this, unless its whole image is (a single strip)
 
 
 class InputError(ValueError):
@@ -72,11 +73,15 @@ def check_decoded_size(path: str | os.PathLike, shape, dtype, page=None, whole: 
     out by trying to allocate it.
     """
     itemsize = np.dtype(dtype).itemsize
-    if whole and math.prod(shape) * itemsize > MAX_DECODED_BYTES:
+    image = math.prod(shape) * itemsize
+    if whole and image > MAX_DECODED_BYTES:
         raise InputError(f"{path}: claims an image of {' x '.join(map(str, shape))} px, too large to read whole")
-    chunks = getattr(page, "chunks", None)
-    if chunks is not None and math.prod(chunks) * itemsize > MAX_DECODED_BYTES:
-        raise InputError(f"{path}: claims tiles of {' x '.join(map(str, chunks))} px, too large to decode")
+    chunks = getattr(page, "chunks", None)  # one tile or strip: never much larger than the image it is part of
+    if chunks is not None and math.prod(chunks) * itemsize > min(MAX_DECODED_BYTES, max(2 * image, MAX_TILE_BYTES)):
+        raise InputError(
+            f"{path}: claims tiles of {' x '.join(map(str, chunks))} px in a {' x '.join(map(str, shape))} image "
+            "(a damaged header)"
+        )
 
 
 def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
