@@ -330,6 +330,8 @@ class AnnotateWidget(WorkerDock):
         self._adopt(session, layer.name)
 
     def _adopt(self, session: Session, name: str) -> None:
+        if self.session is not None and self.session is not session:
+            self.session.close()  # the session this dock worked on before: its lock and slides
         self.session = session
         self.image_name = name
         self.slide = session.slide(name)
@@ -483,7 +485,7 @@ class AnnotateWidget(WorkerDock):
         truth = np.asarray(truth)[np.ix_(rows, cols)] > 0
         current = self.session.rounds[self.session.current_round]
         current.metrics["dice_truth"] = dice(prediction, truth)
-        self.session.save()
+        self._save(self.session.save)
         self._fill_history()
 
     # -- 2 · proposals and corrections -----------------------------------------------
@@ -509,7 +511,7 @@ class AnnotateWidget(WorkerDock):
         if not picks:
             show_info("no tissue patch left to propose")
             return
-        self.session.set_queue(picks)
+        self._save(lambda: self.session.set_queue(picks))
         self._show_queue(picks)
         self.go_to(0, zoom=zoom)
         if not zoom:
@@ -534,9 +536,9 @@ class AnnotateWidget(WorkerDock):
         if [p.box for p in picks] == [p.box for p in self.proposals]:
             return
         position = next((i for i, p in enumerate(picks) if p.box == self.current), 0)
-        self.session.set_queue(picks)
+        self.session.queue = [p.as_dict() for p in picks]
         self.session.queue_position = position
-        self.session.save()
+        self._save(self.session.save)
         self._show_queue(picks)
         self._color_queue()
 
@@ -601,7 +603,7 @@ class AnnotateWidget(WorkerDock):
         self._keep_draft()
         index %= len(self.proposals)
         self.session.queue_position = index
-        self.session.save()
+        self._save(self.session.save)
         patch = self.proposals[index]
         self.current = patch.box
         annotation = self._annotation_layer()
@@ -763,7 +765,9 @@ class AnnotateWidget(WorkerDock):
             self._set_status("Fine-tuning cancelled. Your annotations are saved and wait for the next round.")
             return
         loss = float(np.mean(result.losses[-5:])) if result.losses else None
-        self.session.record_round(result.model, pending, loss, settings=self._loop_record())
+        if not self._save(lambda: self.session.record_round(result.model, pending, loss, settings=self._loop_record())):
+            self.training.end("Trained, but the round could not be saved; your corrections wait for the next Submit.")
+            return
         self.model = result.model
         self.training.end(f"Round {self.session.current_round} done · loss {loss:.3f}")
         self._fill_history()
@@ -776,28 +780,40 @@ class AnnotateWidget(WorkerDock):
             self.worker.quit()
 
     def shutdown(self, timeout_ms: int = 5000) -> None:
-        """Stop the fine-tune and the maps and wait for both (called when the dock closes)."""
+        """Stop the fine-tune and the maps, wait for both, and release the session (called when the dock closes)."""
         maps = self.maps_worker
         self._closing = True
         self.stop_maps()
         super().shutdown(timeout_ms)
         if maps is not None:
             maps.await_workers(timeout_ms)
+        if self.session is not None:
+            self.session.close()  # its slides and the folder's lock (another process may open it now)
+
+    def _save(self, write) -> bool:
+        """Run a session write; a full or read-only disk becomes one line (nothing was changed)."""
+        try:
+            write()
+        except SessionWriteError as exc:
+            show_error(str(exc))
+            self._set_status(f"Not saved: {exc}")
+            return False
+        return True
 
     # -- session -------------------------------------------------------------------
     def undo_round(self) -> None:
         """Roll back to the previous round's model and show its maps (kept in its store)."""
         if self.session is None or self.session.current_round == 0:
             return
-        self.session.rollback()
+        if not self._save(self.session.rollback):
+            return
         self.model = self.session.load_model(device=self.device_combo.currentText())
         self._fill_history()
         self._start_maps()
 
     def save_session(self) -> None:
         """Write the session record (annotations and checkpoints are already on disk)."""
-        if self.session is not None:
-            self.session.save()
+        if self.session is not None and self._save(self.session.save):
             show_info(f"session saved to {self.session.folder}")
 
     def open_session(self, folder: str | Path, relocate: dict[str, str] | None = None) -> None:
