@@ -23,7 +23,7 @@ import numpy as np
 
 from .io import InputError
 from .selection import Box, Candidate, appearance_features
-from .wsi import Slide, fingerprint
+from .wsi import Slide
 
 TILE = 512  # working-scale tile side: one inference job and four store chunks
 CHUNK = 256
@@ -594,8 +594,3 @@ def compute_maps(
 def round_store_path(session_folder: str | os.PathLike, round_index: int) -> Path:
     """Where the maps of a model round live in a session folder."""
     return Path(session_folder) / "maps" / f"round_{round_index:03d}.zarr"
-
-
-def slide_fingerprint(slide: Slide) -> str:
-    """The fingerprint of an open slide's file(s)."""
-    return fingerprint(slide.path)

@@ -50,6 +50,16 @@ def refill_combo(combo: QComboBox, names: Sequence[str]) -> None:
         combo.setCurrentText(current)
 
 
+def view_box(viewer: napari.Viewer, layer: Layer) -> tuple[float, float, float, float]:
+    """The box (y0, x0, y1, x1) of ``layer``'s data pixels that the camera shows (not clipped)."""
+    camera = viewer.scene.camera
+    scale, offset = np.asarray(layer.scale[-2:]), np.asarray(layer.translate[-2:])
+    centre = (np.asarray(camera.center[-2:]) - offset) / scale
+    half = np.asarray(viewer.canvas.size) / camera.zoom / 2 / scale
+    (y0, x0), (y1, x1) = centre - half, centre + half
+    return float(y0), float(x0), float(y1), float(x1)
+
+
 def zoom_to_box(viewer: napari.Viewer, layer: Layer, box: Box) -> None:
     """Centre the camera on ``box`` (pixels of ``layer``) and zoom so it fills most of the canvas."""
     scale = np.asarray(layer.scale[-2:])

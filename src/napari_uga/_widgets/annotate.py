@@ -60,7 +60,7 @@ from ..tiles import (
 )
 from ..training import CancelToken
 from ..wsi import MAX_FLAT_SIDE, Slide, fingerprint
-from ._common import WorkerDock, follow_layers, refill_combo, zoom_to_box
+from ._common import WorkerDock, follow_layers, refill_combo, view_box, zoom_to_box
 from ._workers import finetune_worker, maps_worker
 from .training import TrainingWidget
 
@@ -423,14 +423,9 @@ class AnnotateWidget(WorkerDock):
 
     def _view_box(self) -> tuple[float, float, float, float]:
         """The working-scale box (y0, x0, y1, x1) on screen."""
-        camera = self.viewer.scene.camera
-        cy, cx = camera.center[-2:]
-        h, w = self.viewer.canvas.size
-        half_h, half_w = h / camera.zoom / 2, w / camera.zoom / 2
-        image = self.image_layer()
-        sy, sx = np.asarray(image.scale[-2:]) * self.plan.scale
-        ty, tx = np.asarray(image.translate[-2:])
-        return (cy - half_h - ty) / sy, (cx - half_w - tx) / sx, (cy + half_h - ty) / sy, (cx + half_w - tx) / sx
+        y0, x0, y1, x1 = view_box(self.viewer, self.image_layer())
+        s = self.plan.scale
+        return y0 / s, x0 / s, y1 / s, x1 / s
 
     def _refresh_maps(self, force: bool = False) -> None:
         now = time.perf_counter()

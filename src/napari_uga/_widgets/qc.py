@@ -7,6 +7,7 @@ the worker's ``yielded`` / ``returned`` signals.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,7 @@ from qtpy.QtWidgets import (
 from ..io import InputError, Pair, list_images, read_image
 from ..quality import METHODS, RULES, QCModel, image_patches
 from ..selection import Box
-from ._common import WorkerDock, follow_layers, refill_combo, zoom_to_box
+from ._common import WorkerDock, follow_layers, refill_combo, view_box, zoom_to_box
 from ._workers import qc_worker
 
 if TYPE_CHECKING:
@@ -246,12 +247,9 @@ class QCWidget(WorkerDock):
 
     def _view_box(self, layer, data) -> tuple[int, int, int, int]:
         """The level-0 box (y, x, h, w) of ``layer`` that the camera shows, clipped to the image."""
-        camera = self.viewer.scene.camera
-        h, w = self.viewer.canvas.size
-        centre = (np.asarray(camera.center[-2:]) - np.asarray(layer.translate[-2:])) / np.asarray(layer.scale[-2:])
-        half = np.array([h, w]) / camera.zoom / 2 / np.asarray(layer.scale[-2:])
-        y0, x0 = np.maximum(0, np.floor(centre - half)).astype(int)
-        y1, x1 = np.minimum(data.shape[:2], np.ceil(centre + half)).astype(int)
+        top, left, bottom, right = view_box(self.viewer, layer)
+        y0, x0 = max(0, math.floor(top)), max(0, math.floor(left))
+        y1, x1 = min(data.shape[0], math.ceil(bottom)), min(data.shape[1], math.ceil(right))
         if y1 <= y0 or x1 <= x0:
             raise InputError(f"qc: the view shows nothing of {layer.name}")
         return int(y0), int(x0), int(y1 - y0), int(x1 - x0)
