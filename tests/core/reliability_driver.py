@@ -119,9 +119,9 @@ def work(folder: Path, phase: str, seed: int) -> None:
         compute_maps,
         plan_maps,
         round_store_path,
-        slide_fingerprint,
         survey_boxes,
     )
+    from napari_uga.wsi import fingerprint
 
     rng = np.random.default_rng(seed)
     session = Session.open(folder)
@@ -180,7 +180,7 @@ def work(folder: Path, phase: str, seed: int) -> None:
             plan = plan_maps(slide, model.config.input_mpp, PATCH * 0.243)
             path = round_store_path(folder, session.current_round)
             _say("BEGIN store", path.name)
-            store = MapStore.open_or_create(path, plan, slide_fingerprint(slide))
+            store = MapStore.open_or_create(path, plan, fingerprint(slide.path))
             _say("STORE", path.name)
             queue = TileQueue(store.pending(), survey_boxes(slide, plan), seed=session.current_round)
             mapper = TileMapper(model, slide, plan, samples=4)
@@ -437,7 +437,8 @@ def check_session(folder: Path, lines: list[str], expected: Expected, figures: F
     from napari_uga.io import InputError, read_mask
     from napari_uga.models import load_model
     from napari_uga.session import Session
-    from napari_uga.tiles import MapStore, plan_maps, slide_fingerprint
+    from napari_uga.tiles import MapStore, plan_maps
+    from napari_uga.wsi import fingerprint
 
     inflight_round, acked_submits = None, []
     for line in lines:
@@ -556,7 +557,7 @@ def check_session(folder: Path, lines: list[str], expected: Expected, figures: F
                 store.region("entropy", *store.plan.tile_box((ty, tx)))
             if expected.plan is None:  # as the dock plans it (the same every time: the store is kept)
                 expected.plan = plan_maps(slide, session.load_model(device="cpu").config.input_mpp, PATCH * 0.243)
-            again = MapStore.open_or_create(store_dir, expected.plan, slide_fingerprint(slide))
+            again = MapStore.open_or_create(store_dir, expected.plan, fingerprint(slide.path))
             if {tuple(int(v) for v in t) for t in np.argwhere(again.done)} != done:
                 figures.problems.append(f"{label}: {store_dir.name} was recomputed on reopening")
             expected.tiles[store_dir.name] = done
