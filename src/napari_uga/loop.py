@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import InputError, Pair, load_pairs, tissue_mask
+from .io import InputError, Pair, load_pairs
 from .models import UNet, working_factor
-from .selection import Box, Candidate, Proposal, grid_boxes, score_candidates, select
+from .proposals import propose
+from .selection import Box
 from .training import (
     CancelToken,
     MixedSampler,
@@ -28,7 +29,7 @@ from .training import (
     to_working_scale,
     train_steps,
 )
-from .uncertainty import TTA_MODES, compute_uncertainty
+from .uncertainty import TTA_MODES
 
 REPLAY_DIR = Path(__file__).parent / "replay"
 
@@ -241,61 +242,6 @@ def finetune(
     if cancel is not None and cancel.is_set():
         return None
     return FinetuneResult(tuned, losses)
-
-
-def pool_candidates(
-    model: UNet,
-    pool: Sequence[Pair],
-    factor: float,
-    config: LoopConfig,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Candidate]:
-    """Uncertainty maps of every pool image, scored into candidate patches ranked together."""
-    candidates: list[Candidate] = []
-    for i, pair in enumerate(pool):
-        maps = compute_uncertainty(model, pair.image, samples=config.samples, tta=config.tta, factor=factor)
-        candidates += score_candidates(
-            pair.name,
-            pair.image,
-            maps.layer(config.measure),
-            maps.probability,
-            tissue_mask(pair.image),
-            patch=config.patch,
-            how=config.aggregate,
-        )
-        if progress is not None:
-            progress(i + 1, len(pool))
-    return candidates
-
-
-def random_candidates(pool: Sequence[Pair], config: LoopConfig) -> list[Candidate]:
-    """Grid patches with tissue, unscored (for the random strategy)."""
-    out = []
-    for pair in pool:
-        tissue = tissue_mask(pair.image)
-        for box in grid_boxes(pair.name, pair.image.shape[:2], config.patch):
-            if box.crop(tissue).mean() >= 0.25:
-                out.append(Candidate(box, 0.0, np.zeros(1), False))
-    return out
-
-
-def propose(
-    model: UNet,
-    pool: Sequence[Pair],
-    k: int,
-    factor: float,
-    config: LoopConfig | None = None,
-    exclude: Sequence[Box] = (),
-    strategy: str = "uncertainty",
-    rng: np.random.Generator | None = None,
-) -> list[Proposal]:
-    """The ``k`` patches to annotate next."""
-    config = LoopConfig() if config is None else config
-    if strategy == "random":
-        candidates = random_candidates(pool, config)
-    else:
-        candidates = pool_candidates(model, pool, factor, config)
-    return select(candidates, k, exclude, strategy, rng, config.diversity if strategy != "random" else "none")
 
 
 @dataclass
