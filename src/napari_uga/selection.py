@@ -44,10 +44,11 @@ class Box:
 
 @dataclass(frozen=True)
 class Proposal(Box):
-    """A proposed patch with its rank (1 = most uncertain) and score."""
+    """A proposed patch with its rank (1 = most uncertain) and score; ``audit``: drawn at random to measure the model."""
 
     score: float = 0.0
     rank: int = 0
+    audit: bool = False
 
     def as_dict(self) -> dict:
         """JSON-friendly form."""
