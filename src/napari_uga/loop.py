@@ -9,16 +9,17 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .audit import PatchScore, choose_shift, compare_rounds, pooled_estimate, score_patch, stop_signal, worse_than
 from .io import InputError, Pair, load_pairs
 from .models import UNet, working_factor
-from .proposals import propose
-from .selection import Box
+from .proposals import propose, random_candidates
+from .selection import Box, Proposal, select
 from .training import (
     CancelToken,
     MixedSampler,
@@ -29,7 +30,7 @@ from .training import (
     to_working_scale,
     train_steps,
 )
-from .uncertainty import TTA_MODES
+from .uncertainty import TTA_MODES, predict_probability
 
 REPLAY_DIR = Path(__file__).parent / "replay"
 
@@ -246,12 +247,64 @@ def finetune(
 
 @dataclass
 class Trajectory:
-    """Dice on the test set after each budget of one simulated run."""
+    """Dice on the test set after each budget of one simulated run, and what the session measured itself.
+
+    Per budget: ``dice_global`` of the model in use on the test images; ``estimated_dice`` and
+    ``hard_dice``: that model's pooled Dice on the audit patches, and on every patch, scored
+    before any round trained on them (``None`` where none scored it); ``round_in_use``.
+    """
 
     budgets: list[int] = field(default_factory=list)
     dice_global: list[float] = field(default_factory=list)
     picks: list[list[dict]] = field(default_factory=list)
     model: UNet | None = None  # the model after the last round
+    estimated_dice: list[float | None] = field(default_factory=list)
+    estimate_interval: list[tuple[float, float] | None] = field(default_factory=list)
+    hard_dice: list[float | None] = field(default_factory=list)
+    round_in_use: list[int] = field(default_factory=list)
+    rollbacks: int = 0
+    rollbacks_by_budget: list[int] = field(default_factory=list)  # rounds rolled back up to each budget
+    shift: str | None = None  # the preset the run used (chosen from the first batch with ``auto``)
+    stop_budget: int | None = None  # the budget at which the stop signal first spoke
+    stop_reason: str | None = None
+
+
+@dataclass
+class _Ledger:
+    """The rounds of a simulated session and every fresh score: (audit?, {round: PatchScore}) per correction."""
+
+    rounds: list[UNet]
+    parents: list[int | None]
+    scores: list[tuple[bool, dict[int, PatchScore]]] = field(default_factory=list)
+    changes: list[float] = field(default_factory=list)
+
+    def estimate(self, round_index: int, audits_only: bool = True):
+        """Pooled Dice of a round over the corrections scored against it (before it trained on them)."""
+        return pooled_estimate(
+            [by_round[round_index] for audit, by_round in self.scores
+             if round_index in by_round and (audit or not audits_only)]
+        )  # fmt: skip
+
+
+def audit_count(k: int, share: float) -> int:
+    """How many of a batch of ``k`` are audit patches: ``share`` of it, at least one when the share is > 0."""
+    return 0 if share <= 0 or k <= 0 else min(k, max(1, round(k * share)))
+
+
+def draw_audits(pool: Sequence[Pair], n: int, config: LoopConfig, exclude: Sequence[Box], rng) -> list[Proposal]:
+    """``n`` tissue patches drawn uniformly at random (an unbiased sample of the pool's tissue), marked as audits."""
+    picks = select(random_candidates(pool, config), n, exclude, "random", rng)
+    return [replace(p, audit=True) for p in picks]
+
+
+def _score_batch(ledger: _Ledger, batch: Sequence[Annotation], audits: Sequence[bool], factor: float) -> None:
+    """Test-then-train: every round so far (none has trained on ``batch``) against each correction."""
+    for annotation, audit in zip(batch, audits, strict=True):
+        by_round = {}
+        for index, round_model in enumerate(ledger.rounds):
+            probability = predict_probability(round_model, annotation.image, factor=factor)
+            by_round[index] = score_patch(probability >= 0.5, annotation.mask)
+        ledger.scores.append((audit, by_round))
 
 
 def simulate(
@@ -266,31 +319,64 @@ def simulate(
     replay: Sequence[Pair] = (),
     replay_factor: float | None = None,
     on_event: Callable[[ProgressEvent], None] | None = None,
+    audit_share: float = 0.0,
+    no_harm: bool = False,
+    presets: dict[str, LoopConfig] | None = None,
+    target: float | None = None,
+    stop: bool = False,
 ) -> Trajectory:
     """Run the oracle loop: annotate in batches of ``config.batch`` until each budget, evaluate.
 
-    The model is fine-tuned (continuing from the previous round) on all annotations so far.
+    Each batch holds ``audit_share`` of audit patches (:func:`draw_audits`), the rest proposed by
+    ``strategy``. Every correction is scored against every round before training
+    (test-then-train). With ``no_harm``, a round that scores more than
+    :data:`~napari_uga.audit.HARM_MARGIN` below the round it was tuned from on a fresh batch is
+    rolled back. ``presets`` (``{"centre": ..., "organ": ...}``) is the ``auto`` shift: the first
+    batch's scores of the starting model choose one (:func:`~napari_uga.audit.choose_shift`).
+    ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
+
+    The model is fine-tuned (continuing from the round in use) on all annotations so far.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
     """
     rng = np.random.default_rng(seed)
+    config = (presets or {}).get("centre", config) if config is None else config
     config = LoopConfig() if config is None else config
     torch.manual_seed(seed)
     oracle = Oracle(pool)
-    whole = [(Box(p.name, 0, 0, *p.image.shape[:2]), p.image) for p in pool]
-    self_labelled = self_labels(model, whole, factor) if config.self_share > 0 else []
-    current = model
+    result = Trajectory(shift=None if presets else "given")
+    ledger = _Ledger([model], [None])
+    in_use = 0
     annotations: list[Annotation] = []
-    result = Trajectory()
+    self_labelled: list[Annotation] | None = None
     for budget in sorted(set(budgets)):
-        while len(annotations) < budget:
+        while len(annotations) < budget and not (stop and result.stop_budget is not None):
             k = min(config.batch, budget - len(annotations))
-            picks = propose(current, pool, k, factor, config, [a.box for a in annotations], strategy, rng)
+            done = [a.box for a in annotations]
+            n_audit = audit_count(k, audit_share)
+            picks = propose(ledger.rounds[in_use], pool, k - n_audit, factor, config, done, strategy, rng)
+            picks += draw_audits(pool, n_audit, config, [*done, *(p.box for p in picks)], rng)
             if not picks:
                 break
-            annotations += [oracle.annotate(p) for p in picks]
+            batch = [oracle.annotate(p) for p in picks]
+            _score_batch(ledger, batch, [p.audit for p in picks], factor)
+            annotations += batch
             result.picks.append([p.as_dict() for p in picks])
+            fresh = [by_round for _, by_round in ledger.scores[-len(batch) :]]
+            if presets and result.shift is None:
+                result.shift = choose_shift([s[0] for s in fresh])
+                config = presets[result.shift]
+            in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
+            signal = stop_signal(ledger.estimate(in_use), ledger.changes, target, ledger.estimate(in_use, False))
+            if signal is not None and result.stop_budget is None:
+                result.stop_budget, result.stop_reason = len(annotations), signal
+                _say(on_event, f"stop signal: {signal}")
+                if stop:
+                    break  # the round in use has just been checked on this batch: keep it
+            if self_labelled is None:
+                whole = [(Box(p.name, 0, 0, *p.image.shape[:2]), p.image) for p in pool]
+                self_labelled = self_labels(model, whole, factor) if config.self_share > 0 else []
             run = finetune(
-                current,
+                ledger.rounds[in_use],
                 annotations,
                 replay,
                 factor,
@@ -300,15 +386,47 @@ def simulate(
                 origin=model,
                 self_labelled=self_labelled,
             )
-            current = _drain(run, on_event).model
+            ledger.rounds.append(_drain(run, on_event).model)
+            ledger.parents.append(in_use)
+            in_use = len(ledger.rounds) - 1
+        if stop and result.stop_budget is not None and budget > len(annotations):
+            break  # the session stopped before this budget
         result.budgets.append(budget)
-        result.dice_global.append(evaluate(current, test, factor)["dice_global"])
-        if on_event is not None:
-            on_event(
-                progress_event("evaluate", budget, max(budgets), f"budget {budget}: Dice {result.dice_global[-1]:.3f}")
-            )
-    result.model = current
+        result.round_in_use.append(in_use)
+        result.rollbacks_by_budget.append(result.rollbacks)
+        result.dice_global.append(evaluate(ledger.rounds[in_use], test, factor)["dice_global"])
+        _say(on_event, f"budget {budget}: Dice {result.dice_global[-1]:.3f}", "evaluate", budget, max(budgets))
+    _fill_estimates(result, ledger)
+    result.model = ledger.rounds[in_use]
     return result
+
+
+def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:
+    """Compare the round in use with the round it was tuned from on a fresh batch; the round to keep."""
+    parent = ledger.parents[in_use]
+    if parent is None:
+        return in_use
+    comparison = compare_rounds([s[in_use] for s in fresh], [s[parent] for s in fresh])
+    ledger.changes.append(0.0 if comparison is None else comparison.delta)
+    if not (no_harm and worse_than(comparison)):
+        return in_use
+    result.rollbacks += 1
+    _say(on_event, f"round {in_use} scored {comparison.delta:+.3f} against round {parent}: rolled back")
+    return parent
+
+
+def _fill_estimates(result: Trajectory, ledger: _Ledger) -> None:
+    """Each budget's in-session estimates: every fresh correction scored against the round then in use."""
+    for index in result.round_in_use:
+        audit, hard = ledger.estimate(index), ledger.estimate(index, audits_only=False)
+        result.estimated_dice.append(None if audit is None else audit.dice)
+        result.estimate_interval.append(None if audit is None else (audit.low, audit.high))
+        result.hard_dice.append(None if hard is None else hard.dice)
+
+
+def _say(on_event, text: str, stage: str = "audit", step: int = 0, total: int = 0) -> None:
+    if on_event is not None:
+        on_event(progress_event(stage, step, total, text))
 
 
 def _drain(events: Iterator[ProgressEvent], on_event: Callable[[ProgressEvent], None] | None):

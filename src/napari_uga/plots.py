@@ -27,15 +27,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_dice_curve(budgets: Sequence[int], dice: Sequence[float], path: Path, label: str = "uncertainty") -> Path:
-    """Test-set Dice against the number of annotated patches."""
-    fig, ax = _figure(figsize=(4.5, 3.2))
-    ax.plot(budgets, dice, "o-", label=label)
+def plot_dice_curve(
+    budgets: Sequence[int],
+    dice: Sequence[float],
+    path: Path,
+    label: str = "uncertainty",
+    estimates: Sequence[float | None] = (),
+    intervals: Sequence[tuple[float, float] | None] = (),
+    stop_budget: int | None = None,
+) -> Path:
+    """Test-set Dice against the number of annotated patches, with the in-session estimate where given."""
+    fig, ax = _figure(figsize=(4.8, 3.4))
+    ax.plot(budgets, dice, "o-", label=f"{label}: held-out Dice")
+    known = [(b, e, i) for b, e, i in zip(budgets, estimates, intervals, strict=False) if e is not None]
+    if known:
+        xs, ys, spans = zip(*known, strict=True)
+        low = [y - span[0] for y, span in zip(ys, spans, strict=True)]
+        high = [span[1] - y for y, span in zip(ys, spans, strict=True)]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="s--", capsize=3, label="in-session estimate (audit patches)")
+    if stop_budget is not None:
+        ax.axvline(stop_budget, color="grey", linestyle=":", label=f"stop signal at {stop_budget}")
     ax.set_xlabel("annotated patches")
-    ax.set_ylabel("Dice (pooled over test tiles)")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice (pooled)")
+    ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 

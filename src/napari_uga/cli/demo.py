@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .._sample_data import SAMPLE_DIR
 from ._common import add_model_options, emit, load_model_from_args, progress_bar
-from .simulate import add_loop_options, loop_config, parse_budgets
+from .simulate import add_loop_options, loop_configs, parse_budgets
 
 
 def register(sub) -> None:
@@ -18,10 +18,16 @@ def register(sub) -> None:
     p.add_argument("--headless", action="store_true", help="run the simulated loop without napari")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for report.json and the plots")
     p.add_argument("--budgets", default="0,5,10", help="annotated patches after each round")
+    p.add_argument(
+        "--no-stop", action="store_true", help="run every budget even when the stop signal says more will not help"
+    )
     p.add_argument("--seed", type=int, default=0)
     add_loop_options(p)
     add_model_options(p)
     p.set_defaults(handler=run)
+
+
+DEMO_TARGET = 0.9  # the demo's Dice to clear: the session stops once its estimate's interval is above it
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -43,7 +49,8 @@ def run_headless(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     budgets = parse_budgets(args.budgets)
-    config = loop_config(args, 256)
+    config, presets = loop_configs(args, 256)
+    target = DEMO_TARGET if args.target is None else args.target
     pool, test = position_split(load_pairs(SAMPLE_DIR / "images", SAMPLE_DIR / "masks"))
     model = load_model_from_args(args)
     factor = working_factor(model, args.mpp)
@@ -52,21 +59,24 @@ def run_headless(args: argparse.Namespace) -> dict:
 
     def on_event(event) -> None:
         bar.update(1)
-        if event["stage"] == "evaluate":
+        if event["stage"] in ("evaluate", "audit"):
             bar.write(event["message"])
 
     trajectory = simulate(
-        model, pool, test, budgets, "uncertainty", args.seed, factor, config, replay_pairs(), on_event=on_event
-    )
+        model, pool, test, budgets, "uncertainty", args.seed, factor, config, replay_pairs(), on_event=on_event,
+        audit_share=args.audit_share, no_harm=args.no_harm == "on", presets=presets, target=target,
+        stop=not args.no_stop,
+    )  # fmt: skip
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "data": str(SAMPLE_DIR),
         "pool": [p.name for p in pool],
         "test": [p.name for p in test],
-        "curve": [
-            {"budget": b, "dice_global": d} for b, d in zip(trajectory.budgets, trajectory.dice_global, strict=True)
-        ],
+        "curve": _curve(trajectory),
+        "shift": trajectory.shift,
+        "rollbacks": trajectory.rollbacks,
+        "stop": {"budget": trajectory.stop_budget, "reason": trajectory.stop_reason, "target": target},
         "picks": trajectory.picks,
         "seconds": round(time.perf_counter() - started, 1),
         "files": {"report": "report.json", "overlay": "overlay.png", "plot": "dice_vs_round.png"},
@@ -74,14 +84,51 @@ def run_headless(args: argparse.Namespace) -> dict:
     from ..io import atomic_write_json
     from ..plots import pick_showcase, plot_dice_curve, plot_overlay
 
-    plot_dice_curve(trajectory.budgets, trajectory.dice_global, args.out / "dice_vs_round.png")
-    models = {"before": model, f"after {budgets[-1]} patches": trajectory.model}
+    plot_dice_curve(
+        trajectory.budgets, trajectory.dice_global, args.out / "dice_vs_round.png",
+        estimates=trajectory.estimated_dice, intervals=trajectory.estimate_interval,
+        stop_budget=trajectory.stop_budget,
+    )  # fmt: skip
+    models = {"before": model, f"after {trajectory.budgets[-1]} patches": trajectory.model}
     plot_overlay(models, pick_showcase(test), factor, config.samples, args.out / "overlay.png")
     atomic_write_json(args.out / "report.json", report)
-    lines = [f"budget {c['budget']:>3}: Dice {c['dice_global']:.3f}" for c in report["curve"]]
+    lines = [_line(c) for c in report["curve"]]
+    if trajectory.stop_reason:
+        lines.append(f"stopped at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
     emit(
         args,
         report,
         "\n".join([*lines, f"wrote {args.out}/report.json, overlay.png, dice_vs_round.png ({report['seconds']} s)"]),
     )
     return report
+
+
+def _curve(trajectory) -> list[dict]:
+    """Per budget: held-out Dice, the in-session estimate with its interval, and the round in use."""
+    return [
+        {
+            "budget": budget,
+            "dice_global": dice,
+            "estimated_dice": estimate,
+            "estimate_interval": None if interval is None else list(interval),
+            "round_in_use": kept,
+        }
+        for budget, dice, estimate, interval, kept in zip(
+            trajectory.budgets,
+            trajectory.dice_global,
+            trajectory.estimated_dice,
+            trajectory.estimate_interval,
+            trajectory.round_in_use,
+            strict=True,
+        )  # fmt: skip
+    ]
+
+
+def _line(entry: dict) -> str:
+    estimate = entry["estimated_dice"]
+    said = (
+        "no audit yet"
+        if estimate is None
+        else "estimated {:.3f} [{:.2f}, {:.2f}]".format(estimate, *entry["estimate_interval"])
+    )
+    return f"budget {entry['budget']:>3}: Dice {entry['dice_global']:.3f} · {said} · round {entry['round_in_use']}"

@@ -32,11 +32,31 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     d = LoopConfig()
     p.add_argument(
         "--shift",
-        choices=tuple(SHIFTS),
-        default="centre",
+        choices=(*SHIFTS, "auto"),
+        default="auto",
         help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay, the "
-        "starting model's own labels on unlabelled patches and an L2 pull towards it) or "
-        "organ (tissue; batch norm adapts, 200 steps, no replay); explicit options below override it",
+        "starting model's own labels on unlabelled patches and an L2 pull towards it), "
+        "organ (tissue; batch norm adapts, 200 steps, no replay), or auto (the default: centre where the "
+        "starting model scores Dice >= 0.8 on the first batch of corrections, else organ); "
+        "explicit options below override it",
+    )
+    p.add_argument(
+        "--audit-share",
+        type=float,
+        default=0.2,
+        help="share of each batch drawn at random from the tissue to measure the model (default 0.2; 0 for none)",
+    )
+    p.add_argument(
+        "--no-harm",
+        choices=("on", "off"),
+        default="on",
+        help="roll back a round that scores clearly worse than its predecessor on fresh corrections (default on)",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="a Dice to clear: the stop signal speaks when the in-session estimate's interval is above it",
     )
     p.add_argument("--samples", type=int, default=d.samples, help="MC-dropout samples for the uncertainty maps")
     p.add_argument("--tta", choices=CHOICES["tta"], default=d.tta)
@@ -78,8 +98,22 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=d.batch, help="patches annotated per round")
 
 
-def loop_config(args: argparse.Namespace, patch: int):
-    """A :class:`LoopConfig` from the command-line options."""
+def loop_configs(args: argparse.Namespace, patch: int) -> tuple[object, dict | None]:
+    """The loop settings from the command line: a :class:`LoopConfig`, and the presets of ``--shift auto``."""
+    from ..io import InputError
+
+    if not 0 <= args.audit_share < 1:
+        raise InputError(f"--audit-share must be in [0, 1), not {args.audit_share}")
+    if args.target is not None and not 0 < args.target <= 1:
+        raise InputError(f"--target must be a Dice in (0, 1], not {args.target}")
+    if args.shift != "auto":
+        return loop_config(args, patch), None
+    presets = {shift: loop_config(args, patch, shift) for shift in ("centre", "organ")}
+    return presets["centre"], presets
+
+
+def loop_config(args: argparse.Namespace, patch: int, shift: str | None = None):
+    """A :class:`LoopConfig` from the command-line options (``shift``: the preset, default ``--shift``)."""
     from ..io import InputError
     from ..loop import LoopConfig, config_for
 
@@ -94,9 +128,11 @@ def loop_config(args: argparse.Namespace, patch: int):
         explicit["freeze_norm"] = args.norm == "frozen"
     if patch < 16:
         raise InputError("--patch-size must be >= 16")
+    shift = args.shift if shift is None else shift
+    shift = "centre" if shift == "auto" else shift  # auto starts from centre's proposal settings
     try:
         config = config_for(
-            args.shift,
+            shift,
             patch=patch,
             samples=args.samples,
             tta=args.tta,
@@ -108,7 +144,7 @@ def loop_config(args: argparse.Namespace, patch: int):
         )
     except ValueError as exc:  # LoopConfig names the settings at fault: say which options they are
         named = [f"--{name.replace('_', '-')}" for name in vars(LoopConfig()) if re.search(rf"\b{name}\b", str(exc))]
-        raise InputError(f"{' / '.join(named) or 'loop settings'} ({args.shift} preset): {exc}") from None
+        raise InputError(f"{' / '.join(named) or 'loop settings'} ({shift} preset): {exc}") from None
     return config
 
 
@@ -127,7 +163,6 @@ def parse_budgets(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the loop for every seed and print the Dice-vs-budget curve."""
-    import numpy as np
 
     from ..io import InputError, load_pairs
     from ..loop import replay_pairs, simulate
@@ -136,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     budgets = parse_budgets(args.budgets)
     if args.seeds < 1:
         raise InputError("--seeds must be at least 1")
-    config = loop_config(args, args.patch_size)
+    config, presets = loop_configs(args, args.patch_size)
     pool = load_pairs(args.pool_images, args.pool_masks)
     test = load_pairs(args.test_images, args.test_masks)
     model = load_model_from_args(args)
@@ -151,23 +186,60 @@ def run(args: argparse.Namespace) -> dict:
                 _bar.update()
 
         runs.append(
-            simulate(model, pool, test, budgets, args.strategy, seed, factor, config, replay, on_event=on_event)
+            simulate(
+                model,
+                pool,
+                test,
+                budgets,
+                args.strategy,
+                seed,
+                factor,
+                config,
+                replay,
+                on_event=on_event,
+                audit_share=args.audit_share,
+                no_harm=args.no_harm == "on",
+                presets=presets,
+                target=args.target,
+            )  # fmt: skip
         )
     bar.close()
-    curve = []
-    for i, budget in enumerate(budgets):
-        per_seed = [r.dice_global[i] for r in runs]
-        curve.append(
-            {
-                "budget": budget,
-                "dice_global": float(np.mean(per_seed)),
-                "dice_global_std": float(np.std(per_seed)),
-                "per_seed": per_seed,
-            }
-        )
-    payload = {"strategy": args.strategy, "curve": curve, "picks": [r.picks for r in runs]}
+    curve = [_curve_entry(budget, i, runs) for i, budget in enumerate(budgets)]
+    payload = {
+        "strategy": args.strategy,
+        "curve": curve,
+        "picks": [r.picks for r in runs],
+        "shift": [r.shift for r in runs],
+        "stop": [{"budget": r.stop_budget, "reason": r.stop_reason} for r in runs],
+    }
     human = "\n".join(
-        f"budget {c['budget']:>3}: Dice {c['dice_global']:.3f} ± {c['dice_global_std']:.3f}" for c in curve
+        f"budget {c['budget']:>3}: Dice {c['dice_global']:.3f} ± {c['dice_global_std']:.3f}"
+        f" · estimated {_maybe(c['estimated_dice'])} · rollbacks {c['rollbacks']}"
+        for c in curve
     )
     emit(args, payload, human)
     return payload
+
+
+def _curve_entry(budget: int, i: int, runs) -> dict:
+    """One budget of the curve: held-out Dice and the in-session estimate, over seeds."""
+    import numpy as np
+
+    per_seed = [r.dice_global[i] for r in runs]
+    estimates = [r.estimated_dice[i] for r in runs]
+    known = [e for e in estimates if e is not None]
+    return {
+        "budget": budget,
+        "dice_global": float(np.mean(per_seed)),
+        "dice_global_std": float(np.std(per_seed)),
+        "per_seed": per_seed,
+        "estimated_dice": float(np.mean(known)) if known else None,
+        "estimated_dice_per_seed": estimates,
+        "estimate_interval_per_seed": [r.estimate_interval[i] for r in runs],
+        "hard_dice_per_seed": [r.hard_dice[i] for r in runs],
+        "rollbacks": sum(r.rollbacks_by_budget[i] for r in runs),
+    }
+
+
+def _maybe(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

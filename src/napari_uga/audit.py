@@ -1,0 +1,187 @@
+"""Every correction counts twice: it measures the model before it trains it.
+
+A corrected patch that no model round has trained on yet is a fresh, labelled sample of the new
+hospital's tissue. Scored against a round's prediction before fine-tuning (*test-then-train*),
+it says how well that round does there, with no ground truth beyond the corrections:
+
+- :func:`score_patch`: the pixel counts of one round's prediction against one correction;
+- :func:`pooled_estimate`: the pooled Dice of a round over patches, with an interval. On
+  *audit* patches (drawn uniformly at random from the tissue) it estimates the round's Dice on
+  the slide's tissue; on the uncertainty-ranked ones it is pessimistic (they are the hard ones);
+- :func:`compare_rounds`: the paired difference of two rounds on the same fresh patches, which
+  drives the do-no-harm rule (:func:`worse_than`) and the stop signal (:func:`stop_signal`);
+- :func:`choose_shift`: the ``auto`` preset, from the starting model's score on the first batch.
+
+Pooled Dice (``2 ΣTP / (Σpredicted + Σtrue)``) is what ``dice_global`` computes over test
+images, so an audit estimate compares with it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+LEVEL = 0.9  # two-sided level of every interval
+HARM_MARGIN = 0.01  # a round this much worse than its predecessor on fresh corrections is rolled back
+GOOD_DICE = 0.8  # the product's bar for a good segmentation (QC's cut): below it, the tissue is new to the model
+STEADY = 0.01  # the estimate moved less than this over the last rounds: more rounds are unlikely to help
+
+
+@dataclass(frozen=True)
+class PatchScore:
+    """One round's prediction against one correction: tumour pixels predicted, true, in both; share changed."""
+
+    tp: int
+    predicted: int
+    truth: int
+    changed: float
+
+    @property
+    def dice(self) -> float | None:
+        """Patch Dice (``None`` where neither marks tumour)."""
+        total = self.predicted + self.truth
+        return 2 * self.tp / total if total else None
+
+    def as_dict(self) -> dict:
+        """JSON-friendly form (stored per annotation in the session)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> PatchScore:
+        """The inverse of :meth:`as_dict` (``TypeError``/``KeyError`` on a malformed record)."""
+        values = [record[k] for k in ("tp", "predicted", "truth")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise TypeError(f"patch score counts must be whole numbers >= 0, not {values}")
+        changed = record["changed"]
+        if not isinstance(changed, int | float) or not 0 <= changed <= 1:
+            raise TypeError(f"patch score changed share must be in [0, 1], not {changed!r}")
+        return cls(*values, float(changed))
+
+
+def score_patch(prediction: np.ndarray, correction: np.ndarray) -> PatchScore:
+    """Score a 0/1 prediction against the pathologist's 0/1 correction of the same patch."""
+    prediction, correction = np.asarray(prediction) > 0, np.asarray(correction) > 0
+    if prediction.shape != correction.shape:
+        raise ValueError(f"prediction {prediction.shape} and correction {correction.shape} differ in shape")
+    return PatchScore(
+        int(np.count_nonzero(prediction & correction)),
+        int(np.count_nonzero(prediction)),
+        int(np.count_nonzero(correction)),
+        float(np.mean(prediction != correction)) if prediction.size else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A pooled Dice over ``n`` patches with its interval at :data:`LEVEL`."""
+
+    dice: float
+    low: float
+    high: float
+    n: int
+
+    def text(self) -> str:
+        """``0.86 [0.81, 0.90]``."""
+        return f"{self.dice:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+def _ratio_terms(scores: Sequence[PatchScore]) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch, the numerator (2 TP) and denominator (predicted + true) of the pooled Dice."""
+    numerator = np.array([2.0 * s.tp for s in scores])
+    denominator = np.array([float(s.predicted + s.truth) for s in scores])
+    return numerator, denominator
+
+
+def _t_half_width(residuals: np.ndarray, mean_denominator: float, level: float) -> float:
+    """Half-width of the delta-method interval of a ratio of means (Student t, n - 1 degrees of freedom)."""
+    n = len(residuals)
+    if n < 2:
+        return np.inf
+    standard_error = residuals.std(ddof=1) / (np.sqrt(n) * mean_denominator)
+    return float(stats.t.ppf(0.5 + level / 2, n - 1) * standard_error)
+
+
+def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL) -> Estimate | None:
+    """Pooled Dice of one round over patches, with a ratio-estimator interval; ``None`` with no tumour anywhere.
+
+    The pooled Dice is a ratio of two sums over patches, so its interval is the delta-method
+    one for a ratio of means with Student-t quantiles (Cochran, *Sampling Techniques*, 6.4):
+    unlike a bootstrap it stays honest for the handful of patches a session has (a bootstrap of
+    two patches has two distinct values), and it is wide, ``[0, 1]``, for a single patch.
+    """
+    numerator, denominator = _ratio_terms(scores)
+    if denominator.sum() == 0:
+        return None
+    dice = float(numerator.sum() / denominator.sum())
+    half = _t_half_width(numerator - dice * denominator, denominator.mean(), level)
+    return Estimate(dice, max(0.0, dice - half), min(1.0, dice + half), len(scores))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Pooled Dice of a newer round minus an older one on the same fresh patches, with its interval."""
+
+    delta: float
+    low: float
+    high: float
+    n: int
+
+
+def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], level: float = LEVEL) -> Comparison | None:
+    """Paired difference of two rounds' pooled Dice on the same patches (delta method, as :func:`pooled_estimate`)."""
+    if len(newer) != len(older):
+        raise ValueError(f"compare_rounds: {len(newer)} and {len(older)} scores are not the same patches")
+    a_new, b_new = _ratio_terms(newer)
+    a_old, b_old = _ratio_terms(older)
+    if b_new.sum() == 0 or b_old.sum() == 0:
+        return None
+    r_new, r_old = a_new.sum() / b_new.sum(), a_old.sum() / b_old.sum()
+    # linearised difference per patch: each ratio's residual over its own mean denominator
+    residuals = (a_new - r_new * b_new) / b_new.mean() - (a_old - r_old * b_old) / b_old.mean()
+    half = _t_half_width(residuals, 1.0, level)
+    delta = float(r_new - r_old)
+    return Comparison(delta, delta - half, delta + half, len(newer))
+
+
+def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN) -> bool:
+    """Do no harm: the newer round scored more than ``margin`` below the older one on fresh corrections."""
+    return comparison is not None and comparison.delta < -margin
+
+
+def choose_shift(first_batch: Sequence[PatchScore]) -> str:
+    """The ``auto`` preset: ``organ`` when the starting model scores below :data:`GOOD_DICE` on the first batch.
+
+    Where the starting model is already good on the new tissue (a new centre or scanner), the
+    cautious ``centre`` fine-tuning keeps it; where it fails the product's own bar (a new organ),
+    the ``organ`` preset lets fine-tuning follow the new tissue. The bar is QC's, not tuned here.
+    """
+    estimate = pooled_estimate(first_batch)
+    if estimate is None:  # no tumour marked or predicted: nothing says the model is wrong
+        return "centre"
+    return "centre" if estimate.dice >= GOOD_DICE else "organ"
+
+
+def stop_signal(
+    audit: Estimate | None,
+    changes: Sequence[float],
+    target: float | None = None,
+    hard: Estimate | None = None,
+) -> str | None:
+    """A plain sentence when more rounds are unlikely to be worth it, else ``None``.
+
+    ``audit``: the model in use's estimate on audit patches; ``hard``: on every fresh
+    correction (the uncertainty-ranked ones are the hard ones, so it underestimates and
+    clearing a target with it is conservative); ``changes``: the paired change at each round
+    (newest last); ``target``: a Dice the user wants to clear.
+    """
+    said = None if audit is None else f"estimated Dice {audit.text()} on this slide"
+    if target is not None:
+        for estimate, where in ((audit, "on this slide"), (hard, "on your corrections, the hard patches")):
+            if estimate is not None and estimate.low >= target:
+                return f"estimated Dice {estimate.text()} {where}: it clears your target {target:.2f}; you can stop"
+    if said is not None and len(changes) >= 2 and all(abs(c) < STEADY for c in changes[-2:]):
+        return f"{said}; the last two rounds changed it by less than {STEADY:.2f}: more patches are unlikely to help"
+    return None
