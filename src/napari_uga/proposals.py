@@ -1,12 +1,20 @@
 """Which patches to annotate next: the proposal strategies of the annotation loop.
 
 ``propose`` is what ``simulate`` and the benchmarks call; each strategy turns a pool of images
-into ranked :class:`~napari_uga.selection.Candidate` patches and ``select`` picks ``k`` of them.
+into ranked :class:`~napari_uga.selection.Candidate` patches and ``select`` picks ``k`` of them
+(strategies: :data:`~napari_uga.selection.STRATEGIES`).
+
+:func:`use_cache` (for benchmarks) keeps each image's candidates on disk, keyed by the network's
+weights, the image and the settings; with it the MC-dropout draws are seeded by that key, so a
+cached and an uncached round give the same candidates and leave torch's generator untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,8 +24,58 @@ from .models import UNet
 from .selection import Box, Candidate, Proposal, grid_boxes, score_candidates, select
 from .uncertainty import compute_uncertainty
 
+_CACHE: list[Path] = []  # the candidate cache folder, when one is in use
+
 if TYPE_CHECKING:
     from .loop import LoopConfig
+
+
+def use_cache(folder: Path | None) -> None:
+    """Keep pool candidates under ``folder`` (``None``: no cache)."""
+    _CACHE[:] = [] if folder is None else [Path(folder)]
+
+
+def _weights_key(model: UNet) -> str:
+    from .ood import _fingerprint
+
+    return _fingerprint(model)
+
+
+def image_candidates(model: UNet, pair: Pair, factor: float, config: LoopConfig) -> list[Candidate]:
+    """Scored candidate patches of one image."""
+    maps = compute_uncertainty(model, pair.image, samples=config.samples, tta=config.tta, factor=factor)
+    return score_candidates(
+        pair.name,
+        pair.image,
+        maps.layer(config.measure),
+        maps.probability,
+        tissue_mask(pair.image),
+        patch=config.patch,
+        how=config.aggregate,
+    )
+
+
+def _cache_key(model_key: str, pair: Pair, factor: float, config: LoopConfig) -> str:
+    settings = (model_key, pair.name, pair.image.shape, factor, config.samples, config.tta, config.measure)
+    settings += (config.patch, config.aggregate, hashlib.sha1(pair.image.tobytes()).hexdigest())
+    return hashlib.sha1(repr(settings).encode()).hexdigest()
+
+
+def _cached(key: str, compute: Callable[[], list[Candidate]]) -> list[Candidate]:
+    """``compute()`` once per key, kept in the cache folder; its torch draws are seeded by the key."""
+    import torch
+
+    path = _CACHE[0] / f"{key}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    with torch.random.fork_rng():
+        torch.manual_seed(int(key[:8], 16))
+        candidates = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(candidates))
+    tmp.replace(path)
+    return candidates
 
 
 def pool_candidates(
@@ -28,18 +86,17 @@ def pool_candidates(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Candidate]:
     """Uncertainty maps of every pool image, scored into candidate patches ranked together."""
+    model_key = _weights_key(model) if _CACHE else ""
     candidates: list[Candidate] = []
     for i, pair in enumerate(pool):
-        maps = compute_uncertainty(model, pair.image, samples=config.samples, tta=config.tta, factor=factor)
-        candidates += score_candidates(
-            pair.name,
-            pair.image,
-            maps.layer(config.measure),
-            maps.probability,
-            tissue_mask(pair.image),
-            patch=config.patch,
-            how=config.aggregate,
-        )
+
+        def compute(pair: Pair = pair) -> list[Candidate]:
+            return image_candidates(model, pair, factor, config)
+
+        if _CACHE:
+            candidates += _cached(_cache_key(model_key, pair, factor, config), compute)
+        else:
+            candidates += compute()
         if progress is not None:
             progress(i + 1, len(pool))
     return candidates
@@ -66,7 +123,7 @@ def propose(
     strategy: str = "uncertainty",
     rng: np.random.Generator | None = None,
 ) -> list[Proposal]:
-    """The ``k`` patches to annotate next."""
+    """The ``k`` patches to annotate next, each with the rule that proposed it in ``reason``."""
     if config is None:
         from .loop import LoopConfig
 

@@ -1,10 +1,17 @@
-"""Rank candidate patches for annotation by aggregated uncertainty.
+"""Rank candidate patches for annotation: by uncertainty, at random, or for typicality and coverage.
 
 Candidates lie on a half-overlapping grid inside each image, need enough tissue (from the
 image alone), skip patches that overlap an existing annotation, and are picked greedily
 with overlap suppression. Optional diversity spreads the picks over appearance clusters
 and over predicted tumour / non-tumour, which matters where top-uncertainty patches are
 redundant (organ shift).
+
+The low-budget strategies follow the active-learning-on-a-budget literature (Hacohen et al.,
+ICML 2022): ``typical`` is TypiClust (cluster labelled and unlabelled patches into
+``|labelled| + k`` clusters, take the densest unlabelled member of each cluster with the fewest
+labels, largest first), ``weighted`` is k-means++ seeding weighted by uncertainty (BADGE-like),
+and ``coverage`` is ``typical`` until :data:`COVERAGE_SWITCH` patches are labelled, then
+``uncertainty``. Each proposal records the rule and the value behind it in ``reason``.
 """
 
 from __future__ import annotations
@@ -44,11 +51,15 @@ class Box:
 
 @dataclass(frozen=True)
 class Proposal(Box):
-    """A proposed patch with its rank (1 = most uncertain) and score; ``audit``: drawn at random to measure the model."""
+    """A proposed patch with its rank (1 = first), uncertainty score and why it was proposed.
+
+    ``audit``: drawn at random to measure the model; ``reason``: the rule and the value behind it.
+    """
 
     score: float = 0.0
     rank: int = 0
     audit: bool = False
+    reason: str = ""
 
     def as_dict(self) -> dict:
         """JSON-friendly form."""
@@ -62,7 +73,7 @@ class Proposal(Box):
 
 @dataclass
 class Candidate:
-    """One scored grid patch and the features used for diversity."""
+    """One scored grid patch and the features used for diversity, typicality and coverage."""
 
     box: Box
     score: float
@@ -122,6 +133,11 @@ def score_candidates(
     return out
 
 
+STRATEGIES = ("uncertainty", "random", "typical", "weighted", "coverage")
+COVERAGE_SWITCH = 10  # labelled patches after which ``coverage`` ranks by uncertainty
+TYPICAL_NEIGHBOURS = 20  # TypiClust's k nearest neighbours for typicality
+
+
 def select(
     candidates: Sequence[Candidate],
     k: int,
@@ -134,31 +150,126 @@ def select(
 
     Parameters
     ----------
-    strategy : ``uncertainty`` (highest score first) or ``random``.
-    diversity : ``none``; ``clusters`` (round-robin over k appearance clusters, most uncertain
-        first in each); ``balanced`` (alternate predicted tumour / non-tumour); or
-        ``clusters+balanced``.
+    strategy : one of :data:`STRATEGIES`: ``uncertainty`` (highest score first), ``random``,
+        ``typical``, ``weighted`` or ``coverage`` (see the module docstring).
+    diversity : for ``uncertainty`` and ``random`` only: ``none``; ``clusters`` (round-robin over
+        k appearance clusters, most uncertain first in each); ``balanced`` (alternate predicted
+        tumour / non-tumour); or ``clusters+balanced``.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} ({', '.join(STRATEGIES)})")
     rng = rng if rng is not None else np.random.default_rng(0)
+    labelled = [c for c in candidates if any(c.box.overlaps(e) for e in exclude)]
     pool = [c for c in candidates if not any(c.box.overlaps(e) for e in exclude)]
+    if strategy == "coverage":
+        strategy = "typical" if len(exclude) < COVERAGE_SWITCH else "uncertainty"
+        tag = f"coverage ({strategy} below / from {COVERAGE_SWITCH} labelled): "
+    else:
+        tag = ""
+    if strategy == "typical":
+        picked = _typical(pool, labelled, k, rng)
+    elif strategy == "weighted":
+        picked = _weighted(pool, labelled, k, rng)
+    else:
+        picked = _ranked(pool, k, strategy, rng, diversity)
+    return [
+        Proposal(**asdict(c.box), score=float(c.score), rank=i + 1, reason=tag + why)
+        for i, (c, why) in enumerate(picked)
+    ]
+
+
+def _free(cand: Candidate, picked: Sequence[tuple[Candidate, str]]) -> bool:
+    return not any(cand.box.overlaps(p.box) for p, _ in picked)
+
+
+def _ranked(pool: Sequence[Candidate], k: int, strategy: str, rng, diversity: str) -> list[tuple[Candidate, str]]:
+    """Uncertainty or random order, optionally round-robin over diversity queues."""
     if strategy == "random":
         order = list(rng.permutation(len(pool)))
-    elif strategy == "uncertainty":
-        order = list(np.argsort([-c.score for c in pool], kind="stable"))
     else:
-        raise ValueError(f"unknown strategy {strategy!r} (uncertainty or random)")
+        order = list(np.argsort([-c.score for c in pool], kind="stable"))
     queues = _queues(pool, order, k, diversity, rng)
-    picked: list[Candidate] = []
+    picked: list[tuple[Candidate, str]] = []
     while len(picked) < k and any(queues):
         for queue in queues:
             while queue:
                 cand = pool[queue.pop(0)]
-                if not any(cand.box.overlaps(p.box) for p in picked):
-                    picked.append(cand)
+                if _free(cand, picked):
+                    why = "random: drawn at random" if strategy == "random" else f"uncertainty: {cand.score:.3g}"
+                    picked.append((cand, why))
                     break
             if len(picked) == k:
                 break
-    return [Proposal(**asdict(c.box), score=float(c.score), rank=i + 1) for i, c in enumerate(picked)]
+    return picked
+
+
+def feature_matrix(candidates: Sequence[Candidate]) -> np.ndarray:
+    """Standardised appearance features (stain statistics and mean probability), one row per candidate."""
+    x = np.stack([c.features for c in candidates]).astype(np.float64)
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of ``a`` and of ``b`` (len(a) x len(b))."""
+    return np.sqrt(np.maximum(((a[:, None] - b[None]) ** 2).sum(-1), 0))
+
+
+def typicality(x: np.ndarray, neighbours: int = TYPICAL_NEIGHBOURS) -> np.ndarray:
+    """TypiClust typicality: inverse mean distance to the ``neighbours`` nearest other rows."""
+    if len(x) < 2:
+        return np.ones(len(x))
+    d = np.sort(_distance(x, x), 1)
+    return 1.0 / (d[:, 1 : 1 + min(neighbours, len(x) - 1)].mean(1) + 1e-9)
+
+
+def _typical(pool: Sequence[Candidate], labelled: Sequence[Candidate], k: int, rng) -> list[tuple[Candidate, str]]:
+    """TypiClust: the most typical unlabelled member of the least-labelled, largest cluster, k times."""
+    from sklearn.cluster import KMeans
+
+    if not pool:
+        return []
+    x = feature_matrix([*pool, *labelled])
+    n_clusters = max(1, min(len(x), len(labelled) + k))
+    groups = KMeans(n_clusters, n_init=4, random_state=int(rng.integers(2**31))).fit_predict(x)
+    counts = np.bincount(groups[len(pool) :], minlength=n_clusters)
+    sizes = np.bincount(groups, minlength=n_clusters)
+    typical = np.zeros(len(pool))
+    for g in range(n_clusters):
+        members = np.flatnonzero(groups == g)
+        typical[members[members < len(pool)]] = typicality(x[members])[members < len(pool)]
+    picked: list[tuple[Candidate, str]] = []
+    open_ = set(range(n_clusters))
+    while len(picked) < k and open_:
+        g = min(open_, key=lambda c: (counts[c], -sizes[c], c))
+        members = [i for i in np.flatnonzero(groups[: len(pool)] == g) if _free(pool[i], picked)]
+        if not members:
+            open_.discard(g)
+            continue
+        best = max(members, key=lambda i: (typical[i], -i))
+        why = f"typical: densest unlabelled patch of a cluster of {sizes[g]} ({counts[g]} labelled)"
+        picked.append((pool[best], f"{why}, typicality {typical[best]:.3g}"))
+        counts[g] += 1
+    return picked
+
+
+def _weighted(pool: Sequence[Candidate], labelled: Sequence[Candidate], k: int, rng) -> list[tuple[Candidate, str]]:
+    """k-means++ seeding weighted by uncertainty: draw with probability ∝ score x squared distance to the chosen."""
+    if not pool:
+        return []
+    x = feature_matrix([*pool, *labelled])
+    score = np.array([max(c.score, 0.0) for c in pool]) + 1e-12
+    chosen = list(range(len(pool), len(x)))
+    picked: list[tuple[Candidate, str]] = []
+    while len(picked) < k:
+        dist = _distance(x[: len(pool)], x[chosen]).min(1) if chosen else np.ones(len(pool))
+        weight = score * dist**2 * np.array([_free(c, picked) for c in pool])
+        if weight.sum() <= 0:
+            break
+        i = int(rng.choice(len(pool), p=weight / weight.sum()))
+        why = f"weighted: uncertainty {pool[i].score:.3g} x distance {dist[i]:.3g} to the labelled and chosen"
+        picked.append((pool[i], why))
+        chosen.append(i)
+    return picked
 
 
 def _queues(pool: Sequence[Candidate], order: list[int], k: int, diversity: str, rng) -> list[list[int]]:

@@ -1,0 +1,87 @@
+"""Proposal strategies on real tiles: distinct, non-overlapping tissue patches, a reason each, seeded."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_uga.io import load_pairs, tissue_mask
+from napari_uga.loop import config_for
+from napari_uga.models import ModelConfig, UNet
+from napari_uga.proposals import pool_candidates, propose, use_cache
+from napari_uga.selection import COVERAGE_SWITCH, STRATEGIES, select, typicality
+
+EBHI = Path(__file__).resolve().parents[1] / "data" / "ebhi_seg"  # six real colon biopsy tiles
+CONFIG = config_for("organ", patch=128, samples=2)
+
+
+@pytest.fixture(scope="module")
+def net() -> UNet:
+    """A tiny real U-Net (seeded random weights)."""
+    torch.manual_seed(0)
+    return UNet(ModelConfig(base=4, depth=3)).eval()
+
+
+@pytest.fixture(scope="module")
+def pool(umcu_pairs):
+    """Two UMCU and three EBHI tiles: nine half-overlapping 128 px patches each."""
+    return [umcu_pairs[0], umcu_pairs[16], *load_pairs(EBHI / "images", EBHI / "masks")[:3]]
+
+
+@pytest.fixture(scope="module")
+def candidates(net, pool):
+    """The pool's scored candidates."""
+    torch.manual_seed(0)
+    return pool_candidates(net, pool, 0.5, CONFIG)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_picks_distinct_tissue_patches_with_a_reason_and_repeats_for_a_seed(candidates, pool, strategy):
+    first = select(candidates, 1)[0].box
+    picks = select(candidates, 6, [first], strategy, np.random.default_rng(1))
+    assert len(picks) == 6 and [p.rank for p in picks] == list(range(1, 7))
+    assert not any(a.overlaps(b) for i, a in enumerate(picks) for b in picks[i + 1 :])
+    assert not any(p.overlaps(first) for p in picks)
+    images = {p.name: p.image for p in pool}
+    assert all(p.box.crop(tissue_mask(images[p.image])).mean() >= 0.25 for p in picks)
+    assert all(p.reason.startswith(strategy) and p.as_dict()["reason"] == p.reason for p in picks)
+    assert picks == select(candidates, 6, [first], strategy, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("strategy", ["typical", "random"])
+def test_propose_is_deterministic_for_a_seed(net, pool, strategy):
+    def run():
+        torch.manual_seed(3)
+        return propose(net, pool, 4, 0.5, CONFIG, [], strategy, np.random.default_rng(3))
+
+    assert run() == run()
+
+
+def test_typical_covers_clusters_and_coverage_switches_to_uncertainty(candidates):
+    picks = select(candidates, 4, [], "typical", np.random.default_rng(0))
+    assert all("(0 labelled)" in p.reason for p in picks)  # four clusters, one pick from each
+    done = [c.box for c in candidates[::4]][:COVERAGE_SWITCH]
+    later = select(candidates, 3, done, "coverage", np.random.default_rng(0))
+    assert [p.box for p in later] == [p.box for p in select(candidates, 3, done, "uncertainty")]
+    assert typicality(np.array([[0.0], [0.1], [0.2], [5.0]]), 2).argmin() == 3  # the outlier is least typical
+
+
+def test_candidate_cache_repeats_candidates_and_leaves_torch_draws_alone(net, pool, tmp_path):
+    use_cache(tmp_path)
+    try:
+        torch.manual_seed(0)
+        first = pool_candidates(net, pool[:2], 0.5, CONFIG)
+        after_first = torch.rand(1)
+        torch.manual_seed(0)
+        second = pool_candidates(net, pool[:2], 0.5, CONFIG)
+        after_second = torch.rand(1)
+    finally:
+        use_cache(None)
+    assert [(c.box, c.score) for c in first] == [(c.box, c.score) for c in second]
+    assert torch.equal(after_first, after_second) and len(list(tmp_path.glob("*.pkl"))) == 2
+
+
+def test_unknown_strategy_is_refused(candidates):
+    with pytest.raises(ValueError, match="unknown strategy"):
+        select(candidates, 2, [], "entropy-ish")
