@@ -1,0 +1,198 @@
+"""Proposal strategies over many patient splits: a DEV half to choose on, a REPORT half to report.
+
+EBHI (``organ`` preset): each split is ``ebhi_patient_split(seed)`` (patients halved within each
+class, its own pool and test patients); DEV splits use seeds 0, 1, ..., REPORT splits 100, 101, ...,
+so no choice made on DEV numbers has seen a REPORT split. UMCU (``centre`` preset): the two
+position-split directions; nothing is chosen on them (report only).
+
+Each (split, strategy, training seed) run is ``napari_uga.loop.simulate`` from the shipped model,
+kept as JSON under ``benchmarks/.cache/strategies/runs`` (git-ignored) so an interrupted benchmark
+resumes; the starting model's candidates of every tile and each split's zero-shot Dice are cached
+too. Runs on one torch thread.
+
+Usage::
+
+    nice -n 10 .venv/bin/python benchmarks/strategies.py --dataset ebhi --half dev --splits 4 --seeds 1 \\
+        --strategies typical,weighted --budgets 5,10
+    nice -n 10 .venv/bin/python benchmarks/strategies.py --dataset umcu --strategies typical --budgets 5 --seeds 4
+    nice -n 10 .venv/bin/python benchmarks/strategies.py --time-proposals
+
+Prints mean ± sd over splits x seeds (and the paired difference to random where it ran) and writes
+``benchmarks/results/strategies_<dataset>_<half>_<strategies>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from loop import DATA, RESULTS, ebhi_patient_split
+
+from napari_uga.io import load_pairs
+from napari_uga.loop import config_for, replay_pairs, simulate
+from napari_uga.models import load_model, working_factor
+from napari_uga.proposals import propose, use_cache
+from napari_uga.selection import STRATEGIES
+from napari_uga.splits import position_split
+from napari_uga.training import evaluate
+
+CACHE = Path(__file__).resolve().parent / ".cache" / "strategies"
+EBHI_MPP = 0.243  # working-scale factor 0.5, as in benchmarks/loop.py
+HALF_START = {"dev": 0, "report": 100}  # first EBHI split seed of each half
+
+
+def ebhi_splits(half: str, n: int) -> list[tuple[str, list, list, float]]:
+    """(name, pool, test, mpp) of the first ``n`` EBHI patient splits of one half."""
+    seeds = range(HALF_START[half], HALF_START[half] + n)
+    return [(f"ebhi split {s}", *ebhi_patient_split(s), EBHI_MPP) for s in seeds]
+
+
+def umcu_splits() -> list[tuple[str, list, list, float]]:
+    """Both directions of the UMCU position split."""
+    umcu = DATA / "camelyon16_umcu"
+    left, right = position_split(load_pairs(umcu / "images", umcu / "masks"))
+    return [("umcu left->right", left, right, 0.226), ("umcu right->left", right, left, 0.226)]
+
+
+def _slug(text: str) -> str:
+    return text.replace(" ", "_").replace("->", "_to_")
+
+
+def zero_shot(model, name: str, test, factor: float) -> float:
+    """Dice of the starting model on a split's test tiles (cached)."""
+    path = CACHE / "runs" / f"{_slug(name)}_zero_shot.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(evaluate(model, test, factor)["dice_global"]))
+    return json.loads(path.read_text())
+
+
+def run(model, split, strategy: str, seed: int, budgets: list[int], config, replay) -> dict:
+    """One simulate run, from the run cache when one with these budgets (or more) exists."""
+    name, pool, test, mpp = split
+    path = CACHE / "runs" / f"{_slug(name)}_{strategy}_seed{seed}.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        if set(budgets) <= set(record["budgets"]) and record["config"] == vars(config):
+            return record
+    started = time.perf_counter()
+    factor = working_factor(model, mpp)
+    trajectory = simulate(model, pool, test, budgets, strategy, seed, factor, config, replay)
+    record = {
+        "budgets": trajectory.budgets,
+        "dice": trajectory.dice_global,
+        "picks": trajectory.picks,
+        "seconds": round(time.perf_counter() - started, 1),
+        "config": vars(config),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def summarise(table: dict[str, dict[str, list[list[float]]]], budgets: list[int]) -> dict:
+    """Mean ± sd over every (split, seed) run per strategy, and the paired difference to random."""
+    out = {}
+    for strategy in next(iter(table.values())):
+        rows = np.array([r for split in table.values() for r in split[strategy]])
+        entry = {"n": len(rows), "mean": rows.mean(0).tolist(), "sd": rows.std(0).tolist()}
+        if strategy != "random" and all("random" in split for split in table.values()):
+            base = np.array([r for split in table.values() for r in split["random"]])
+            if base.shape == rows.shape:
+                diff = rows - base
+                entry |= {"minus_random_mean": diff.mean(0).tolist(), "minus_random_sd": diff.std(0).tolist()}
+        out[strategy] = entry
+    return {"budgets": budgets, "strategies": out}
+
+
+def print_summary(title: str, summary: dict) -> None:
+    """The summary as one line per strategy."""
+    print(title, flush=True)
+    for strategy, s in summary["strategies"].items():
+        cells = [f"{b:>3}: {m:.3f} ± {d:.3f}" for b, m, d in zip(summary["budgets"], s["mean"], s["sd"], strict=True)]
+        line = f"  {strategy:12} n={s['n']:<3}" + "  ".join(cells)
+        if "minus_random_mean" in s:
+            pairs = zip(s["minus_random_mean"], s["minus_random_sd"], strict=True)
+            line += "   vs random " + " ".join(f"{m:+.3f}±{d:.3f}" for m, d in pairs)
+        print(line, flush=True)
+
+
+def time_proposals(model) -> None:
+    """Seconds of one proposal round (k = 5, none and 10 labelled) on the 122-tile EBHI pool, uncached."""
+    pool, _ = ebhi_patient_split(0)
+    factor = working_factor(model, EBHI_MPP)
+    config = config_for("organ")
+    timings = {}
+    for strategy in STRATEGIES:
+        rng = np.random.default_rng(0)
+        started = time.perf_counter()
+        first = propose(model, pool, 10, factor, config, [], strategy, rng)
+        middle = time.perf_counter()
+        propose(model, pool, 5, factor, config, [p.box for p in first], strategy, rng)
+        timings[strategy] = [round(middle - started, 1), round(time.perf_counter() - middle, 1)]
+        print(
+            f"{strategy:12} {len(pool)} tiles: {timings[strategy][0]} s (none labelled), "
+            f"{timings[strategy][1]} s (10 labelled)",
+            flush=True,
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "strategies_proposal_seconds.json").write_text(json.dumps(timings, indent=1))
+
+
+def main() -> None:
+    """Run every split x strategy x seed of one half, print and save the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("ebhi", "umcu"), default="ebhi")
+    parser.add_argument("--half", choices=tuple(HALF_START), default="dev", help="EBHI only; UMCU is report only")
+    parser.add_argument("--splits", type=int, default=4, help="EBHI splits in the half")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--strategies", default="typical,random,uncertainty")
+    parser.add_argument("--budgets", default="5,10,20")
+    parser.add_argument("--time-proposals", action="store_true", help="only time one proposal round per strategy")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = load_model(None, "cpu")
+    if args.time_proposals:
+        time_proposals(model)
+        return
+    use_cache(CACHE / "candidates")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    half = "report" if args.dataset == "umcu" else args.half
+    config = config_for("centre" if args.dataset == "umcu" else "organ")
+    replay = replay_pairs() if config.replay_share > 0 else []
+    splits = umcu_splits() if args.dataset == "umcu" else ebhi_splits(half, args.splits)
+    table: dict[str, dict[str, list[list[float]]]] = {}
+    for split in splits:
+        name, _, test, mpp = split
+        base = zero_shot(model, name, test, working_factor(model, mpp))
+        table[name] = {}
+        for strategy in args.strategies.split(","):
+            records = [run(model, split, strategy, seed, budgets, config, replay) for seed in range(args.seeds)]
+            table[name][strategy] = [[r["dice"][r["budgets"].index(b)] for b in budgets] for r in records]
+            print(
+                f"{name:18} {strategy:12} zero-shot {base:.3f}  "
+                + "  ".join(
+                    f"{b}: " + "/".join(f"{row[i]:.3f}" for row in table[name][strategy]) for i, b in enumerate(budgets)
+                )
+                + f"   ({sum(r['seconds'] for r in records):.0f} s)",
+                flush=True,
+            )
+    results = {"dataset": args.dataset, "half": half, "config": vars(config), "per_split": table}
+    if args.dataset == "umcu":
+        results["summary"] = {name: summarise({name: t}, budgets) for name, t in table.items()}
+        for name, summary in results["summary"].items():
+            print_summary(name, summary)
+    else:
+        results["summary"] = summarise(table, budgets)
+        print_summary(f"EBHI {half} splits", results["summary"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"strategies_{args.dataset}_{half}_{args.strategies.replace(',', '+')}.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
