@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import qc as bench  # noqa: E402  (benchmarks/qc.py: the feature cache and the overlap groups)
 
 from napari_uga import quality  # noqa: E402
-from napari_uga.io import list_images, read_mask  # noqa: E402
+from napari_uga.io import list_images, read_image, read_mask  # noqa: E402
 
 METHOD = "entropy"  # a single score transfers to other centres; a forest fitted where 96 % of tiles are good does not
 
@@ -37,6 +37,14 @@ METHOD = "entropy"  # a single score transfers to other centres; a forest fitted
 def rumc_names() -> list[str]:
     """The RUMC tile names in the order the calibration rows are stored (sorted)."""
     return sorted(p.stem for p in list_images(bench.DATA / "camelyon16_rumc" / "images"))
+
+
+def with_scale(row: dict, name: str) -> dict:
+    """A calibration row with the gate's scale signature (rows cached before it get it from the tile)."""
+    if any(k.startswith(quality.SCALE_PREFIX) for k in row):
+        return row
+    image = read_image(bench.DATA / "camelyon16_rumc" / "images" / f"{name}.png")
+    return {**row, **quality.scale_signature(image)}
 
 
 def main() -> None:
@@ -59,6 +67,7 @@ def main() -> None:
         rows = [data[n]["row"] for n in names]
         truth = [data[n]["dice"] for n in names]
         tumour = [data[n]["tumour"] for n in names]
+    rows = [with_scale(row, name) for row, name in zip(rows, names, strict=True)]
     groups = bench.groups_for("rumc", names)
     info = {
         "calibration": "camelyon16_rumc (57 tiles, 3 slides): the shipped model's training centre",

@@ -39,8 +39,9 @@ def _run(args, json_out=True):
 def test_evaluate_json_contract(tmp_path, sample_dir, tiny_model_path):
     data = _subset(sample_dir, tmp_path / "d", 3, stride=8)
     proc = _run(
-        ["evaluate", "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tiny_model_path)]
-    )
+        ["evaluate", "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(tiny_model_path),
+         "--mpp", "0.243"]
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"dice_global", "dice_mean", "n_images", "per_image"}
@@ -62,6 +63,8 @@ def test_predict_writes_three_files_per_image(tmp_path, sample_dir, tiny_model_p
             "--samples",
             "2",
             "--json",
+            "--mpp",
+            "0.243",
         ]
     )
     assert code == 0
@@ -97,6 +100,8 @@ def test_train_writes_loadable_safetensors(tmp_path, sample_dir):
             "--base",
             "4",
             "--json",
+            "--mpp",
+            "0.243",
         ]
     )
     assert code == 0
@@ -132,6 +137,8 @@ def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
             "2",
             "--samples",
             "2",
+            "--mpp",
+            "0.243",
             "--shift",
             "organ",
             "--json",
@@ -215,7 +222,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, sample_dir, case, expecte
         extra = ["--model", str(bad)]
     elif case == "bad_budgets":
         command = "simulate"
-    args = [command, "--images", str(images), "--masks", str(masks), *extra]
+    args = [command, "--images", str(images), "--masks", str(masks), "--mpp", "0.243", *extra]
     if command == "simulate":
         args = [
             "simulate",

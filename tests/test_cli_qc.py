@@ -14,6 +14,7 @@ from napari_uga.cli import main
 from napari_uga.io import write_array
 
 KEYS = {"auroc", "aurc", "eaurc", "naurc", "mae", "spearman", "accepted_precision", "coverage"}
+MPP = ["--mpp", "0.243"]  # the sample and EBHI tiles as the benchmarks run them; tiles carry no scale
 
 
 def _subset(src: Path, dst: Path, names: list[str]) -> Path:
@@ -35,7 +36,8 @@ def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path
     saved = tmp_path / "qc.json"
     args = ["qc", "--images", str(test / "images"), "--masks", str(test / "masks"),
             "--calibration-images", str(cal / "images"), "--calibration-masks", str(cal / "masks"),
-            "--model", str(tiny_model_path), "--samples", "2", "--save-qc-model", str(saved), "--json"]  # fmt: skip
+            "--model", str(tiny_model_path), "--samples", "2", "--save-qc-model", str(saved),
+            "--json", *MPP]  # fmt: skip
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"per_image", "threshold", "alpha", "metrics"} <= set(out) and set(out["metrics"]) == KEYS
@@ -51,7 +53,7 @@ def test_json_contract_with_calibration_and_saved_model(folders, tiny_model_path
     # the saved QC model reproduces the predictions without calibration images and without masks
     proc = subprocess.run(
         [sys.executable, "-m", "napari_uga.cli", "qc", "--images", str(test / "images"), "--qc-model", str(saved),
-         "--model", str(tiny_model_path), "--rule", "fdr", "--json"],
+         "--model", str(tiny_model_path), "--rule", "fdr", "--json", *MPP],
         check=False, capture_output=True, text=True, env={**os.environ, "DISPLAY": ""},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -65,7 +67,7 @@ def test_colon_tiles_under_the_shipped_lymph_node_calibration_go_to_review(capsy
     """What a new user gets: colon biopsies checked with the shipped calibration (lymph node, RUMC)
     are unlike its images, so none is accepted, each with the reason; without the gate all were."""
     ebhi = Path(__file__).parent / "data" / "ebhi_seg"
-    assert main(["qc", "--images", str(ebhi / "images"), "--masks", str(ebhi / "masks"), "--json"]) == 0
+    assert main(["qc", "--images", str(ebhi / "images"), "--masks", str(ebhi / "masks"), "--json", *MPP]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["per_image"]) == 6 and out["method"] == "entropy"
     for row in out["per_image"]:
@@ -73,13 +75,13 @@ def test_colon_tiles_under_the_shipped_lymph_node_calibration_go_to_review(capsy
         assert row["reason"].startswith("unlike the calibration images: atypicality p = ")
     assert out["domain_note"].startswith("6 of 6 images are unlike the calibration images")
     assert out["metrics"]["coverage"] == 0.0
-    assert main(["qc", "--images", str(ebhi / "images"), "--domain-level", "0"]) == 0  # the gate off, human table
+    assert main(["qc", "--images", str(ebhi / "images"), "--domain-level", "0", *MPP]) == 0  # the gate off, human table
     text = capsys.readouterr().out
     assert [line.split()[2] for line in text.splitlines()[1:7]] == ["accept"] * 6 and "gate is off" in text
 
 
-def _error(capsys, args) -> str:
-    assert main(["qc", *args]) == 2
+def _error(capsys, args, mpp=MPP) -> str:
+    assert main(["qc", *args, *mpp]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("uga qc: error:")
     return err
@@ -89,6 +91,8 @@ def test_error_paths_are_one_line(folders, tiny_model_path, tmp_path, capsys):
     cal, test = folders
     model = ["--model", str(tiny_model_path)]
     assert "no such file or folder" in _error(capsys, ["--images", str(tmp_path / "missing"), *model])
+    no_scale = _error(capsys, ["--images", str(test / "images"), *model], mpp=[])  # never guessed: asked for
+    assert "µm/px is not known; give --mpp" in no_scale
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"not a png")

@@ -52,7 +52,7 @@ def test_batch_tiles_and_split_slide_with_qc_failure_and_rerun(
     (images / "broken.png").write_bytes(b"this is not a png")
     calibration = load_pairs(sample_dir / "images", sample_dir / "masks")[-4:]
     qc = calibrate_qc(tiny_model, calibration, factor=0.5, samples=2)
-    options = BatchOptions(samples=2, block=256, split_above=1000 * 1000, threads=1)
+    options = BatchOptions(samples=2, mpp=0.243, block=256, split_above=1000 * 1000, threads=1)
     out = tmp_path / "out"
     seen = []
     summary = run_batch(
@@ -75,11 +75,47 @@ def test_batch_tiles_and_split_slide_with_qc_failure_and_rerun(
     head = "slide," + f"{slide['dice_pred']:.4f}," + str(slide["accepted"]).lower()
     assert rows[-1] == f"{head},{str(slide['in_domain']).lower()},{slide['domain_p']:.4f}"
     assert json.loads((out / "summary.json").read_text())["n_ok"] == 4
+    _check_qc_map(out, slide, (1600, 2000))
 
     again = run_batch(client, list_inputs(images), out, tiny_model_path, options, qc)
     assert again["n_skipped"] == 4 and again["n_failed"] == 1 and again["n_tasks"] == 1
-    changed = run_batch(client, list_inputs(tiles[0]), out, tiny_model_path, BatchOptions(samples=3, threads=1), None)
+    changed = run_batch(
+        client, list_inputs(tiles[0]), out, tiny_model_path, BatchOptions(samples=3, mpp=0.243, threads=1), None
+    )
     assert changed["n_skipped"] == 0 and changed["slides"][0]["dice_pred"] is None
+
+
+def _check_qc_map(out: Path, record: dict, shape: tuple[int, int]) -> None:
+    """The slide's QC map: one pixel per 512 px level-0 cell, its µm/px, states where the cells were checked."""
+    import numpy as np
+    import tifffile
+
+    from napari_uga.qc_map import grid_shape
+
+    summary = record["qc_map"]
+    with tifffile.TiffFile(record["outputs"]["qc_map"]) as tif:
+        values = tif.asarray()
+        assert 'PhysicalSizeX="124.416"' in tif.ome_metadata  # 0.243 µm/px x 512 px
+    assert values.shape == (3, *grid_shape(shape)) and summary["cell"] == 512
+    checked = values[1] > 0
+    assert checked.sum() == summary["n_cells"] > 0 and np.isfinite(values[0][checked]).all()
+    assert summary["share_accepted"] + summary["share_review"] + summary["share_out_of_domain"] == pytest.approx(1)
+    regions = json.loads(Path(record["outputs"]["qc_regions"]).read_text())
+    assert len(regions["features"]) == len(summary["worst"])
+    for feature, region in zip(regions["features"], summary["worst"], strict=True):
+        assert values[1, region["y"] // 512, region["x"] // 512] > 1  # a listed region was not accepted
+        assert feature["geometry"]["coordinates"][0][0] == [region["x"], region["y"]]
+
+
+def test_cli_batch_stops_on_a_slide_without_scale(tiny_model_path, tmp_path, capsys):
+    """The TCGA crop says no µm/px: ``uga batch`` asks for --mpp in one line before starting a cluster."""
+    from napari_uga.cli import main
+
+    slide = Path(__file__).parent / "data" / "wsi" / "tcga-cr-7395-01a-01-ts1.svs"
+    code = main(["batch", "--images", str(slide), "--out", str(tmp_path / "out"), "--model", str(tiny_model_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "no µm/px in the file; give --mpp" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_list_inputs_validates(tmp_path):
@@ -105,7 +141,9 @@ def test_worker_killed_mid_batch_loses_nothing(sample_dir, tiny_model_path, tmp_
                 killed.append(done)
                 os.kill(pids[0], signal.SIGKILL)
 
-        summary = run_batch(c, tiles, out, tiny_model_path, BatchOptions(samples=8, threads=1), None, progress=kill_one)
+        summary = run_batch(
+            c, tiles, out, tiny_model_path, BatchOptions(samples=8, mpp=0.243, threads=1), None, progress=kill_one
+        )
         assert pids[0] not in c.run(os.getpid).values()
     cluster.close()
     assert killed and killed[0] < len(tiles)  # killed while tasks were still pending
@@ -143,7 +181,8 @@ def test_cli_batch_on_external_scheduler(sample_dir, tiny_model_path, tmp_path, 
         with distributed.Client(address, timeout="60s") as c:
             c.wait_for_workers(1, timeout=60)
         code = main(["batch", "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--scheduler", address,
-                     "--model", str(tiny_model_path), "--samples", "2", "--no-qc", "--json"])  # fmt: skip
+                     "--model", str(tiny_model_path), "--samples", "2", "--no-qc", "--json",
+                     "--mpp", "0.243"])  # fmt: skip
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -163,6 +202,7 @@ def test_cli_batch_bad_scheduler_is_one_line_error(tiny_model_path, sample_dir, 
     _tiles(sample_dir, tmp_path / "in", 1)
     start = time.perf_counter()
     code = main(["batch", "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--scheduler",
-                 f"tcp://127.0.0.1:{_free_port()}", "--model", str(tiny_model_path), "--no-qc"])  # fmt: skip
+                 f"tcp://127.0.0.1:{_free_port()}", "--model", str(tiny_model_path), "--no-qc",
+                 "--mpp", "0.243"])  # fmt: skip
     assert code == 2 and "--scheduler" in capsys.readouterr().err
     assert time.perf_counter() - start < 60

@@ -129,36 +129,29 @@ def calibrate_qc(
 
 
 def _qc_row(qc: dict | None, rows: Sequence[dict]) -> dict:
-    """Predicted Dice, acceptance and the exchangeability gate from feature rows (several: one per block).
-
-    One row (an image): the QC model's decision, gate included. Several rows (a slide's blocks):
-    the mean predicted Dice; the slide's domain p-value merges its blocks' (twice their median,
-    valid whatever their dependence), and the slide is accepted when every block passes the rule
-    and the slide is in domain.
-    """
+    """Predicted Dice, acceptance and the exchangeability gate of one image's feature row (none: QC off)."""
     if qc is None or not rows:
         return {"dice_pred": None, "accepted": None, "in_domain": None, "domain_p": None}
-    from .quality import QCModel, merge_p_values
+    from .quality import QCModel
 
     model = QCModel.from_dict(qc)
-    if len(rows) == 1:
-        pred, accepted, p_values = model.decide(list(rows))
-        domain_p = float(p_values[0])
-    else:
-        pred, accepted, _ = model.decide(list(rows), gate=False)
-        domain_p = merge_p_values(model.domain_p(list(rows)))
-    in_domain = bool(model.in_domain(np.array([domain_p]))[0])
+    pred, accepted, p_values = model.decide(list(rows))
+    domain_p = float(p_values[0])
     return {
-        "dice_pred": float(np.mean(pred)),
-        "accepted": bool(np.all(accepted)) and in_domain,
-        "in_domain": in_domain,
+        "dice_pred": float(pred[0]),
+        "accepted": bool(accepted[0]),
+        "in_domain": bool(model.in_domain(p_values)[0]),
         "domain_p": domain_p if np.isfinite(domain_p) else None,
     }
 
 
 def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict | None, key: str) -> dict:
-    """One image or small slide in one task: maps at the image's resolution, OME-TIFFs, QC, record."""
-    from .models import DEFAULT_MPP
+    """One image or small slide in one task: maps at the image's resolution, OME-TIFFs, QC, record.
+
+    An input larger than one QC map cell gets its QC cell by cell (:mod:`napari_uga.qc_map`):
+    the map, its summary and the worst regions; a tile is judged whole.
+    """
+    from .models import working_factor
     from .slides import INFER_TILE, output_paths, write_pyramid_array
     from .uncertainty import compute_uncertainty_safe
 
@@ -166,8 +159,7 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
     opts = BatchOptions(**options)
     model = cached_model(model_path, opts.device, opts.threads)
     image, mpp = read_whole(Path(path), opts.mpp)
-    mpp = mpp or DEFAULT_MPP
-    factor = mpp / model.config.input_mpp
+    factor = working_factor(model, mpp)
     maps = compute_uncertainty_safe(
         model, image, samples=opts.samples, tta=opts.tta, factor=factor, tile=INFER_TILE, batch_size=opts.batch_size
     )
@@ -176,11 +168,10 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
     write_pyramid_array(paths["probability"], maps.probability, mpp, name=f"{name} probability")
     write_pyramid_array(paths["entropy"], maps.entropy, mpp, name=f"{name} entropy")
     write_pyramid_array(paths["prediction"], maps.prediction, mpp, "uint8", name=f"{name} prediction")
-    rows = []
+    fields = _qc_row(None, [])
     if qc is not None:  # the QC pass exactly as calibrated (its own samples, TTA and seed)
-        from .quality import compute_features
-
-        rows = [compute_features(model, image, factor, qc["samples"], qc["tta"])[0]]
+        fields = _image_qc(model, image, factor, mpp, qc, out_dir, name)
+        paths.update(fields.pop("paths", {}))
     record = {
         "name": name,
         "path": str(path),
@@ -192,31 +183,65 @@ def image_task(path: str, out_dir: str, model_path: str, options: dict, qc: dict
         "seconds": time.perf_counter() - start,
         "outputs": {k: str(v) for k, v in paths.items()},
         "settings": key,
-        **_qc_row(qc, rows),
+        **fields,
     }
     atomic_write_json(record_path(out_dir, name), record)
     return record
 
 
-def block_task(plan: dict, index: tuple[int, int], model_path: str, options: dict, with_qc: bool) -> list[dict]:
-    """One tissue block of a large slide into the scratch store; its QC feature row when asked."""
+def _image_qc(model, image: np.ndarray, factor: float, mpp: float, qc: dict, out_dir: str, name: str) -> dict:
+    """QC record fields of an in-memory input: whole (a tile of at most one cell) or cell by cell, with its map."""
+    from .qc_map import QC_CELL, cell_rows, image_tissue, slide_qc, tissue_cells
+    from .quality import QCModel, compute_features
+
+    if max(image.shape[:2]) <= QC_CELL:
+        return _qc_row(qc, [compute_features(model, image, factor, qc["samples"], qc["tta"])[0]])
+    cells = tissue_cells(image.shape[:2], *image_tissue(image))
+    rows = cell_rows(model, image, cells, factor, qc["samples"], qc["tta"])
+    fields, paths = slide_qc(QCModel.from_dict(qc), image.shape[:2], cells, rows, mpp, out_dir, name)
+    return {**fields, "paths": paths}
+
+
+def _qc_sampling(qc: dict | None) -> tuple[int, str] | None:
+    """The QC's own MC samples and TTA (the block tasks compute the cells' rows with them)."""
+    return None if qc is None else (int(qc["samples"]), str(qc["tta"]))
+
+
+def block_task(
+    plan: dict, index: tuple[int, int], model_path: str, options: dict, qc_sampling: tuple[int, str] | None
+) -> list[dict]:
+    """One tissue block of a large slide into the scratch store; the QC rows of its map cells when asked."""
     from .slides import SlidePlan, process_block
 
     opts = BatchOptions(**options)
     model = cached_model(model_path, opts.device, opts.threads)
     return process_block(
-        model, SlidePlan.from_dict(plan), tuple(index), opts.samples, opts.tta, opts.batch_size, opts.mpp, with_qc
-    )
+        model, SlidePlan.from_dict(plan), tuple(index), opts.samples, opts.tta, opts.batch_size, opts.mpp,
+        None if qc_sampling is None else tuple(qc_sampling),
+    )  # fmt: skip
 
 
-def finalize_task(plan: dict, out_dir: str, qc: dict | None, key: str, start: float, *block_rows: list[dict]) -> dict:
-    """Stream a slide's pyramids from its scratch store, predict its QC, write its record."""
+def finalize_task(
+    plan: dict, out_dir: str, qc: dict | None, mpp: float | None, key: str, start: float, *block_rows: list[dict]
+) -> dict:
+    """Stream a slide's pyramids from its scratch store, decide its QC map cells, write its record."""
     from .slides import SlidePlan, finalize_slide, summarize_plan
 
     slide_plan = SlidePlan.from_dict(plan)
     paths = finalize_slide(slide_plan, out_dir)
-    rows = [row for rows in block_rows for row in rows]
+    cells = [cell for rows in block_rows for cell in rows]
     h, w = slide_plan.source_shape
+    fields = _qc_row(None, [])
+    if qc is not None:
+        from .qc_map import slide_qc
+        from .quality import QCModel
+        from .wsi import Slide
+
+        with Slide(slide_plan.path, mpp) as slide:
+            level0_mpp = slide.require_mpp()
+        boxes, rows = [tuple(c["cell"]) for c in cells], [c["row"] for c in cells]
+        fields, map_paths = slide_qc(QCModel.from_dict(qc), (h, w), boxes, rows, level0_mpp, out_dir, slide_plan.name)
+        paths.update(map_paths)
     record = {
         **summarize_plan(slide_plan, paths),
         "path": slide_plan.path,
@@ -225,7 +250,7 @@ def finalize_task(plan: dict, out_dir: str, qc: dict | None, key: str, start: fl
         "megapixels": h * w / 1e6,
         "seconds": time.time() - start,
         "settings": key,
-        **_qc_row(qc, rows),
+        **fields,
     }
     atomic_write_json(record_path(out_dir, slide_plan.name), record)
     return record
@@ -305,7 +330,7 @@ def submit_all(
                 list(index),
                 model_path,
                 options,
-                qc is not None,
+                _qc_sampling(qc),
                 key=f"block-{name}-{index[0]}-{index[1]}-{time.time_ns()}",
                 resources=resources,
                 retries=1,
@@ -317,6 +342,7 @@ def submit_all(
             plan_dict,
             str(out_dir),
             qc,
+            opts.mpp,
             settings,
             time.time(),
             *blocks,

@@ -26,6 +26,14 @@ class InputError(ValueError):
     """Bad user input: a missing, unreadable or malformed file or folder."""
 
 
+class MissingScaleError(InputError):
+    """An image or slide whose µm/px is neither in its metadata nor given: it is never guessed."""
+
+
+SAMPLE_MPP = 0.243  # µm/px of the shipped sample and replay tiles (Camelyon16 RUMC level 0), known from their source
+MPP_HINT = "give --mpp (µm per pixel of level 0, e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+
+
 @dataclass(frozen=True)
 class Pair:
     """One image with its (optional) ground-truth mask."""

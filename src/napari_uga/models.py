@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .io import InputError
+from .io import MPP_HINT, SAMPLE_MPP, InputError, MissingScaleError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "uga_unet.safetensors"
@@ -172,12 +172,14 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - soft_dice)
 
 
-DEFAULT_MPP = 0.243  # Camelyon16 level 0, assumed when an image gives no pixel size
+def working_factor(model: UNet, mpp: float | None = SAMPLE_MPP) -> float:
+    """Source-to-working resize factor for an image of ``mpp`` µm/px (omitted: the shipped tiles' own scale).
 
-
-def working_factor(model: UNet, mpp: float | None = None) -> float:
-    """Source-to-working resize factor for an image of ``mpp`` µm/px (default Camelyon level 0)."""
-    mpp = DEFAULT_MPP if mpp is None else float(mpp)
+    ``None`` (images that do not say their scale, and no ``--mpp``) is a :class:`MissingScaleError`.
+    """
+    if mpp is None:
+        raise MissingScaleError(f"no µm/px known for these images; {MPP_HINT}")
+    mpp = float(mpp)
     if not 0.01 <= mpp <= 20:
         raise InputError(f"mpp: {mpp} µm/px is outside the plausible range 0.01-20")
     return mpp / model.config.input_mpp

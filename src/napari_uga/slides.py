@@ -81,7 +81,6 @@ def plan_slide(
     scratch: str | os.PathLike,
     input_mpp: float,
     mpp: float | None = None,
-    default_mpp: float = 0.243,
     block: int = 2048,
     margin: int = 64,
 ) -> SlidePlan:
@@ -92,8 +91,7 @@ def plan_slide(
     path : the slide (multi-resolution or plain TIFF).
     scratch : a ``.zarr`` folder to create (replaced if it exists).
     input_mpp : the network's µm/px (``model.config.input_mpp``).
-    mpp : level-0 µm/px when the file has none (or to override it).
-    default_mpp : assumed when neither the file nor the user gives a pixel size.
+    mpp : level-0 µm/px when the file has none (or to override it); never guessed (MissingScaleError).
     block, margin : working-scale block side (a multiple of 256) and context margin.
     """
     import zarr
@@ -101,12 +99,12 @@ def plan_slide(
     if block % TILE:
         raise ValueError(f"block must be a multiple of {TILE}, got {block}")
     with Slide(path, mpp) as slide:
-        level, factor = pick_level(slide, input_mpp, default_mpp)
+        level, factor = pick_level(slide, input_mpp)
         h_src, w_src = slide.levels[level].shape[:2]
         shape = (max(1, round(h_src * factor)), max(1, round(w_src * factor)))
         tissue, tissue_ds = slide.tissue()
         source_shape = slide.shape
-        scale = input_mpp / slide.level_mpp(0, default_mpp) / tissue_ds  # tissue px per working px
+        scale = input_mpp / slide.level_mpp(0) / tissue_ds  # tissue px per working px
     grid = [(by, bx) for by in range(-(-shape[0] // block)) for bx in range(-(-shape[1] // block))]
     blocks = tuple(
         (by, bx)
@@ -124,6 +122,7 @@ def plan_slide(
         group.create_array(key, shape=shape, chunks=(block, block), dtype="float32", fill_value=0.0)
     group.create_array("tissue", data=tissue)
     group.attrs["tissue_scale"] = scale
+    group.attrs["tissue_ds"] = tissue_ds
     plan = SlidePlan(
         str(path),
         slide_name(path),
@@ -150,13 +149,15 @@ def process_block(
     tta: str = "none",
     batch_size: int = 1,
     mpp: float | None = None,
-    with_qc: bool = False,
+    qc_sampling: tuple[int, str] | None = None,
 ) -> list[dict]:
     """Compute one block's maps (with its margin) and write them into the scratch store.
 
     The block is chunk-aligned, so blocks can be written by different processes at once;
-    rewriting a block (a retried task) gives the same result. With ``with_qc`` the block's
-    QC feature row (:func:`napari_uga.quality.image_features` at working scale) is returned.
+    rewriting a block (a retried task) gives the same result. With ``qc_sampling`` (the QC's
+    MC samples and TTA) the QC rows of the map cells whose corner lies in the block are
+    returned, ``{"cell": [y, x, h, w], "row": {...}}`` each, read at level 0 as the calibration
+    tiles were (:mod:`napari_uga.qc_map`).
     """
     import zarr
 
@@ -186,11 +187,10 @@ def process_block(
             factor=plan.factor,
             tile=INFER_TILE,
             batch_size=batch_size,
-            keep_samples=with_qc,
             output_scale="working",
             tissue=tissue,
         )
-        rows = [_block_features(model, maps, window, plan.factor, samples)] if with_qc else []
+        rows = [] if qc_sampling is None else _cell_rows(model, slide, plan, group, (y0, x0, bh, bw), qc_sampling)
     for key in SCRATCH_MAPS:
         values = maps.layer(key)[y0 - oy : y0 - oy + bh, x0 - ox : x0 - ox + bw]
         pad = ((0, bh - values.shape[0]), (0, bw - values.shape[1]))
@@ -198,14 +198,17 @@ def process_block(
     return rows
 
 
-def _block_features(model, maps, window: _Window, factor: float, samples: int) -> dict:
-    """QC features of a block from its working-scale maps and its image resized to working scale."""
-    from .quality import model_features
-    from .uncertainty import _read_tile
+def _cell_rows(model, slide: Slide, plan: SlidePlan, group, box: tuple, qc_sampling: tuple[int, str]) -> list[dict]:
+    """QC rows of the map cells whose level-0 corner lies in a working-scale block, read at level 0."""
+    from .qc_map import cell_rows, tissue_cells
 
-    h, w = maps.probability.shape
-    image = (_read_tile(window, 0, 0, h, w, factor).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return model_features(model, maps, image, samples, 1.0)
+    to_level0 = slide.downsample(plan.level) / plan.factor
+    region = tuple(round(v * to_level0) for v in box)
+    tissue = np.asarray(group["tissue"])
+    cells = tissue_cells(plan.source_shape, tissue, group.attrs["tissue_ds"], region=region)
+    factor = slide.level_mpp(0) / plan.working_mpp
+    rows = cell_rows(model, slide.levels[0], cells, factor, *qc_sampling)
+    return [{"cell": list(c), "row": r} for c, r in zip(cells, rows, strict=True)]
 
 
 def _pool2(values: np.ndarray) -> np.ndarray:

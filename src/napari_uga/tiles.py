@@ -77,13 +77,13 @@ class MapPlan:
         return round(box.y / s), round(box.x / s), max(1, round(box.h / s)), max(1, round(box.w / s))
 
 
-def pick_level(slide: Slide, target_mpp: float, default_mpp: float) -> tuple[int, float]:
+def pick_level(slide: Slide, target_mpp: float) -> tuple[int, float]:
     """The coarsest level not coarser than ``target_mpp`` and its level-to-working factor."""
     level = 0
     for i in range(len(slide.levels)):
-        if slide.level_mpp(i, default_mpp) <= target_mpp * 1.05:
+        if slide.level_mpp(i) <= target_mpp * 1.05:
             level = i
-    return level, slide.level_mpp(level, default_mpp) / target_mpp
+    return level, slide.level_mpp(level) / target_mpp
 
 
 def tissue_crop(tissue: np.ndarray, scale: float, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -94,10 +94,10 @@ def tissue_crop(tissue: np.ndarray, scale: float, box: tuple[int, int, int, int]
     return tissue[np.ix_(rows, cols)]
 
 
-def plan_maps(slide: Slide, input_mpp: float, patch_um: float, default_mpp: float = 0.243) -> MapPlan:
+def plan_maps(slide: Slide, input_mpp: float, patch_um: float) -> MapPlan:
     """Working level, scales, and the tiles that hold tissue (from the slide's tissue mask)."""
-    level, factor = pick_level(slide, input_mpp, default_mpp)
-    scale = input_mpp / (slide.mpp or default_mpp)
+    level, factor = pick_level(slide, input_mpp)
+    scale = input_mpp / slide.level_mpp(0)
     h0, w0 = slide.shape
     shape = (max(1, math.ceil(h0 / scale)), max(1, math.ceil(w0 / scale)))
     grid = (-(-shape[0] // TILE), -(-shape[1] // TILE))

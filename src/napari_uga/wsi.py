@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, check_decoded_size, tissue_mask
+from .io import MPP_HINT, InputError, MissingScaleError, check_decoded_size, tissue_mask
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".ome.tif", ".ome.tiff", ".btf")
 OPENSLIDE_SUFFIXES = (".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm")
@@ -366,9 +366,15 @@ class Slide:
         """Level-0 pixels per pixel of ``level``."""
         return self.levels[0].shape[1] / self.levels[level].shape[1]
 
-    def level_mpp(self, level: int, default: float) -> float:
-        """µm/px of a level (``default`` stands in for an unknown level-0 pixel size)."""
-        return (self.mpp or default) * self.downsample(level)
+    def level_mpp(self, level: int) -> float:
+        """µm/px of a level; a slide that does not say its scale (and no ``mpp`` given) is a MissingScaleError."""
+        return self.require_mpp() * self.downsample(level)
+
+    def require_mpp(self) -> float:
+        """Level-0 µm/px, never guessed: the file's or the one given, else a one-line MissingScaleError."""
+        if self.mpp is None:
+            raise MissingScaleError(f"{self.path}: no µm/px in the file; {MPP_HINT}")
+        return self.mpp
 
     def largest_read(self) -> int:
         """Pixels of the largest box read from any level so far."""
@@ -459,6 +465,15 @@ def is_large(path: str | os.PathLike, mpp: float | None = None, limit: int = WHO
     with Slide(path, mpp) as slide:
         h, w = slide.shape
     return h * w > limit
+
+
+def require_scale(paths, mpp: float | None = None) -> None:
+    """Check, before any work, that every input says its µm/px or that ``mpp`` is given (MissingScaleError)."""
+    if mpp is not None:
+        return
+    for path in paths:
+        with Slide(path) as slide:
+            slide.require_mpp()
 
 
 def read_whole(path: str | os.PathLike, mpp: float | None = None) -> tuple[np.ndarray, float | None]:

@@ -496,7 +496,7 @@ def test_gate_on_real_tiles_of_two_domains(shipped_net, umcu_pairs):
     of groups held out of a UMCU calibration are mostly like it."""
     from napari_uga.models import working_factor
 
-    factor = working_factor(shipped_net, None)  # what a user gets without --mpp
+    factor = working_factor(shipped_net, 0.243)  # EBHI as the benchmarks run it
     ebhi = load_pairs(EBHI / "images", EBHI / "masks")
     ebhi_rows = [quality.domain_row(shipped_net, p.image, factor) for p in ebhi]
     shipped = quality.default_qc_model()
@@ -517,15 +517,23 @@ def test_gate_on_real_tiles_of_two_domains(shipped_net, umcu_pairs):
 def test_batch_qc_rows_and_csv_carry_the_gate(tmp_path, rng):
     """``uga batch``: each record and ``qc.csv`` say whether the input is like the calibration images."""
     from napari_uga.distributed import _qc_row, write_qc_csv
+    from napari_uga.qc_map import slide_qc
 
     qc = quality.fit_qc_model(_domain_rows(rng, 60), [0.95] * 60, method="pairwise_dice").to_dict()
     image = _qc_row(qc, _domain_rows(rng, 1, shift=4.0))
     assert image["in_domain"] is False and image["accepted"] is False and image["domain_p"] <= 0.05
-    slide = _qc_row(qc, _domain_rows(rng, 20))  # a slide's blocks: one merged p-value
-    assert slide["in_domain"] is True and slide["accepted"] is True and 0.05 < slide["domain_p"] <= 1
+    cells = [(512 * (i // 5), 512 * (i % 5), 512, 512) for i in range(20)]
+    slide, paths = slide_qc(
+        quality.QCModel.from_dict(qc), (2048, 2560), cells, _domain_rows(rng, 20), 0.25, tmp_path, "s"
+    )  # a slide's map cells: one merged p-value
+    shares = slide["qc_map"]
+    assert shares["share_accepted"] + shares["share_out_of_domain"] == 1.0 and shares["share_accepted"] >= 0.85
+    assert set(paths) == {"qc_map", "qc_regions"} and len(shares["worst"]) == round(20 * shares["share_out_of_domain"])
+    assert slide["in_domain"] is True and 0.05 < slide["domain_p"] <= 1  # typical cells: the slide is in domain
+    assert slide["accepted"] is (shares["share_accepted"] == 1.0)  # accepted only when every cell is
     assert _qc_row(None, []) == {"dice_pred": None, "accepted": None, "in_domain": None, "domain_p": None}
     write_qc_csv(tmp_path / "qc.csv", [{"name": "a", **image}, {"name": "b", **slide}, {"name": "c"}])
     lines = (tmp_path / "qc.csv").read_text().splitlines()
     assert lines[0] == "name,dice_pred,accepted,in_domain,domain_p" and lines[3] == "c,,,,"
     assert lines[1].startswith("a,") and lines[1].split(",")[2:4] == ["false", "false"]
-    assert lines[2].split(",")[2:4] == ["true", "true"]
+    assert lines[2].split(",")[2:4] == [str(slide["accepted"]).lower(), "true"]

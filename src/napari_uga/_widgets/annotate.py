@@ -41,10 +41,9 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
-from ..io import InputError, read_mask
+from ..io import SAMPLE_MPP, InputError, read_mask
 from ..loop import config_for, config_from_record
 from ..metrics import dice
-from ..models import DEFAULT_MPP
 from ..selection import Box, Proposal, select
 from ..session import Session, SessionWriteError, SlideMissingError
 from ..tiles import (
@@ -318,7 +317,7 @@ class AnnotateWidget(WorkerDock):
         if mpp is None:
             raise InputError(
                 f"'{layer.name}' has no µm/px in its metadata: enter the scanner's level-0 µm/px in the "
-                f"'µm / px' box (Camelyon level 0 is {DEFAULT_MPP})"
+                "'µm / px' box (e.g. 0.25 for a 40x scan, 0.5 for 20x); it is never guessed"
             )
         folder = Path(self.session_edit.text()).expanduser()
         model_path = self.model_edit.text().strip() or None
@@ -337,7 +336,8 @@ class AnnotateWidget(WorkerDock):
         self.slide = session.slide(name)
         self.model = session.load_model(device=self.device_combo.currentText())
         self.origin = session.load_model(0, device=self.device_combo.currentText())  # the anchor's reference
-        self.plan = plan_maps(self.slide, self.model.config.input_mpp, self.config.patch * DEFAULT_MPP)
+        patch_um = self.config.patch * SAMPLE_MPP  # the patch side in µm, at the sample tiles' scale
+        self.plan = plan_maps(self.slide, self.model.config.input_mpp, patch_um)
         self.session_edit.setText(str(session.folder))
         self._fill_history()
 

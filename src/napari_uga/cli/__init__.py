@@ -17,12 +17,15 @@ SUBCOMMANDS = ("demo", "train", "predict", "evaluate", "simulate", "qc", "batch"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
+    from ..io import SAMPLE_MPP
+
     parser = argparse.ArgumentParser(prog="uga", description="Uncertainty-guided annotation and quality control.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    sub.choices["demo"].set_defaults(mpp=SAMPLE_MPP)  # the demo's own sample tiles know their scale
     return parser
 
 

@@ -13,7 +13,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="weights (.safetensors); default: the shipped model")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument(
-        "--mpp", type=float, default=None, help="µm per pixel of the images (default 0.243, Camelyon level 0)"
+        "--mpp",
+        type=float,
+        default=None,
+        help="µm per pixel of the images; needed when the files do not say (it is never guessed)",
     )
 
 

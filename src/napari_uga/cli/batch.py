@@ -24,7 +24,7 @@ def register(sub) -> None:
     )
     p.add_argument("--model", type=Path, default=None, help="weights (.safetensors); default: the shipped model")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the files do not say (default 0.243)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel; needed when the files do not say")
     p.add_argument(
         "--block", type=int, default=2048, help="working-scale block side for large slides (multiple of 256)"
     )
@@ -69,13 +69,14 @@ def run(args: argparse.Namespace) -> dict:
     from ..distributed import BatchOptions, make_client, run_batch, worker_threads
     from ..io import InputError
     from ..models import DEFAULT_WEIGHTS, load_model
-    from ..wsi import list_inputs
+    from ..wsi import list_inputs, require_scale
 
     if args.samples < 1:
         raise InputError(f"--samples must be at least 1, got {args.samples}")
     if args.block < 256 or args.block % 256:
         raise InputError(f"--block must be a positive multiple of 256, got {args.block}")
     inputs = list_inputs(args.images)
+    require_scale(inputs, args.mpp)
     model_path = args.model or DEFAULT_WEIGHTS
     model = load_model(model_path, args.device)
     qc = _qc_dict(args, model)

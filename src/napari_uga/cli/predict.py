@@ -37,19 +37,18 @@ def run(args: argparse.Namespace) -> dict:
     Small inputs are read whole through :class:`napari_uga.wsi.Slide` and get three flat files;
     a slide of more than 4096 x 4096 px is processed block by block into probability, entropy
     and prediction OME-TIFF pyramids (:func:`napari_uga.slides.process_slide`). The pixel size
-    is ``--mpp``, else the file's, else Camelyon level 0 (said on stderr).
+    is ``--mpp``, else the file's; an input with neither stops the command before any work.
     """
-    import sys
-
     from ..io import InputError, write_array
-    from ..models import DEFAULT_MPP, working_factor
+    from ..models import working_factor
     from ..slides import process_slide
     from ..uncertainty import compute_uncertainty
-    from ..wsi import is_large, list_inputs, read_whole, slide_name
+    from ..wsi import is_large, list_inputs, read_whole, require_scale, slide_name
 
     if args.samples < 1:
         raise InputError("predict: --samples must be at least 1")
     files = list_inputs(args.images)
+    require_scale(files, args.mpp)
     model = load_model_from_args(args)
     written = []
     bar = progress_bar(len(files), "predict", args.json)
@@ -61,8 +60,6 @@ def run(args: argparse.Namespace) -> dict:
             bar.update()
             continue
         image, mpp = read_whole(path, args.mpp)
-        if mpp is None:
-            print(f"{path}: no µm/px in the file; assumed {DEFAULT_MPP} (give --mpp)", file=sys.stderr)
         factor = working_factor(model, mpp)
         maps = compute_uncertainty(model, image, samples=args.samples, tta=args.tta, factor=factor)
         outputs = {

@@ -48,8 +48,11 @@ def register(sub) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from ..io import InputError
+    from ..io import MPP_HINT, InputError, MissingScaleError
     from ..quality import METHODS
+
+    if args.mpp is None:  # image tiles carry no µm/px that QC could trust, and it is never guessed
+        raise MissingScaleError(f"{args.images}: the images' µm/px is not known; {MPP_HINT}")
 
     if (args.calibration_images is None) != (args.calibration_masks is None):
         raise InputError("--calibration-images and --calibration-masks go together")

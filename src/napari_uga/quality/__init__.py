@@ -26,7 +26,7 @@ deterministically at load time, so nothing is ever unpickled.
 
 4. The exchangeability gate (:mod:`.domain`): both guarantees hold only for images like the
    calibration images, so an image is accepted only when a conformal test of its atypicality
-   (texture, network-feature distance) against the calibration images' own does not
+   (texture, network-feature distance, scale signature) against the calibration images' own does not
    reject at ``domain_level`` (default 0.05); otherwise it goes to review, with the p-value.
 
 Modules: :mod:`.features` (step 1), :mod:`.estimators` and :mod:`.auto` (step 2),
@@ -70,6 +70,7 @@ from .features import (
     QC_SAMPLES,
     QC_TILE,
     QC_TTA,
+    SCALE_PREFIX,
     TEXTURE_PREFIX,
     _appearance,
     _foreground_stain,
@@ -83,6 +84,7 @@ from .features import (
     image_features,
     image_patches,
     model_features,
+    scale_signature,
 )
 from .metrics import aurc, naurc, qc_metrics, rc_curve
 from .model import (
@@ -123,6 +125,7 @@ __all__ = [
     "QC_TTA",
     "RULES",
     "SCORE_METHODS",
+    "SCALE_PREFIX",
     "TEXTURE_PREFIX",
     "BlendModel",
     "PresenceModel",
@@ -148,6 +151,7 @@ __all__ = [
     "method_reason",
     "min_accepted",
     "model_features",
+    "scale_signature",
     "naurc",
     "qc_metrics",
     "qc_report",

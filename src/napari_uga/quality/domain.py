@@ -5,8 +5,10 @@ images. The gate tests that, one image at a time, with a conformal p-value of th
 **atypicality** against the calibration images' own:
 
 * features: the tissue's texture (the 40 local-binary-pattern values: organ, tissue type,
-  magnification) and how far the network's bottleneck features lie from its training tiles
-  (``feature_distance``, :mod:`napari_uga.ood`), two groups of equal weight. The stain colour is
+  magnification), how far the network's bottleneck features lie from its training tiles
+  (``feature_distance``, :mod:`napari_uga.ood`) and the scale signature of the haematoxylin
+  density (:func:`~.features.scale_signature`: magnification, nuclear size), three groups of
+  equal weight (files whose rows lack a group use the others). The stain colour is
   left out: it changes from slide to slide and centre to centre of the same tissue, and where
   it matters to the network the bottleneck distance sees it (chosen on the dev half of the
   benchmark data; docs/qc.md);
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .features import TEXTURE_PREFIX
+from .features import SCALE_PREFIX, TEXTURE_PREFIX
 
 DOMAIN_LEVEL = 0.05  # in-domain images are sent to review at most this often; see docs/qc.md
 DOMAIN_NEIGHBOURS = 5  # atypicality = mean distance to this many nearest calibration images (other groups)
@@ -40,11 +42,12 @@ NETWORK_FEATURES = ("feature_distance",)
 
 
 def domain_features(names: Sequence[str]) -> dict[str, list[str]]:
-    """The gate's feature groups present among ``names``: texture, network (empty groups dropped)."""
+    """The gate's feature groups present among ``names``: texture, network, scale (empty groups dropped)."""
     names = list(names)
     groups = {
         "texture": sorted(n for n in names if n.startswith(TEXTURE_PREFIX)),
         "network": [n for n in NETWORK_FEATURES if n in names],
+        "scale": sorted(n for n in names if n.startswith(SCALE_PREFIX)),
     }
     return {k: v for k, v in groups.items() if v}
 
@@ -129,11 +132,11 @@ def domain_p_values(
 
 
 def domain_row(model, image: np.ndarray, factor: float) -> dict[str, float]:
-    """Only the gate's features of one image (texture, network-feature distance), without MC sampling."""
+    """Only the gate's features of one image (texture, network-feature distance, scale), without MC sampling."""
     from ..ood import feature_distance
-    from .features import _texture
+    from .features import _texture, scale_signature
 
-    return {**_texture(image), "feature_distance": feature_distance(model, image, factor)}
+    return {**_texture(image), "feature_distance": feature_distance(model, image, factor), **scale_signature(image)}
 
 
 def min_domain_images(level: float = DOMAIN_LEVEL) -> int:

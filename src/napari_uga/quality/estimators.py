@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..io import InputError
-from .features import TEXTURE_PREFIX
+from .features import SCALE_PREFIX, TEXTURE_PREFIX
 
 # Single-feature methods: feature name and whether larger values mean a better segmentation.
 SCORE_METHODS: dict[str, tuple[str, bool]] = {
@@ -58,8 +58,9 @@ def _feature_names(method: str, rows: Sequence[dict[str, float]]) -> list[str]:
     if method in PRESENCE_METHODS:
         if "empty" not in rows[0]:
             raise InputError(f"QC method {method!r} needs the 'empty' feature (rows from image_features)")
-        return ["empty", *sorted(k for k in rows[0] if k != "empty")]  # column 0: is the prediction empty?
-    return sorted(rows[0])
+        names = [k for k in rows[0] if k != "empty" and not k.startswith(SCALE_PREFIX)]
+        return ["empty", *sorted(names)]  # column 0: is the prediction empty?
+    return sorted(k for k in rows[0] if not k.startswith(SCALE_PREFIX))  # the scale signature is the gate's
 
 
 def _fit(

@@ -18,6 +18,8 @@ QC_FEATURES_VERSION = 6  # 2: feature_distance; 3-4: stain inside the prediction
 QC_TILE = 512  # working-scale tile: small images go through the net in one piece
 BAND_RADIUS = 3  # px, half-width of the boundary band around the predicted contour
 TEXTURE_PREFIX = "lbp_"  # the texture features (:func:`_texture`)
+SCALE_PREFIX = "gate_dog_"  # the gate's scale signature (:func:`scale_signature`); no QC estimator reads it
+SCALE_SIGMAS = (1, 2, 4, 8)  # px, difference-of-Gaussians bands of the haematoxylin density
 
 
 def _pairwise_dice(binary: np.ndarray) -> tuple[float, float]:
@@ -96,6 +98,27 @@ def _texture(image: np.ndarray) -> dict[str, float]:
             histogram = np.bincount(codes.ravel(), minlength=10)[:10] / codes.size
             out.update({f"lbp_{name}_r{radius}_{b}": float(v) for b, v in enumerate(histogram)})
     return out
+
+
+def scale_signature(image: np.ndarray) -> dict[str, float]:
+    """How the haematoxylin density's detail splits over scales: log share of each DoG band's energy.
+
+    Band k is G(sigma_k) - G(2 sigma_k) of the haematoxylin optical density; nuclei put their
+    energy in the band matching their size in pixels, so the signature tells the magnification
+    (and the nuclear size) of the pixels whatever the stain's strength. Only the exchangeability
+    gate reads it (docs/qc.md).
+    """
+    from scipy import ndimage
+    from skimage.color import rgb2hed
+
+    hematoxylin = rgb2hed(np.asarray(image)[..., :3])[..., 0]
+    energy = []
+    for sigma in SCALE_SIGMAS:
+        band = ndimage.gaussian_filter(hematoxylin, sigma) - ndimage.gaussian_filter(hematoxylin, 2 * sigma)
+        energy.append(float(np.mean(band**2)))
+    energy = np.asarray(energy) + 1e-12
+    share = np.log(energy / energy.sum())
+    return {f"{SCALE_PREFIX}{sigma}": float(v) for sigma, v in zip(SCALE_SIGMAS, share, strict=True)}
 
 
 def _foreground_stain(image: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -206,10 +229,17 @@ def compute_features(
 
 
 def model_features(model, maps: UncertaintyMaps, image: np.ndarray, samples: int, factor: float) -> dict[str, float]:
-    """:func:`image_features` plus the network's ``feature_distance`` (the full QC row of one image or block)."""
+    """:func:`image_features`, the network's ``feature_distance`` and the gate's :func:`scale_signature`.
+
+    This is the full QC row of one image or slide cell.
+    """
     from ..ood import feature_distance
 
-    return {**image_features(maps, image, samples), "feature_distance": feature_distance(model, image, factor)}
+    return {
+        **image_features(maps, image, samples),
+        "feature_distance": feature_distance(model, image, factor),
+        **scale_signature(image),
+    }
 
 
 def _starts(length: int, size: int) -> list[int]:
