@@ -105,7 +105,8 @@ def qc_map(
     out = np.full((len(MAP_CHANNELS), *grid_shape(shape, cell)), np.nan, np.float32)
     out[1] = 0
     for (y, x, _, _), d, s, q in zip(cells, pred, states, p, strict=True):
-        out[:, y // cell, x // cell] = (d, s, q)
+        gy, gx = min(round(y / cell), out.shape[1] - 1), min(round(x / cell), out.shape[2] - 1)  # shifted edge patches
+        out[:, gy, gx] = (d, s, q)
     return out
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from napari_uga import quality
-from napari_uga._widgets.qc import BOXES, FOLDER, OPENED, QCWidget
+from napari_uga._widgets.qc import BOXES, FOLDER, OPENED, QC_MAP, QCWidget
 from napari_uga.metrics import dice
+from napari_uga.selection import Box
 
 WAIT_MS = 120_000
 
@@ -48,6 +49,7 @@ def test_folder_table_sorted_worst_first_and_click_opens(qc_dock, qtbot, tmp_pat
     qc_dock.source_combo.setCurrentText(FOLDER)
     qc_dock.folder_edit.setText(str(folder / "images"))
     qc_dock.masks_edit.setText(str(folder / "masks"))
+    qc_dock.mpp_spin.setValue(0.243)  # PNG tiles carry no scale
     qc_dock.run()
     assert qc_dock.worker is not None and not qc_dock.run_button.isEnabled()
     _wait(qtbot, qc_dock)
@@ -83,6 +85,9 @@ def test_patches_of_current_image_outlined_and_zoomed(qc_dock, qtbot, tmp_path, 
     assert qc_dock.image_combo.currentText() == "tiles"
     qc_dock.qc_model_edit.setText(_qc_model(tmp_path, tiny_model, umcu_pairs[::10]))
     qc_dock.patch_spin.setValue(256)
+    qc_dock.run()  # an image layer without µm/px: the dock asks instead of guessing
+    assert qc_dock.worker is None and "has no µm/px in its metadata" in qc_dock.status.text()
+    qc_dock.mpp_spin.setValue(0.243)
     qc_dock.run()
     _wait(qtbot, qc_dock)
     n = qc_dock.table.rowCount()
@@ -111,3 +116,37 @@ def test_out_of_domain_rows_say_so(qc_dock):
     assert table.item(colon, 2).text() == "review: out of domain" and table.item(colon, 2).toolTip() == reason
     assert table.item(colon, 4).text() == "0.017" and table.item(node, 2).text() == "accept"
     assert "1 of 2 images are unlike the calibration images" in qc_dock.status.text()
+
+
+def test_qc_map_layer_sits_over_the_patches_and_jumps_to_the_worst(qc_dock):
+    """The map has one pixel per checked patch, centred on it in world coordinates; the button zooms to the
+    out-of-domain patch first, then to the lowest predicted Dice among those to review."""
+    layer = qc_dock.viewer.add_image(np.zeros((1024, 1536, 3), np.uint8), name="slide", rgb=True, scale=(0.5, 0.5),
+                                     translate=(10, 20))  # fmt: skip
+    names, corners = ["a", "b", "c"], [(0, 0), (0, 512), (512, 1024)]
+    qc_dock.patch_spin.setValue(512)
+    qc_dock.boxes = {n: Box("slide", y, x, 512, 512) for n, (y, x) in zip(names, corners, strict=True)}
+    rows = [
+        {"name": "a", "dice_pred": 0.95, "accepted": True, "dice_true": None, "in_domain": True, "domain_p": 0.5,
+         "reason": ""},
+        {"name": "b", "dice_pred": 0.40, "accepted": False, "dice_true": None, "in_domain": True, "domain_p": 0.3,
+         "reason": "low"},
+        {"name": "c", "dice_pred": 0.90, "accepted": False, "dice_true": None, "in_domain": False, "domain_p": 0.01,
+         "reason": "unlike"},
+    ]  # fmt: skip
+    report = {"per_image": rows, "threshold": 0.8, "alpha": 0.1, "delta": 0.1, "method": "entropy", "rule": "ltt",
+              "cut": 0.0, "note": "", "method_reason": "", "metrics": {}, "domain_level": 0.05,
+              "domain_note": ""}  # fmt: skip
+    qc_dock.show_report(report)
+    qc_map = qc_dock.viewer.layers[QC_MAP]
+    assert qc_map.data.shape == (2, 3) and np.isnan(qc_map.data[1, 0]) and qc_map.data[1, 2] == np.float32(0.9)
+    np.testing.assert_allclose(qc_map.scale, (256, 256))
+    # the world centre of map pixel (1, 2) is the world centre of patch c
+    centre = np.asarray(qc_map.data_to_world((1, 2)))
+    np.testing.assert_allclose(centre, np.asarray(layer.data_to_world((512 + 255.5, 1024 + 255.5))))
+    assert "33% accepted, 33% to review, 33% out of domain" in qc_dock.status.text()
+    assert qc_dock.worst_button.isEnabled()
+    qc_dock.next_worst()
+    np.testing.assert_allclose(qc_dock.viewer.camera.center[-2:], layer.data_to_world((768, 1280)))
+    qc_dock.next_worst()
+    np.testing.assert_allclose(qc_dock.viewer.camera.center[-2:], layer.data_to_world((256, 768)))

@@ -51,6 +51,7 @@ VIEW, PROPOSED = "Patches of the current view", "The proposed patches (UGA queue
 PROPOSALS = "uga: proposals"
 MAX_WHOLE = 8192 * 8192  # level-0 px above which "the current image" is too large to check whole
 BOXES = "uga: qc"
+QC_MAP = "uga: qc map"  # predicted Dice per checked patch, placed over the image
 OPENED = "uga: qc image"
 ACCEPT_COLOR, REVIEW_COLOR = "#2e7d32", "#c62828"
 BACKGROUND, FOREGROUND = "#262930", "#d0d0d0"
@@ -116,7 +117,7 @@ class QCWidget(WorkerDock):
             "fdr: false discovery rate <= alpha, i.e. the expected share of failures among the accepted, an empty "
             "selection counting as none (conformal selection; ~10 calibration images suffice)"
         )
-        self.mpp_spin = _double(0.0, 20.0, 0.0, "µm per pixel of the images (0: the layer's, else Camelyon 0.243)")
+        self.mpp_spin = _double(0.0, 20.0, 0.0, "µm per pixel of the images (0: the layer's; never guessed)")
         browse = QPushButton("…")
         browse.setMaximumWidth(28)
         browse.clicked.connect(self._browse_folder)
@@ -159,6 +160,14 @@ class QCWidget(WorkerDock):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
+        self.worst_button = QPushButton("Go to worst region")
+        self.worst_button.setToolTip(
+            "Zoom to the next region to review: out of domain first, then lowest predicted Dice"
+        )
+        self.worst_button.setEnabled(False)
+        self.worst_button.clicked.connect(self.next_worst)
+        buttons.addWidget(self.worst_button)
+        self.worst: list[Box] = []
         self.progress = QProgressBar()
         self.status = QLabel("Pick patches of an image or a folder, then Run QC.")
         self.status.setWordWrap(True)
@@ -276,6 +285,11 @@ class QCWidget(WorkerDock):
                 pairs = self._patches()
                 layer = self.viewer.layers[self.image_combo.currentText()]
                 settings["mpp"] = settings["mpp"] or layer.metadata.get("mpp")
+                if settings["mpp"] is None:
+                    raise InputError(
+                        f"qc: '{layer.name}' has no µm/px in its metadata: enter it under Settings > µm / px "
+                        "(it is never guessed)"
+                    )
             else:
                 images = self.folder_edit.text().strip()
                 if not images:
@@ -283,12 +297,15 @@ class QCWidget(WorkerDock):
                 self.paths = {p.stem: p for p in list_images(images)}
                 self.boxes = {}
                 folder = (images, self.masks_edit.text().strip() or None)
+                if settings["mpp"] is None:
+                    raise InputError("qc: image tiles carry no µm/px: enter it under Settings > µm / px")
             cal_images, cal_masks = self.cal_images_edit.text().strip(), self.cal_masks_edit.text().strip()
             if bool(cal_images) != bool(cal_masks):
                 raise InputError("qc: calibration images and masks go together")
             calibration = (cal_images, cal_masks) if cal_images else None
         except InputError as exc:
             show_error(str(exc))
+            self.status.setText(str(exc))
             return
         model = self.model_edit.text().strip() or None
         worker = qc_worker(model, pairs, folder, calibration, settings)
@@ -368,10 +385,48 @@ class QCWidget(WorkerDock):
         metrics = report["metrics"]
         if metrics:
             text += " " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
+        text += self._draw_map(rows)
         self.status.setText(text)
         self.status.setToolTip(report["method_reason"])  # the out-of-fold scores behind auto's choice
         self._draw_boxes(rows)
         self._plot(rows)
+
+    def _draw_map(self, rows: list[dict]) -> str:
+        """The QC map of the checked patches as an image layer over the image; the summary in words."""
+        from ..qc_map import cell_states, map_summary, qc_map
+
+        shown = [r for r in rows if r["name"] in self.boxes]
+        self.worst = []
+        self.worst_button.setEnabled(False)
+        if not shown:
+            return ""
+        layer = self.viewer.layers[self.image_combo.currentText()]
+        data = layer.data[0] if layer.multiscale else layer.data
+        cells = [(b.y, b.x, b.h, b.w) for b in (self.boxes[r["name"]] for r in shown)]
+        pred = np.array([r["dice_pred"] for r in shown], float)
+        states = cell_states([r["accepted"] for r in shown], [r.get("in_domain", True) for r in shown])
+        p = np.array([np.nan if r.get("domain_p") is None else r["domain_p"] for r in shown], float)
+        cell = self.patch_spin.value()
+        values = qc_map(data.shape[:2], cells, pred, states, p, cell)
+        scale = np.asarray(layer.scale[-2:], float)
+        translate = np.asarray(layer.translate[-2:], float) + scale * (cell - 1) / 2  # cell centres on patch centres
+        if QC_MAP in self.viewer.layers:
+            self.viewer.layers.remove(QC_MAP)
+        self.viewer.add_image(values[0], name=QC_MAP, colormap="magma", contrast_limits=(0, 1), opacity=0.45,
+                              scale=scale * cell, translate=translate)  # fmt: skip
+        summary = map_summary(cells, pred, states, p)
+        by_corner = {(b.y, b.x): b for b in self.boxes.values()}
+        self.worst = [by_corner[(r["y"], r["x"])] for r in summary["worst"]]
+        self.worst_button.setEnabled(bool(self.worst))
+        return (f" Tissue checked: {summary['share_accepted']:.0%} accepted, {summary['share_review']:.0%} to review, "
+                f"{summary['share_out_of_domain']:.0%} out of domain.")  # fmt: skip
+
+    def next_worst(self) -> None:
+        """Zoom to the worst region not yet visited (then start over)."""
+        if self.worst:
+            box = self.worst.pop(0)
+            self.worst.append(box)
+            self.zoom_to(box)
 
     def _draw_boxes(self, rows: list[dict]) -> None:
         if not self.boxes:
