@@ -15,7 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audit import PatchScore, choose_shift, compare_rounds, pooled_estimate, score_patch, stop_signal, worse_than
+from .audit import (
+    PatchScore,
+    Proxies,
+    choose_shift,
+    compare_rounds,
+    pooled_estimate,
+    ppi_estimate,
+    score_patch,
+    stop_signal,
+    worse_than,
+)
 from .io import InputError, Pair, load_pairs
 from .models import UNet, working_factor
 from .proposals import propose, random_candidates
@@ -271,19 +281,51 @@ class Trajectory:
 
 @dataclass
 class _Ledger:
-    """The rounds of a simulated session and every fresh score: (audit?, {round: PatchScore}) per correction."""
+    """The rounds of a simulated session, their maps of the pool, and every fresh score.
 
-    rounds: list[UNet]
-    parents: list[int | None]
+    ``scores`` holds, per correction, whether it was an audit and its :class:`PatchScore`
+    against each round that existed when it arrived (none had trained on it).
+    """
+
+    pool: Sequence[Pair]
+    tissue: list[Box]
+    factor: float
+    rounds: list[UNet] = field(default_factory=list)
+    parents: list[int | None] = field(default_factory=list)
+    maps: list[dict[str, np.ndarray]] = field(default_factory=list)
+    proxies: list[Proxies] = field(default_factory=list)
     scores: list[tuple[bool, dict[int, PatchScore]]] = field(default_factory=list)
     changes: list[float] = field(default_factory=list)
 
+    def add_round(self, model: UNet, parent: int | None) -> int:
+        """A new round: its probability map of every pool image and the proxies of the tissue patches."""
+        maps = {p.name: predict_probability(model, p.image, factor=self.factor).astype(np.float16) for p in self.pool}
+        self.rounds.append(model)
+        self.parents.append(parent)
+        self.maps.append(maps)
+        self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
+        return len(self.rounds) - 1
+
+    def score(self, batch: Sequence[Annotation], audits: Sequence[bool]) -> list[dict[int, PatchScore]]:
+        """Test-then-train: every round so far against each correction of a fresh batch."""
+        fresh = []
+        for annotation, audit in zip(batch, audits, strict=True):
+            box = annotation.box
+            by_round = {i: score_patch(box.crop(m[box.image]), annotation.mask) for i, m in enumerate(self.maps)}
+            self.scores.append((audit, by_round))
+            fresh.append(by_round)
+        return fresh
+
     def estimate(self, round_index: int, audits_only: bool = True):
-        """Pooled Dice of a round over the corrections scored against it (before it trained on them)."""
-        return pooled_estimate(
-            [by_round[round_index] for audit, by_round in self.scores
-             if round_index in by_round and (audit or not audits_only)]
-        )  # fmt: skip
+        """A round's Dice from the corrections scored against it: PPI on the audits, or pooled over all."""
+        picked = [
+            by_round[round_index]
+            for audit, by_round in self.scores
+            if round_index in by_round and (audit or not audits_only)
+        ]
+        if audits_only:
+            return ppi_estimate(picked, self.proxies[round_index])
+        return pooled_estimate(picked)
 
 
 def audit_count(k: int, share: float) -> int:
@@ -295,16 +337,6 @@ def draw_audits(pool: Sequence[Pair], n: int, config: LoopConfig, exclude: Seque
     """``n`` tissue patches drawn uniformly at random (an unbiased sample of the pool's tissue), marked as audits."""
     picks = select(random_candidates(pool, config), n, exclude, "random", rng)
     return [replace(p, audit=True) for p in picks]
-
-
-def _score_batch(ledger: _Ledger, batch: Sequence[Annotation], audits: Sequence[bool], factor: float) -> None:
-    """Test-then-train: every round so far (none has trained on ``batch``) against each correction."""
-    for annotation, audit in zip(batch, audits, strict=True):
-        by_round = {}
-        for index, round_model in enumerate(ledger.rounds):
-            probability = predict_probability(round_model, annotation.image, factor=factor)
-            by_round[index] = score_patch(probability >= 0.5, annotation.mask)
-        ledger.scores.append((audit, by_round))
 
 
 def simulate(
@@ -324,6 +356,7 @@ def simulate(
     presets: dict[str, LoopConfig] | None = None,
     target: float | None = None,
     stop: bool = False,
+    closing_batch: bool = False,
 ) -> Trajectory:
     """Run the oracle loop: annotate in batches of ``config.batch`` until each budget, evaluate.
 
@@ -334,6 +367,8 @@ def simulate(
     rolled back. ``presets`` (``{"centre": ..., "organ": ...}``) is the ``auto`` shift: the first
     batch's scores of the starting model choose one (:func:`~napari_uga.audit.choose_shift`).
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
+    ``closing_batch``: one more batch after the last budget, scored and not trained on, so the
+    last round has an in-session estimate too (a benchmark device: it costs one batch more).
 
     The model is fine-tuned (continuing from the round in use) on all annotations so far.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
@@ -344,24 +379,20 @@ def simulate(
     torch.manual_seed(seed)
     oracle = Oracle(pool)
     result = Trajectory(shift=None if presets else "given")
-    ledger = _Ledger([model], [None])
-    in_use = 0
+    ledger = _Ledger(pool, [c.box for c in random_candidates(pool, config)], factor)
+    in_use = ledger.add_round(model, None)
     annotations: list[Annotation] = []
     self_labelled: list[Annotation] | None = None
     for budget in sorted(set(budgets)):
         while len(annotations) < budget and not (stop and result.stop_budget is not None):
             k = min(config.batch, budget - len(annotations))
-            done = [a.box for a in annotations]
-            n_audit = audit_count(k, audit_share)
-            picks = propose(ledger.rounds[in_use], pool, k - n_audit, factor, config, done, strategy, rng)
-            picks += draw_audits(pool, n_audit, config, [*done, *(p.box for p in picks)], rng)
+            picks = _batch(ledger.rounds[in_use], pool, k, audit_share, config, annotations, strategy, rng, factor)
             if not picks:
                 break
             batch = [oracle.annotate(p) for p in picks]
-            _score_batch(ledger, batch, [p.audit for p in picks], factor)
+            fresh = ledger.score(batch, [p.audit for p in picks])
             annotations += batch
             result.picks.append([p.as_dict() for p in picks])
-            fresh = [by_round for _, by_round in ledger.scores[-len(batch) :]]
             if presets and result.shift is None:
                 result.shift = choose_shift([s[0] for s in fresh])
                 config = presets[result.shift]
@@ -386,9 +417,7 @@ def simulate(
                 origin=model,
                 self_labelled=self_labelled,
             )
-            ledger.rounds.append(_drain(run, on_event).model)
-            ledger.parents.append(in_use)
-            in_use = len(ledger.rounds) - 1
+            in_use = ledger.add_round(_drain(run, on_event).model, in_use)
         if stop and result.stop_budget is not None and budget > len(annotations):
             break  # the session stopped before this budget
         result.budgets.append(budget)
@@ -396,9 +425,22 @@ def simulate(
         result.rollbacks_by_budget.append(result.rollbacks)
         result.dice_global.append(evaluate(ledger.rounds[in_use], test, factor)["dice_global"])
         _say(on_event, f"budget {budget}: Dice {result.dice_global[-1]:.3f}", "evaluate", budget, max(budgets))
+    if closing_batch:
+        picks = _batch(
+            ledger.rounds[in_use], pool, config.batch, audit_share, config, annotations, strategy, rng, factor
+        )
+        ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks])
     _fill_estimates(result, ledger)
     result.model = ledger.rounds[in_use]
     return result
+
+
+def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, factor) -> list[Proposal]:
+    """The next ``k`` patches: ``audit_share`` of them audits, the rest proposed by ``strategy``."""
+    done = [a.box for a in annotations]
+    n_audit = audit_count(k, audit_share)
+    picks = propose(model, pool, k - n_audit, factor, config, done, strategy, rng)
+    return picks + draw_audits(pool, n_audit, config, [*done, *(p.box for p in picks)], rng)
 
 
 def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:

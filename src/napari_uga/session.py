@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, atomic_write_json, read_mask, write_array
+from .audit import PatchScore
+from .io import InputError, Pair, atomic_write_json, read_mask, write_array
 from .selection import Box, Proposal
 from .wsi import fingerprint
 
@@ -114,7 +115,8 @@ class Session:
     folder: Path
     images: dict[str, dict] = field(default_factory=dict)  # name -> {"path", "fingerprint", "mpp"}
     config: dict = field(default_factory=dict)
-    annotations: list[dict] = field(default_factory=list)  # {"id", "image", "y", "x", "h", "w", "file", "round"}
+    # {"id", "image", "y", "x", "h", "w", "file", "round", "audit", "scores": {round: PatchScore fields}}
+    annotations: list[dict] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
     current_round: int = 0
     queue: list[dict] = field(default_factory=list)
@@ -245,6 +247,11 @@ class Session:
             _relative_file(a["file"], f"annotation {a['id']} file")
             if a["round"] is not None:
                 _int(a["round"], f"annotation {a['id']} round", 1)
+            if not isinstance(a.get("audit", False), bool):
+                raise TypeError(f"annotation {a['id']}: audit must be true or false")
+            for index, score in a.get("scores", {}).items():
+                _int(int(index), f"annotation {a['id']} scored round", 0)
+                PatchScore.from_dict(score)
         if not self.rounds:
             raise ValueError("no rounds (round 0 is the starting model)")
         for i, r in enumerate(self.rounds):
@@ -387,8 +394,10 @@ class Session:
             lock()
 
     # -- annotations -----------------------------------------------------------------
-    def add_annotations(self, boxes: list[Box], masks: list[np.ndarray]) -> list[int]:
+    def add_annotations(self, boxes: list[Box], masks: list[np.ndarray], audits: list[bool] | None = None) -> list[int]:
         """Save corrected patches at once (mask PNGs, then the record); returns their ids.
+
+        ``audits``: which of them were drawn at random from the tissue to measure the model.
 
         All or nothing: when a write fails (full disk, read-only folder) the masks written so
         far are removed, the session is unchanged and :class:`SessionWriteError` says why;
@@ -410,7 +419,8 @@ class Session:
                 write_array(self.folder / rel, (mask > 0).astype(np.uint8))
                 written.append(self.folder / rel)
                 place = asdict(Box(box.image, box.y, box.x, box.h, box.w))
-                records.append({"id": first + i, **place, "file": rel, "round": None})
+                audit = bool(audits[i]) if audits is not None else False
+                records.append({"id": first + i, **place, "file": rel, "round": None, "audit": audit, "scores": {}})
         except OSError as exc:
             _remove_quietly(written)
             raise SessionWriteError(self.folder, what, exc) from None
@@ -421,6 +431,25 @@ class Session:
             raise
         self.annotations.extend(records)
         return [r["id"] for r in records]
+
+    def record_scores(self, scores: dict[int, dict[int, PatchScore]]) -> None:
+        """Store test-then-train scores: annotation id -> {round: score of that round before it trained on it}."""
+        annotations = [
+            {**a, "scores": {**a.get("scores", {}), **{str(r): s.as_dict() for r, s in scores[a["id"]].items()}}}
+            if a["id"] in scores
+            else a
+            for a in self.annotations
+        ]
+        self._write_record("the scores of the corrections", annotations=annotations)
+        self.annotations[:] = annotations
+
+    def scores_of(self, round_index: int, audits_only: bool = False) -> list[PatchScore]:
+        """Every stored score of a round (on corrections it had not trained on); only audits if asked."""
+        return [
+            PatchScore.from_dict(a["scores"][str(round_index)])
+            for a in self.annotations
+            if str(round_index) in a.get("scores", {}) and (a.get("audit", False) or not audits_only)
+        ]
 
     def pending_ids(self) -> list[int]:
         """Annotations not yet used by any round."""
@@ -516,6 +545,33 @@ class Session:
     def queue_proposals(self) -> list[Proposal]:
         """The stored queue as :class:`Proposal` objects."""
         return [Proposal(**q) for q in self.queue]
+
+
+def audit_pairs(folder: str | os.PathLike) -> tuple[list[Pair], float | None]:
+    """The audit patches of a session (image crop, corrected 0/1 mask) and their µm/px, for QC calibration.
+
+    Audits were drawn uniformly at random from the slide's tissue, so they are exchangeable with
+    other randomly drawn tissue patches of that slide: a conformal guarantee calibrated on them
+    holds for patches drawn that way. Reads the record without taking the lock (the dock may
+    have the session open); a session without audits raises :class:`InputError`.
+    """
+    folder = Path(folder)
+    record = folder / "session.json"
+    if not record.is_file():
+        raise InputError(f"{folder}: no session.json (not a napari-uga session folder)")
+    session = Session._read(folder, record)
+    audits = [a for a in session.annotations if a.get("audit", False)]
+    if not audits:
+        raise InputError(f"{folder}: the session has no audit patches yet (annotate a batch with audits first)")
+    scales = {session.images[a["image"]].get("mpp") for a in audits}
+    pairs = []
+    try:
+        for annotation in session.load_annotations([a["id"] for a in audits]):
+            box = annotation.box
+            pairs.append(Pair(f"{box.image}@y{box.y}x{box.x}", annotation.image, annotation.mask))
+    finally:
+        session.close()
+    return pairs, scales.pop() if len(scales) == 1 else None
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -430,9 +430,16 @@ class TileQueue:
 
 
 def survey_boxes(slide: Slide, plan: MapPlan, n: int = SURVEY_PATCHES, seed: int = 0) -> list[Box]:
-    """``n`` candidate patches (level-0 boxes) drawn at random over all the tissue, none overlapping."""
+    """``n`` candidate patches drawn at random over all the tissue of a large slide (none on a small one)."""
     if len(plan.tiles) < SURVEY_MIN_TILES:
         return []
+    return random_tissue_boxes(slide, plan, n, seed)
+
+
+def random_tissue_boxes(
+    slide: Slide, plan: MapPlan, n: int, seed: int = 0, exclude: Sequence[Box] = ()
+) -> list[Box]:
+    """``n`` patches (level-0 boxes) drawn uniformly at random over the tissue, none overlapping ``exclude``."""
     tissue, ds = slide.tissue()
     side = plan.patch * plan.scale / ds  # patch side in tissue-mask px
     step = max(1, int(side))
@@ -447,7 +454,7 @@ def survey_boxes(slide: Slide, plan: MapPlan, n: int = SURVEY_PATCHES, seed: int
         if tissue_crop(tissue, plan.scale / ds, (wy, wx, plan.patch, plan.patch)).mean() < MIN_TISSUE:
             continue
         box = plan.to_level0(wy, wx, plan.patch, plan.patch, slide.name)
-        if not any(box.overlaps(p) for p in picked):
+        if not any(box.overlaps(p) for p in [*picked, *exclude]):
             picked.append(box)
         if len(picked) == n:
             break

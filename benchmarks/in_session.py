@@ -1,0 +1,173 @@
+"""What a session measures about itself: the audit estimate against held-out Dice, do-no-harm, --shift auto.
+
+Two parts:
+
+``--first-batch``: the starting model's pooled Dice on the first batch of corrections (4
+uncertainty-ranked patches + 1 audit), on the DEV splits only: RUMC (the training centre, where
+the model is right) and the EBHI DEV patient splits (seeds 0..; a new organ). The cut of
+``--shift auto`` (``napari_uga.audit.GOOD_DICE``) is chosen from these numbers; UMCU and the
+EBHI REPORT splits (seeds 100..) are never looked at for it.
+
+The grid (default): ``simulate`` from the shipped model with the defaults of ``uga simulate``
+(audit share 0.2, no-harm on, shift auto) and the variants ``--no-harm off`` and audit share 0,
+on UMCU both directions (``centre`` is the right preset there) and an EBHI REPORT split
+(``organ``), seeds 0..N-1. A closing batch after the last budget is scored, not trained on, so
+the last round has an estimate too. Each run is cached as JSON under
+``benchmarks/.cache/in_session`` (git-ignored), so an interrupted grid resumes.
+
+The estimate (pooled Dice over the pool's tissue patches) is compared with ``dice_global`` of
+the test split (pooled over the test tiles): both are pooled Dice, over different tissue of the
+same domain.
+
+Usage::
+
+    nice -n 10 .venv/bin/python benchmarks/in_session.py --first-batch
+    nice -n 10 .venv/bin/python benchmarks/in_session.py --seeds 5 --variants default,harm_off,no_audit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from loop import DATA, RESULTS
+from strategies import ebhi_splits, umcu_splits
+
+from napari_uga.audit import pooled_estimate, score_patch
+from napari_uga.io import load_pairs
+from napari_uga.loop import Oracle, config_for, draw_audits, replay_pairs, simulate
+from napari_uga.models import load_model, working_factor
+from napari_uga.proposals import propose
+from napari_uga.uncertainty import predict_probability
+
+CACHE = Path(__file__).resolve().parent / ".cache" / "in_session"
+VARIANTS = {
+    "default": {"audit_share": 0.2, "no_harm": True},
+    "harm_off": {"audit_share": 0.2, "no_harm": False},
+    "no_audit": {"audit_share": 0.0, "no_harm": True},
+}
+BUDGETS = [0, 5, 10, 20]
+
+
+def rumc_split() -> tuple[str, list, list, float]:
+    """RUMC tiles (the training centre) halved at random: a DEV split where the model is right."""
+    rumc = DATA / "camelyon16_rumc"
+    pairs = load_pairs(rumc / "images", rumc / "masks")
+    order = np.random.default_rng(0).permutation(len(pairs))
+    half = len(pairs) // 2
+    return "rumc", [pairs[i] for i in order[:half]], [pairs[i] for i in order[half:]], 0.243
+
+
+def first_batch(model, split, seed: int) -> float | None:
+    """The starting model's pooled Dice on a first batch (4 proposed + 1 audit), as ``--shift auto`` sees it."""
+    name, pool, _, mpp = split
+    factor = working_factor(model, mpp)
+    config = config_for("centre")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    picks = propose(model, pool, 4, factor, config, [], "uncertainty", rng)
+    picks += draw_audits(pool, 1, config, [p.box for p in picks], rng)
+    oracle = Oracle(pool)
+    scores = []
+    for p in picks:
+        annotation = oracle.annotate(p)
+        scores.append(score_patch(predict_probability(model, annotation.image, factor=factor), annotation.mask))
+    estimate = pooled_estimate(scores)
+    return None if estimate is None else estimate.dice
+
+
+def run(model, split, variant: str, seed: int, replay) -> dict:
+    """One simulate run of a variant (cached)."""
+    name, pool, test, mpp = split
+    path = CACHE / f"{name.replace(' ', '_').replace('->', '_to_')}_{variant}_seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    presets = {shift: config_for(shift) for shift in ("centre", "organ")}
+    t = simulate(
+        model, pool, test, BUDGETS, "uncertainty", seed, working_factor(model, mpp), replay=replay,
+        presets=presets, closing_batch=True, **VARIANTS[variant],
+    )  # fmt: skip
+    record = {
+        "budgets": t.budgets,
+        "dice": t.dice_global,
+        "estimated": t.estimated_dice,
+        "interval": t.estimate_interval,
+        "hard": t.hard_dice,
+        "round_in_use": t.round_in_use,
+        "rollbacks": t.rollbacks_by_budget,
+        "shift": t.shift,
+        "stop": t.stop_budget,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def summarise(name: str, variant: str, runs: list[dict]) -> dict:
+    """Per budget: held-out Dice, estimate error and coverage, rollbacks; harm against zero-shot."""
+    dice = np.array([r["dice"] for r in runs])
+    out = {"dice_mean": dice.mean(0).tolist(), "dice_sd": dice.std(0).tolist(), "shift": [r["shift"] for r in runs]}
+    errors, covered = [], []
+    for r in runs:
+        for b, d, e, span in zip(r["budgets"], r["dice"], r["estimated"], r["interval"], strict=True):
+            if b >= 10 and e is not None:
+                errors.append(abs(e - d))
+                covered.append(span[0] <= d <= span[1])
+    out["estimate_error_ge10"] = float(np.mean(errors)) if errors else None
+    out["coverage_ge10"] = float(np.mean(covered)) if covered else None
+    out["estimates_ge10"] = len(errors)
+    out["worst_drop"] = float((dice - dice[:, :1]).min())  # most negative (budget Dice - zero-shot) of any seed
+    out["harmed_runs"] = int(((dice - dice[:, :1]) < -0.01).any(1).sum())
+    out["rollbacks"] = int(sum(r["rollbacks"][-1] for r in runs))
+    means = "  ".join(
+        f"{b}: {m:.3f}±{s:.3f}" for b, m, s in zip(BUDGETS, out["dice_mean"], out["dice_sd"], strict=True)
+    )
+    print(
+        f"{name:18} {variant:9} {means} | est err {out['estimate_error_ge10']} cover {out['coverage_ge10']} "
+        f"(n {len(errors)}) | worst drop {out['worst_drop']:+.3f}, harmed {out['harmed_runs']}/{len(runs)}, "
+        f"rollbacks {out['rollbacks']} | shift {out['shift']}",
+        flush=True,
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first-batch", action="store_true", help="the DEV scan that sets the auto cut")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--variants", default="default,harm_off,no_audit")
+    parser.add_argument("--only", default="", help="run only the splits whose name contains this")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = load_model(device="cpu")
+    if args.first_batch:
+        for split in [rumc_split(), *ebhi_splits("dev", 4)]:
+            values = [first_batch(model, split, seed) for seed in range(3)]
+            print(f"{split[0]:14} first-batch Dice of the starting model: {values}", flush=True)
+        return
+    replay = replay_pairs()
+    splits = [*umcu_splits(), *ebhi_splits("report", 1)]
+    results = {}
+    for seed in range(args.seeds):  # seeds outermost: a partial grid is already balanced
+        for split in splits:
+            if args.only in split[0]:
+                for variant in args.variants.split(","):
+                    run(model, split, variant, seed, replay)
+    for split in splits:
+        if args.only not in split[0]:
+            continue
+        for variant in args.variants.split(","):
+            runs = [run(model, split, variant, seed, replay) for seed in range(args.seeds)]
+            results[f"{split[0]} / {variant}"] = summarise(split[0], variant, runs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "in_session.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
