@@ -102,6 +102,8 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "rollbacks": t.rollbacks_by_budget,
         "shift": t.shift,
         "stop": t.stop_budget,
+        "handed_over": t.handed_over,
+        "handed_over_dice": t.handed_over_dice,
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,13 +127,15 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
     out["worst_drop"] = float((dice - dice[:, :1]).min())  # most negative (budget Dice - zero-shot) of any seed
     out["harmed_runs"] = int(((dice - dice[:, :1]) < -0.01).any(1).sum())
     out["rollbacks"] = int(sum(r["rollbacks"][-1] for r in runs))
+    handed = np.array([r["handed_over_dice"] for r in runs])
+    out["handed_over_drop"] = float((handed - dice[:, 0]).min())  # the model the session ends with, worst seed
     means = "  ".join(
         f"{b}: {m:.3f}±{s:.3f}" for b, m, s in zip(BUDGETS, out["dice_mean"], out["dice_sd"], strict=True)
     )
     print(
         f"{name:18} {variant:9} {means} | est err {out['estimate_error_ge10']} cover {out['coverage_ge10']} "
         f"(n {len(errors)}) | worst drop {out['worst_drop']:+.3f}, harmed {out['harmed_runs']}/{len(runs)}, "
-        f"rollbacks {out['rollbacks']} | shift {out['shift']}",
+        f"rollbacks {out['rollbacks']} | handed over: worst drop {out['handed_over_drop']:+.3f} | shift {out['shift']}",
         flush=True,
     )
     return out

@@ -88,6 +88,18 @@ def score_patch(probability: np.ndarray, correction: np.ndarray) -> PatchScore:
     )
 
 
+def score_rounds(models: dict, patches: Sequence[np.ndarray], masks: Sequence[np.ndarray], factor: float) -> dict:
+    """Test-then-train: ``{round: [PatchScore per patch]}`` for each round's model (none trained on these)."""
+    from .uncertainty import predict_probability
+
+    return {
+        index: [
+            score_patch(predict_probability(model, p, factor=factor), m) for p, m in zip(patches, masks, strict=True)
+        ]
+        for index, model in models.items()
+    }
+
+
 def expected_counts(probability: np.ndarray) -> tuple[float, float]:
     """Tumour pixels in both and true tumour pixels, as a round's own probabilities expect them."""
     probability = np.asarray(probability, np.float64)

@@ -127,6 +127,8 @@ def config_from_record(record: dict) -> LoopConfig:
     if not isinstance(record, dict):
         raise InputError("saved loop settings: not a mapping of names to values")
     shift = record.get("shift", "centre")
+    if shift == "auto":  # decided from the first batch: the preset chosen then, centre before
+        shift = record.get("chosen_shift") or "centre"
     if not isinstance(shift, str) or shift not in SHIFTS:
         raise InputError(f"saved loop settings: unknown shift {shift!r}")
     defaults = LoopConfig()
@@ -277,6 +279,8 @@ class Trajectory:
     shift: str | None = None  # the preset the run used (chosen from the first batch with ``auto``)
     stop_budget: int | None = None  # the budget at which the stop signal first spoke
     stop_reason: str | None = None
+    handed_over: int | None = None  # the round the session ends with (after the closing batch's check)
+    handed_over_dice: float | None = None
 
 
 @dataclass
@@ -368,7 +372,8 @@ def simulate(
     batch's scores of the starting model choose one (:func:`~napari_uga.audit.choose_shift`).
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
     ``closing_batch``: one more batch after the last budget, scored and not trained on, so the
-    last round has an in-session estimate too (a benchmark device: it costs one batch more).
+    last round has an in-session estimate and a do-no-harm check before the session hands it
+    over (``handed_over``); it costs one batch more.
 
     The model is fine-tuned (continuing from the round in use) on all annotations so far.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
@@ -429,8 +434,16 @@ def simulate(
         picks = _batch(
             ledger.rounds[in_use], pool, config.batch, audit_share, config, annotations, strategy, rng, factor
         )
-        ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks])
+        fresh = ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks]) if picks else []
+        if fresh:
+            in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
     _fill_estimates(result, ledger)
+    result.handed_over = in_use
+    result.handed_over_dice = (
+        result.dice_global[result.round_in_use.index(in_use)]
+        if in_use in result.round_in_use
+        else evaluate(ledger.rounds[in_use], test, factor)["dice_global"]
+    )
     result.model = ledger.rounds[in_use]
     return result
 

@@ -502,7 +502,9 @@ class Session:
         new = Round(index, name, list(annotation_ids), loss, dict(metrics or {}), settings=dict(settings or {}))
         kept, dropped = self.rounds[:index], self.rounds[index:]  # rounds undone earlier are replaced
         chosen = set(annotation_ids)
-        annotations = [{**a, "round": index} if a["id"] in chosen else a for a in self.annotations]
+        annotations = [
+            _without_scores_from({**a, "round": index} if a["id"] in chosen else a, index) for a in self.annotations
+        ]  # the scores of an undone round of this index were of another model
         # An undone round of the same index stays listed until the new record is saved: its file is
         # replaced atomically, so whatever a crash leaves, every listed checkpoint loads.
         self._check_writable(f"round {index}")
@@ -545,6 +547,13 @@ class Session:
     def queue_proposals(self) -> list[Proposal]:
         """The stored queue as :class:`Proposal` objects."""
         return [Proposal(**q) for q in self.queue]
+
+
+def _without_scores_from(annotation: dict, index: int) -> dict:
+    """An annotation record without its scores of rounds ``index`` and later."""
+    scores = annotation.get("scores", {})
+    kept = {r: v for r, v in scores.items() if int(r) < index}
+    return annotation if len(kept) == len(scores) else {**annotation, "scores": kept}
 
 
 def audit_pairs(folder: str | os.PathLike) -> tuple[list[Pair], float | None]:

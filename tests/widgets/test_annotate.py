@@ -63,7 +63,11 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert (folder / "maps" / "round_001.zarr").is_dir() and dock.store.complete()
     assert dock.history.rowCount() == 2
     assert dock.history.item(1, 1).text() == "2"
-    assert dock.history.item(1, 3).text() != "—"  # Dice against the loaded ground truth
+    assert dock.history.item(1, 4).text() != "—"  # Dice against the loaded ground truth
+    assert dock.measure_label.text().startswith("Round 0:")  # measured on the corrections before training
+    assert [a["audit"] for a in dock.session.annotations].count(True) <= 1
+    assert all(set(a["scores"]) == {"0"} for a in dock.session.annotations)  # scored before round 1 trained
+    assert dock.chosen_shift in ("centre", "organ") and dock.steps_spin.value() == 3
     assert len(dock.training.losses) == 3
     assert dock.compute_button.isEnabled() and dock.undo_button.isEnabled()
 
@@ -95,7 +99,7 @@ def test_cancel_keeps_no_partial_checkpoint(qtbot, wait_idle, dock):
 
 def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer):
     _compute_and_propose(qtbot, wait_idle, dock)
-    dock.shift_combo.setCurrentIndex(1)  # new organ: no replay, batch norm adapts
+    dock.shift_combo.setCurrentIndex(2)  # new organ: no replay, batch norm adapts
     dock.steps_spin.setValue(3)
     dock.config.lr = 3e-4  # a setting the dock has no box for (Python API)
     dock.k_spin.setValue(4)
@@ -121,7 +125,7 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     assert PROBABILITY in viewer.layers and reopened.store is not None
     assert reopened.history.rowCount() == 2
     assert not reopened.image_combo.isEnabled()  # the session is bound to its image
-    assert reopened.shift_combo.currentIndex() == 1 and reopened.steps_spin.value() == 3
+    assert reopened.shift_combo.currentIndex() == 2 and reopened.steps_spin.value() == 3
     assert not reopened.config.freeze_norm and reopened.config.lr == 3e-4
     assert reopened.session.rounds[1].settings["lr"] == 3e-4  # each round keeps how it was trained
     assert reopened.k_spin.value() == 4 and reopened.session.rounds[1].settings["batch"] == 4
@@ -171,11 +175,12 @@ def test_worker_error_is_a_notification_and_the_session_stays_usable(qtbot, wait
 
 def test_domain_shift_preset_sets_the_fine_tuning(dock):
     assert dock.config.freeze_norm and dock.config.replay_share > 0  # new centre: gentle, with replay
-    dock.shift_combo.setCurrentIndex(1)  # new organ / tissue
+    assert dock._shift() == "auto" and dock.config.steps == 40  # decides from the first batch; centre until then
+    dock.shift_combo.setCurrentIndex(2)  # new organ / tissue
     assert not dock.config.freeze_norm and dock.config.replay_share == 0 and dock.config.self_share == 0
     assert dock._self_label_boxes() == []
     assert dock.steps_spin.value() == dock.config.steps == 200
-    dock.shift_combo.setCurrentIndex(0)
+    dock.shift_combo.setCurrentIndex(1)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40
 
 

@@ -9,11 +9,13 @@ napari delivers on the main thread. The dock turns ``errored`` into a notificati
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 
+from ..audit import Comparison, PatchScore, choose_shift, compare_rounds, score_rounds, worse_than
 from ..io import Pair
 from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs, self_labels
 from ..models import UNet
@@ -115,6 +117,60 @@ def finetune_events(
     finally:
         torch.set_num_threads(previous)
     return result
+
+
+@dataclass
+class SubmitOutcome:
+    """What a submitted batch led to: its scores per round, the check of the round in use, the fine-tune."""
+
+    scores: dict[int, list[PatchScore]]
+    comparison: Comparison | None  # round in use minus the round before it, on this batch
+    rolled_back: bool
+    shift: str | None  # the preset chosen from this batch (``auto``, first batch only)
+    start: UNet  # the model the fine-tune started from
+    result: FinetuneResult | None
+
+
+def submit_events(
+    batch: Sequence[Annotation],
+    models: dict[int, UNet],
+    current: int,
+    previous: int | None,
+    auto_rollback: bool,
+    configs: dict[str, LoopConfig],
+    annotations: Sequence[Annotation],
+    factor: float,
+    seed: int,
+    cancel: CancelToken,
+    threads: int | None = None,
+    origin: UNet | None = None,
+    self_label_boxes: Sequence[Box] = (),
+    read_patch: Callable[[Box], np.ndarray] | None = None,
+) -> Iterator[ProgressEvent]:
+    """Test-then-train: score the new corrections against the rounds, apply do-no-harm, then fine-tune.
+
+    ``configs``: the loop settings, one entry (the preset in use) or ``centre`` and ``organ``
+    when ``auto`` still has to choose from this batch. Returns a :class:`SubmitOutcome`.
+    """
+    yield progress_event("scoring", 0, len(models), f"scoring {len(batch)} corrections against {len(models)} rounds")
+    try:
+        scores = score_rounds(models, [a.image for a in batch], [a.mask for a in batch], factor)
+    except RuntimeError as exc:
+        raise WorkerError(f"scoring the corrections failed: {exc}") from exc
+    comparison = None if previous is None else compare_rounds(scores[current], scores[previous])
+    rolled_back = auto_rollback and worse_than(comparison)
+    shift = choose_shift(scores[0]) if len(configs) > 1 else None
+    config = configs[shift] if shift is not None else next(iter(configs.values()))
+    start = models[previous] if rolled_back else models[current]
+    result = yield from finetune_events(
+        start, annotations, factor, config, seed, cancel, threads, origin, self_label_boxes, read_patch
+    )
+    return SubmitOutcome(scores, comparison, rolled_back, shift, start, result)
+
+
+def submit_worker(*args) -> GeneratorWorker:
+    """An unstarted worker running :func:`submit_events` (same arguments)."""
+    return _unstarted(submit_events, *args)
 
 
 def _unstarted(function, *args, **options) -> FunctionWorker | GeneratorWorker:

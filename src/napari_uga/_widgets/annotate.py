@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
 from napari.utils.colormaps import Colormap, DirectLabelColormap
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -41,8 +43,9 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
+from ..audit import HARM_MARGIN, pooled_estimate, stop_signal, worse_than
 from ..io import SAMPLE_MPP, InputError, read_mask
-from ..loop import config_for, config_from_record
+from ..loop import audit_count, config_for, config_from_record
 from ..metrics import dice
 from ..selection import Box, Proposal, select
 from ..session import Session, SessionWriteError, SlideMissingError
@@ -54,13 +57,14 @@ from ..tiles import (
     TileQueue,
     map_levels,
     plan_maps,
+    random_tissue_boxes,
     round_store_path,
     survey_boxes,
 )
 from ..training import CancelToken
 from ..wsi import MAX_FLAT_SIDE, Slide, fingerprint
 from ._common import WorkerDock, follow_layers, refill_combo, view_box, zoom_to_box
-from ._workers import finetune_worker, maps_worker
+from ._workers import SubmitOutcome, maps_worker, submit_worker
 from .training import TrainingWidget
 
 if TYPE_CHECKING:
@@ -76,13 +80,19 @@ CURRENT_EDGE = "#ffffff"
 QUEUED_EDGE = "#ffd400"
 DONE_EDGE = "#7cfc00"
 PREDICTION_COLOR = "#00e5ff"
-SHIFT_LABELS = {"centre": "new centre / scanner (same tissue)", "organ": "new organ / tissue"}
+SHIFT_LABELS = {
+    "auto": "decide from the first batch",
+    "centre": "new centre / scanner (same tissue)",
+    "organ": "new organ / tissue",
+}
 ANNOTATION_COLOR = "#39ff14"
 NEXT_KEY, PREVIOUS_KEY = "n", "Shift-N"
 TRAIN_THREADS = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the UI (see benchmarks/ui_stall.py)
 SELF_LABEL_PATCHES = 24  # unlabelled tissue patches of the slide that the starting model labels for fine-tuning
 REFRESH_S = 0.4  # the map layers are redrawn at most this often while tiles arrive
 RERANK_EVERY = 25  # tiles between two re-rankings of the queue's unopened patches
+AUDIT_SHARE = 0.2  # share of each batch drawn at random from the tissue to measure the model
+TARGET_DICE = 0.9  # the Dice the stop signal checks the estimate's interval against (a setting)
 SCORE_MAX_PIXELS = 4096 * 4096  # Dice against a loaded ground truth only on slides whose maps fit this
 
 
@@ -134,6 +144,8 @@ class AnnotateWidget(WorkerDock):
         self._follow_up = None
         self.token = CancelToken()
         self.config = config_for("centre")
+        self.chosen_shift: str | None = None  # what ``auto`` chose from the first batch
+        self.notice = ""  # the last do-no-harm verdict
         self._build()
         follow_layers(self.viewer, self._refresh_layers)
         self.viewer.scene.camera.events.center.connect(self._send_view)
@@ -201,6 +213,28 @@ class AnnotateWidget(WorkerDock):
         )
         self.shift_combo.currentIndexChanged.connect(self._shift_changed)
         self.steps_spin = _spin(1, 2000, self.config.steps, "Fine-tuning steps per round")
+        self.audit_spin = QDoubleSpinBox()
+        self.audit_spin.setRange(0.0, 0.9)
+        self.audit_spin.setSingleStep(0.1)
+        self.audit_spin.setValue(AUDIT_SHARE)
+        self.audit_spin.setToolTip(
+            "Share of each batch drawn at random from the tissue ('audit' patches): corrected like the others, they "
+            "measure the model on this slide before it trains on them. 0 measures only on the proposed (hard) patches."
+        )
+        self.rollback_check = QCheckBox("Roll back a round that scores worse")
+        self.rollback_check.setChecked(True)
+        self.rollback_check.setToolTip(
+            "Each batch is scored against the round in use and the one before it before training. A round that "
+            f"scores more than {HARM_MARGIN:.2f} worse is rolled back (unchecked: you are told; Undo round does it)."
+        )
+        self.target_spin = QDoubleSpinBox()
+        self.target_spin.setRange(0.0, 1.0)
+        self.target_spin.setSingleStep(0.05)
+        self.target_spin.setValue(TARGET_DICE)
+        self.target_spin.setSpecialValueText("none")
+        self.target_spin.setToolTip("The Dice you want: the dock says when the estimate's interval clears it")
+        self.measure_label = QLabel("The model is measured on your corrections from the first Submit on.")
+        self.measure_label.setWordWrap(True)
         self.submit_button = QPushButton("Submit batch && fine-tune")
         self.submit_button.clicked.connect(self.submit)
         propose_row = QHBoxLayout()
@@ -215,15 +249,21 @@ class AnnotateWidget(WorkerDock):
         patches.addRow(queue_row)
         patches.addRow("Domain shift", self.shift_combo)
         patches.addRow("Steps", self.steps_spin)
+        patches.addRow("Audit share", self.audit_spin)
+        patches.addRow("Target Dice", self.target_spin)
+        patches.addRow(self.rollback_check)
         patches.addRow(self.submit_button)
 
         self.training = TrainingWidget()
         self.training.cancel_requested.connect(self.cancel)
-        self.history = QTableWidget(0, 4)
-        self.history.setHorizontalHeaderLabels(["Round", "Patches", "Loss", "Dice"])
+        self.history = QTableWidget(0, 5)
+        self.history.setHorizontalHeaderLabels(["Round", "Patches", "Loss", "Estimated", "Dice"])
         self.history.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.history.verticalHeader().setVisible(False)
-        self.history.setToolTip(f"Dice of the prediction against a '{TRUTH_NAME}' labels layer, when one is loaded")
+        self.history.setToolTip(
+            "Estimated: the round's Dice on this slide, from the audit patches corrected after it (before it "
+            f"trained on them). Dice: against a '{TRUTH_NAME}' labels layer, when one is loaded"
+        )
         self.history.setMaximumHeight(150)
         self.undo_button = QPushButton("Undo round")
         self.undo_button.clicked.connect(self.undo_round)
@@ -246,6 +286,7 @@ class AnnotateWidget(WorkerDock):
         training_box = QVBoxLayout()
         training_box.addWidget(self.training)
         training_box.addWidget(self.history)
+        training_box.addWidget(self.measure_label)
         layout.addWidget(_group("3 · Fine-tune rounds", training_box))
         session_box = QVBoxLayout()
         session_box.addWidget(self.session_edit)
@@ -339,7 +380,7 @@ class AnnotateWidget(WorkerDock):
         patch_um = self.config.patch * SAMPLE_MPP  # the patch side in µm, at the sample tiles' scale
         self.plan = plan_maps(self.slide, self.model.config.input_mpp, patch_um)
         self.session_edit.setText(str(session.folder))
-        self._fill_history()
+        self._show_measure()
 
     def _factor(self) -> float:
         """Working px per level-0 px (the corrections and self-labels are level-0 crops)."""
@@ -515,17 +556,32 @@ class AnnotateWidget(WorkerDock):
                 "◀ Prev / Next ▶ walk the queue."
             )
 
-    def _rank(self, keep: list[Box]) -> list[Proposal]:
+    def _rank(self, keep: list[Proposal]) -> list[Proposal]:
+        """The queue's new patches: the most uncertain ones, and audit patches drawn at random from the tissue."""
         done = [Box(a["image"], a["y"], a["x"], a["h"], a["w"]) for a in self.session.annotations]
         self._tiles_since_rank = 0
-        return select(
-            self.store.candidates, self.k_spin.value() - len(keep), [*done, *keep], diversity=self.config.diversity
+        k = self.k_spin.value()
+        audits_wanted = audit_count(k, self.audit_spin.value()) - sum(p.audit for p in keep)
+        taken = [*done, *(p.box for p in keep)]
+        picks = select(
+            self.store.candidates, k - len(keep) - max(0, audits_wanted), taken, diversity=self.config.diversity
         )
+        if audits_wanted <= 0:
+            return picks
+        seed = len(self.session.annotations) + 7919 * self.session.current_round
+        boxes = random_tissue_boxes(self.slide, self.plan, audits_wanted, seed, [*taken, *(p.box for p in picks)])
+        audits = [Proposal(**vars(b), audit=True, reason="audit: drawn at random from the tissue") for b in boxes]
+        rng = np.random.default_rng(seed)
+        for audit in audits:  # anywhere in the queue, so an audit is corrected like any other patch
+            picks.insert(int(rng.integers(0, len(picks) + 1)), audit)
+        return [replace(p, rank=i + 1) for i, p in enumerate(picks)]
 
     def _rerank(self) -> None:
         """New tiles arrived: re-rank the queue's unopened patches (opened and current ones stay)."""
-        keep = [p for p in self.proposals if p.box in self.drafts or p.box == self.current or self._annotated(p)]
-        fresh = self._rank([p.box for p in keep])
+        keep = [
+            p for p in self.proposals if p.audit or p.box in self.drafts or p.box == self.current or self._annotated(p)
+        ]
+        fresh = self._rank(keep)
         merged = [*keep, *fresh]
         picks = [Proposal(**{**p.as_dict(), "rank": i + 1}) for i, p in enumerate(merged)]
         if [p.box for p in picks] == [p.box for p in self.proposals]:
@@ -544,8 +600,8 @@ class AnnotateWidget(WorkerDock):
         layer = _upsert(
             self.viewer, Shapes, PROPOSALS, rects, shape_type="rectangle", edge_width=max(2, picks[0].h // 40),
             face_color="transparent", edge_color=QUEUED_EDGE,
-            features={"rank": [p.rank for p in picks], "score": [p.score for p in picks]},
-            text={"string": "#{rank}  {score:.3f}", "color": "white", "size": 10, "anchor": "upper_left"},
+            features={"rank": [i + 1 for i in range(len(picks))], "why": [_why(p) for p in picks]},
+            text={"string": "#{rank}  {why}", "color": "white", "size": 10, "anchor": "upper_left"},
             scale=image.scale, translate=image.translate,
         )  # fmt: skip
         annotation = self._annotation_layer()
@@ -652,8 +708,11 @@ class AnnotateWidget(WorkerDock):
         boxes = [b for b in self.drafts if not self._annotated(b)]
         if not boxes:
             return
+        audit_boxes = {p.box for p in self.proposals if p.audit}
         try:
-            self.session.add_annotations(boxes, [self.drafts[b] for b in boxes])
+            ids = self.session.add_annotations(
+                boxes, [self.drafts[b] for b in boxes], [b in audit_boxes for b in boxes]
+            )
         except SessionWriteError as exc:  # a full or read-only disk: nothing was saved, nothing is lost
             show_error(f"{exc}. Your {len(boxes)} corrections are kept here: free the disk and Submit again.")
             self._set_status(f"Not saved: {exc}. The corrections wait in the dock; Submit retries.")
@@ -661,22 +720,37 @@ class AnnotateWidget(WorkerDock):
         self.drafts = {}
         self._color_queue()
         self.stop_maps()  # the fine-tune gets the cores; the maps resume with the new round
-        self._start_finetune()
+        self._start_finetune(ids)
 
     def _shift(self) -> str:
         return list(SHIFT_LABELS)[self.shift_combo.currentIndex()]
 
+    def _preset(self) -> str:
+        """The preset in use: the one picked, or what ``auto`` chose (``centre`` until it has)."""
+        shift = self._shift()
+        return (self.chosen_shift or "centre") if shift == "auto" else shift
+
     def _loop_record(self) -> dict:
         """The loop settings as saved in the session (a copy with the boxes' values and the domain-shift preset)."""
         boxes = {"steps": self.steps_spin.value(), "samples": self.samples_spin.value(), "batch": self.k_spin.value()}
-        return {**vars(self.config), **boxes, "shift": self._shift()}
+        measure = {"audit_share": self.audit_spin.value(), "auto_rollback": self.rollback_check.isChecked()}
+        chosen = {"chosen_shift": self.chosen_shift} if self._shift() == "auto" else {}
+        return {**vars(self.config), **boxes, **measure, "shift": self._shift(), **chosen}
 
     def _shift_changed(self) -> None:
         """Apply the preset of the chosen domain shift (the steps box shows its steps; edit it after)."""
-        self.config = config_for(
-            self._shift(), samples=self.config.samples, batch=self.config.batch, patch=self.config.patch
-        )
+        self.config = self._config_of(self._preset())
         self.steps_spin.setValue(self.config.steps)
+
+    def _config_of(self, shift: str, steps: int | None = None):
+        """A preset's settings with the dock's samples, batch and patch (and ``steps`` if given)."""
+        kept = {"samples": self.config.samples, "batch": self.config.batch, "patch": self.config.patch}
+        return config_for(shift, **kept, **({} if steps is None else {"steps": steps}))
+
+    def _edited_steps(self) -> int | None:
+        """The steps box's value where the user changed it from what the preset in use shows, else ``None``."""
+        value = self.steps_spin.value()
+        return None if value == config_for(self._preset()).steps else value
 
     def _restore_loop(self, record: dict) -> None:
         """All loop settings of a reopened session (the preset's where the record is unreadable)."""
@@ -685,40 +759,47 @@ class AnnotateWidget(WorkerDock):
         except InputError as exc:
             show_error(f"{exc}; using the preset's settings")
             shift = self._shift()
-            config = config_for(shift)
+            config = config_for(self._preset())
+        chosen = record.get("chosen_shift")
+        self.chosen_shift = chosen if shift == "auto" and chosen in SHIFT_LABELS else None
         self.shift_combo.setCurrentIndex(list(SHIFT_LABELS).index(shift))  # applies the preset first
+        if isinstance(record.get("audit_share"), int | float) and 0 <= record["audit_share"] <= 0.9:
+            self.audit_spin.setValue(record["audit_share"])
+        self.rollback_check.setChecked(record.get("auto_rollback", True) is not False)
         self.config = config
         self.steps_spin.setValue(config.steps)
         self.samples_spin.setValue(config.samples)
         self.k_spin.setValue(config.batch)
 
-    def _start_finetune(self) -> None:
+    def _start_finetune(self, new_ids: list[int]) -> None:
+        """Score the new corrections against the rounds, apply do-no-harm, then fine-tune (one worker)."""
         self.config.steps = self.steps_spin.value()
         self.session.config["loop"] = self._loop_record()
         self.token = CancelToken()
-        pending = self.session.pending_ids()
         annotations = self.session.load_annotations()
-        seed = len(self.session.annotations)
-        worker = finetune_worker(
-            self.model,
-            annotations,
-            self._factor(),
-            self.config,
-            seed,
-            self.token,
-            TRAIN_THREADS,
-            self.origin,
-            self._self_label_boxes(),
-            self.session.read_patch,
-        )
+        batch = [a for a, record in zip(annotations, self.session.annotations, strict=True) if record["id"] in new_ids]
+        current = self.session.current_round
+        previous = current - 1 if current > 0 else None
+        models = {current: self.model, 0: self.origin}
+        if previous is not None:
+            models[previous] = self.session.load_model(previous, device=self.device_combo.currentText())
+        if self._shift() == "auto" and self.chosen_shift is None:
+            configs = {shift: self._config_of(shift, self._edited_steps()) for shift in ("centre", "organ")}
+        else:
+            configs = {self._preset(): self.config}
+        worker = submit_worker(
+            batch, models, current, previous, self.rollback_check.isChecked(), configs, annotations,
+            self._factor(), len(self.session.annotations), self.token, TRAIN_THREADS, self.origin,
+            self._self_label_boxes(), self.session.read_patch,
+        )  # fmt: skip
         worker.yielded.connect(self.training.on_event)
-        worker.returned.connect(lambda result: self._finetuned(result, pending))
-        worker.aborted.connect(lambda: self._finetuned(None, pending))
+        worker.returned.connect(lambda outcome: self._submitted(outcome, new_ids, current, previous))
+        worker.aborted.connect(lambda: self._finetuned(None))
         shares = {"replay": self.config.replay_share, "self-labels": self.config.self_share}
         memory = [name for name, share in shares.items() if share > 0]
         extra = f" (+ {', '.join(memory)})" if memory else ""
         self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches{extra}…")
-        self._run(worker, f"Saved {len(pending)} patches to {self.session.folder}; fine-tuning in the background.")
+        self._run(worker, f"Saved {len(new_ids)} patches to {self.session.folder}; scoring them, then fine-tuning.")
 
     def _run(self, worker, message: str) -> None:
         self.worker = worker
@@ -754,18 +835,51 @@ class AnnotateWidget(WorkerDock):
         spread = np.linspace(0, len(boxes) - 1, min(len(boxes), SELF_LABEL_PATCHES)).round().astype(int)
         return [boxes[i] for i in np.unique(spread)]
 
-    def _finetuned(self, result, pending: list[int]) -> None:
+    def _submitted(self, outcome: SubmitOutcome, new_ids: list[int], current: int, previous: int | None) -> None:
+        """Store the batch's scores, apply the do-no-harm verdict and ``auto``'s choice, then record the round."""
+        by_id = {i: {r: scores[k] for r, scores in outcome.scores.items()} for k, i in enumerate(new_ids)}
+        if outcome.comparison is not None:
+            self.session.config["changes"] = [*self.session.config.get("changes", []), outcome.comparison.delta]
+        if outcome.shift is not None:
+            edited = self._edited_steps()
+            self.chosen_shift = outcome.shift
+            self._shift_changed()  # the preset ``auto`` chose, from now on (steps the user set stay)
+            if edited is not None:
+                self.steps_spin.setValue(edited)
+            show_info(
+                f"Domain shift: {SHIFT_LABELS[outcome.shift]} (round 0 scored Dice {_batch_dice(outcome)} on your "
+                "first batch); its preset trains this round."
+            )
+        self.session.config["loop"] = self._loop_record()
+        if not self._save(lambda: self.session.record_scores(by_id)):
+            return
+        if worse_than(outcome.comparison):
+            verdict = f"round {current} scored {outcome.comparison.delta:+.3f} Dice against round {previous}"
+            if outcome.rolled_back and self._save(lambda: self.session.rollback(previous)):
+                self.model = outcome.start
+                self.notice = (
+                    f"Do no harm: {verdict} on your new corrections, so it was rolled back to round {previous}."
+                )
+            else:
+                self.notice = f"{verdict} on your new corrections: Undo round goes back to round {previous}."
+            show_warning(self.notice)
+        self._show_measure()
+        self._finetuned(outcome.result)
+
+    def _finetuned(self, result) -> None:
         if result is None:
             self.training.end("Cancelled; the model is unchanged.")
             self._set_status("Fine-tuning cancelled. Your annotations are saved and wait for the next round.")
             return
         loss = float(np.mean(result.losses[-5:])) if result.losses else None
+        pending = self.session.pending_ids()
         if not self._save(lambda: self.session.record_round(result.model, pending, loss, settings=self._loop_record())):
             self.training.end("Trained, but the round could not be saved; your corrections wait for the next Submit.")
             return
         self.model = result.model
         self.training.end(f"Round {self.session.current_round} done · loss {loss:.3f}")
         self._fill_history()
+        self._show_measure()
         self._follow_up = self._start_maps
 
     def cancel(self) -> None:
@@ -851,14 +965,47 @@ class AnnotateWidget(WorkerDock):
         self.history.setRowCount(len(rounds))
         for row, record in enumerate(rounds):
             dice_value = record.metrics.get("dice_truth")
+            estimate = pooled_estimate(self.session.scores_of(record.index, audits_only=True))
             cells = [
                 str(record.index),
                 str(len(record.annotation_ids)),
                 "—" if record.loss is None else f"{record.loss:.3f}",
+                "—" if estimate is None else estimate.text(),
                 "—" if dice_value is None else f"{dice_value:.3f}",
             ]
             for col, text in enumerate(cells):
                 self.history.setItem(row, col, QTableWidgetItem(text))
+
+    def measure_text(self) -> str:
+        """What the session knows of the model from the corrections: the estimate, the hard patches, the stop signal."""
+        session = self.session
+        scored = [r for r in range(session.current_round, -1, -1) if session.scores_of(r)]
+        if not scored:
+            return "The model is measured on your corrections from the first Submit on."
+        index = scored[0]
+        audit = pooled_estimate(session.scores_of(index, audits_only=True))
+        every = session.scores_of(index)
+        hard = pooled_estimate(every)
+        said = [f"Round {index}:"]
+        n_audit = len(session.scores_of(index, audits_only=True))
+        if audit is not None:
+            said.append(f"estimated Dice {audit.text()} on this slide ({n_audit} audit patches).")
+        else:
+            said.append("no audit patch scored yet (the estimate needs them; see Audit share).")
+        if hard is not None:
+            said.append(f"{hard.dice:.2f} on all {len(every)} corrections it had not trained on (hard ones: lower).")
+        if index < session.current_round:
+            said.append(f"Round {session.current_round} is measured by your next batch.")
+        target = self.target_spin.value() or None
+        signal = stop_signal(audit, session.config.get("changes", []), target, hard)
+        if signal is not None:
+            said.append(f"■ {signal[0].upper()}{signal[1:]}.")
+        return " ".join(said)
+
+    def _show_measure(self) -> None:
+        if self.session is not None:
+            self.measure_label.setText(self.measure_text())
+            self._fill_history()
 
     def _browse_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Model weights", "", "Weights (*.safetensors)")
@@ -907,3 +1054,13 @@ def _upsert(viewer: napari.Viewer, kind: type, name: str, data, **kwargs):
         return layer
     adders = {Image: viewer.add_image, Labels: viewer.add_labels, Shapes: viewer.add_shapes}
     return adders[kind](data, name=name, **kwargs)
+
+
+def _why(proposal: Proposal) -> str:
+    """The label of a queued patch: ``audit``, or its uncertainty score."""
+    return "audit" if proposal.audit else f"{proposal.score:.3f}"
+
+
+def _batch_dice(outcome: SubmitOutcome) -> str:
+    estimate = pooled_estimate(outcome.scores[0])
+    return "—" if estimate is None else f"{estimate.dice:.2f}"

@@ -65,7 +65,7 @@ def run_headless(args: argparse.Namespace) -> dict:
     trajectory = simulate(
         model, pool, test, budgets, "uncertainty", args.seed, factor, config, replay_pairs(), on_event=on_event,
         audit_share=args.audit_share, no_harm=args.no_harm == "on", presets=presets, target=target,
-        stop=not args.no_stop,
+        stop=not args.no_stop, closing_batch=True,
     )  # fmt: skip
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,7 @@ def run_headless(args: argparse.Namespace) -> dict:
         "shift": trajectory.shift,
         "rollbacks": trajectory.rollbacks,
         "stop": {"budget": trajectory.stop_budget, "reason": trajectory.stop_reason, "target": target},
+        "handed_over": {"round": trajectory.handed_over, "dice_global": trajectory.handed_over_dice},
         "picks": trajectory.picks,
         "seconds": round(time.perf_counter() - started, 1),
         "files": {"report": "report.json", "overlay": "overlay.png", "plot": "dice_vs_round.png"},
@@ -89,12 +90,16 @@ def run_headless(args: argparse.Namespace) -> dict:
         estimates=trajectory.estimated_dice, intervals=trajectory.estimate_interval,
         stop_budget=trajectory.stop_budget,
     )  # fmt: skip
-    models = {"before": model, f"after {trajectory.budgets[-1]} patches": trajectory.model}
+    models = {"before": model, f"round {trajectory.handed_over} (handed over)": trajectory.model}
     plot_overlay(models, pick_showcase(test), factor, config.samples, args.out / "overlay.png")
     atomic_write_json(args.out / "report.json", report)
     lines = [_line(c) for c in report["curve"]]
     if trajectory.stop_reason:
-        lines.append(f"stopped at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
+        lines.append(f"stop signal at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
+    lines.append(
+        f"handed over: round {trajectory.handed_over} (held-out Dice {trajectory.handed_over_dice:.3f}, "
+        f"{trajectory.rollbacks} rounds rolled back; checked on one more batch of corrections)"
+    )
     emit(
         args,
         report,

@@ -1,0 +1,72 @@
+"""The dock measures every round on fresh corrections: audits, the estimate, auto preset, do-no-harm (real viewer)."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import Qt
+
+from napari_uga._widgets.annotate import PROPOSALS, SHIFT_LABELS, AnnotateWidget
+from napari_uga.session import audit_pairs
+
+WAIT_MS = 180_000
+
+
+def _correct_all_and_submit(qtbot, wait_idle, dock) -> None:
+    """Open every queued patch (its prediction is the correction) and submit."""
+    qtbot.mouseClick(dock.propose_button, Qt.MouseButton.LeftButton)
+    for i in range(len(dock.proposals)):
+        dock.go_to(i)
+    dock.submit()
+    with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
+        pass
+    wait_idle(dock)
+
+
+def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_back(
+    qtbot, wait_idle, make_dock, make_napari_viewer
+):
+    dock = make_dock()
+    dock.model_edit.setText("")  # the shipped model: right on the demo slide
+    assert dock._shift() == "auto"
+    dock.audit_spin.setValue(0.34)  # one audit in each batch of three
+    qtbot.mouseClick(dock.compute_button, Qt.MouseButton.LeftButton)
+    wait_idle(dock)
+
+    _correct_all_and_submit(qtbot, wait_idle, dock)
+    session = dock.session
+    assert [a["audit"] for a in session.annotations].count(True) == 1
+    assert "audit" in list(dock.viewer.layers[PROPOSALS].features["why"])
+    assert all(set(a["scores"]) == {"0"} for a in session.annotations)  # scored before round 1 trained on them
+    assert dock.chosen_shift == "centre"  # the starting model clears the bar on this slide's first batch
+    assert session.config["loop"]["chosen_shift"] == "centre" and session.current_round == 1
+    assert dock.measure_label.text().startswith("Round 0: estimated Dice")
+
+    _correct_all_and_submit(qtbot, wait_idle, dock)  # round 1 is checked against round 0 on this batch
+    assert not dock.notice and session.current_round == 2 and len(session.config["changes"]) == 1
+
+    dock.config.lr, dock.config.anchor = 1.0, 0.0  # the next round is wrecked by a huge learning rate
+    _correct_all_and_submit(qtbot, wait_idle, dock)
+    assert session.current_round == 3
+    _correct_all_and_submit(qtbot, wait_idle, dock)  # the wrecked round 3 meets fresh corrections
+    assert dock.notice.startswith("Do no harm: round 3 scored") and "rolled back to round 2" in dock.notice
+    assert session.config["changes"][-1] < -0.01
+    assert session.current_round == 3 and session.rounds[3].annotation_ids  # retrained from round 2
+    scores = [a["scores"] for a in session.annotations]
+    assert all("2" in s and "3" not in s for s in scores[-3:])  # the undone round's scores are dropped
+    text = dock.measure_text()
+
+    folder = session.folder
+    pairs, mpp = audit_pairs(folder)  # readable while the dock holds the session
+    assert len(pairs) == 4 and mpp == session.images[dock.image_name]["mpp"]
+    assert all(p.image.shape[:2] == p.mask.shape and set(np.unique(p.mask)) <= {0, 1} for p in pairs)
+    dock.shutdown()
+
+    viewer = make_napari_viewer()
+    reopened = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(reopened)
+    reopened.open_session(folder)
+    wait_idle(reopened)
+    assert reopened.measure_text() == text and reopened.chosen_shift == "centre"
+    assert reopened.shift_combo.currentIndex() == list(SHIFT_LABELS).index("auto")
+    assert reopened.audit_spin.value() == 0.34
+    reopened.shutdown()
