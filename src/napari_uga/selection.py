@@ -10,8 +10,9 @@ The low-budget strategies follow the active-learning-on-a-budget literature (Hac
 ICML 2022): ``typical`` is TypiClust (cluster labelled and unlabelled patches into
 ``|labelled| + k`` clusters, take the densest unlabelled member of each cluster with the fewest
 labels, largest first), ``weighted`` is k-means++ seeding weighted by uncertainty (BADGE-like),
-and ``coverage`` is ``typical`` until :data:`COVERAGE_SWITCH` patches are labelled, then
-``uncertainty``. Each proposal records the rule and the value behind it in ``reason``.
+``coverage`` is ``typical`` until :data:`COVERAGE_SWITCH` patches are labelled, then
+``uncertainty``, and ``mixed`` fills half of each batch (rounded up) with ``typical`` picks and
+the rest with the most uncertain patches. Each proposal records the rule and the value behind it in ``reason``.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def score_candidates(
     return out
 
 
-STRATEGIES = ("uncertainty", "random", "typical", "weighted", "coverage")
+STRATEGIES = ("uncertainty", "random", "typical", "weighted", "coverage", "mixed")
 COVERAGE_SWITCH = 10  # labelled patches after which ``coverage`` ranks by uncertainty
 TYPICAL_NEIGHBOURS = 20  # TypiClust's k nearest neighbours for typicality
 
@@ -168,6 +169,8 @@ def select(
         tag = ""
     if strategy == "typical":
         picked = _typical(pool, labelled, k, rng)
+    elif strategy == "mixed":
+        picked = _mixed(pool, labelled, k, rng)
     elif strategy == "weighted":
         picked = _weighted(pool, labelled, k, rng)
     else:
@@ -250,6 +253,14 @@ def _typical(pool: Sequence[Candidate], labelled: Sequence[Candidate], k: int, r
         picked.append((pool[best], f"{why}, typicality {typical[best]:.3g}"))
         counts[g] += 1
     return picked
+
+
+def _mixed(pool: Sequence[Candidate], labelled: Sequence[Candidate], k: int, rng) -> list[tuple[Candidate, str]]:
+    """Half the batch (rounded up) typical, the rest the most uncertain of what does not overlap them."""
+    typical = _typical(pool, labelled, (k + 1) // 2, rng)
+    free = [c for c in pool if _free(c, typical)]
+    uncertain = _ranked(free, k - len(typical), "uncertainty", rng, "none")
+    return [(c, f"mixed: {why}") for c, why in [*typical, *uncertain]]
 
 
 def _weighted(pool: Sequence[Candidate], labelled: Sequence[Candidate], k: int, rng) -> list[tuple[Candidate, str]]:
