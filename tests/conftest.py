@@ -44,3 +44,27 @@ def tiny_model_path(tmp_path, tiny_model) -> Path:
 def rng() -> np.random.Generator:
     """A seeded generator."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture()
+def audit_session(tmp_path, tiny_model_path, umcu_pairs) -> Path:
+    """A real session folder whose slide is ten shipped UMCU tiles side by side (2 x 5, 0.243 µm/px).
+
+    Each tile is an audit patch with its real mask; one more correction, across two tiles, is
+    not an audit (an uncertainty-ranked patch). Tiles 1, 4, ..., 28: none of the others.
+    """
+    from napari_uga.selection import Box
+    from napari_uga.session import Session
+
+    tiles = umcu_pairs[1::3][:10]
+    image = np.concatenate([np.concatenate([p.image for p in tiles[r * 5 : r * 5 + 5]], 1) for r in (0, 1)], 0)
+    mask = np.concatenate([np.concatenate([p.mask for p in tiles[r * 5 : r * 5 + 5]], 1) for r in (0, 1)], 0)
+    folder = tmp_path / "audit_session"
+    session = Session.create(folder, tiny_model_path)
+    session.add_image("umcu", array=image, mpp=0.243)
+    boxes = [Box("umcu", 256 * (i // 5), 256 * (i % 5), 256, 256) for i in range(10)]
+    boxes.append(Box("umcu", 64, 128, 256, 256))
+    masks = [mask[b.y : b.y + b.h, b.x : b.x + b.w] for b in boxes]
+    session.add_annotations(boxes, masks, audits=[True] * 10 + [False])
+    session.close()
+    return folder

@@ -113,3 +113,40 @@ def test_error_paths_are_one_line(folders, tiny_model_path, tmp_path, capsys):
     junk = tmp_path / "junk.json"
     junk.write_text("[1, 2]")
     assert "QC model" in _error(capsys, ["--images", str(test / "images"), "--qc-model", str(junk), *model])
+
+
+def test_calibration_from_an_annotation_session(audit_session, sample_dir, tiny_model_path, tmp_path, capsys):
+    """A real session's ten audit patches calibrate QC at the session's µm/px (no --mpp), and the report says for
+    which patches the guarantee holds; too few audits for the rule, or no session, is one line."""
+    from napari_uga.cli.qc import _human
+
+    names = sorted(p.name for p in (sample_dir / "images").iterdir())
+    test = _subset(sample_dir, tmp_path / "test", names[3::14])  # tiles 3, 17, 31: none of them in the session
+    saved = tmp_path / "qc.json"
+    session = ["--calibration-session", str(audit_session), "--model", str(tiny_model_path)]
+    args = ["qc", "--images", str(test / "images"), "--masks", str(test / "masks"), *session, "--samples", "2",
+            "--rule", "fdr", "--save-qc-model", str(saved), "--json"]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibration"] == {
+        "source": "session",
+        "folder": str(audit_session.resolve()),
+        "patches": 10,
+        "guarantee": "for patches drawn at random from the tissue of the session's slides",
+        "mpp": 0.243,
+    }
+    assert out["rule"] == "fdr" and set(out["metrics"]) == KEYS and len(out["per_image"]) == 3
+    assert "cannot flag anything with 10 calibration images" in out["domain_note"]
+    fitted = json.loads(saved.read_text())["info"]["calibration_images"]
+    assert fitted == [f"umcu@y{256 * (i // 5)}x{256 * (i % 5)}" for i in range(10)]  # the audits, nothing else
+    assert f"calibrated on 10 audit patches of {audit_session.resolve()}: for patches drawn at random" in _human(out)
+
+    images = ["--images", str(test / "images"), *session]
+    assert "10 audit patches, too few for rule ltt, which needs at least 22 (all good)" in _error(capsys, images)
+    assert "or use rule fdr (needs 9)" in _error(capsys, images)
+    assert "not a napari-uga session folder" in _error(
+        capsys, ["--images", str(test / "images"), "--calibration-session", str(tmp_path)]
+    )
+    assert "--calibration-session replaces" in _error(
+        capsys, [*images, "--calibration-images", str(test / "images"), "--calibration-masks", str(test / "masks")]
+    )

@@ -150,3 +150,38 @@ def test_qc_map_layer_sits_over_the_patches_and_jumps_to_the_worst(qc_dock):
     np.testing.assert_allclose(qc_dock.viewer.camera.center[-2:], layer.data_to_world((768, 1280)))
     qc_dock.next_worst()
     np.testing.assert_allclose(qc_dock.viewer.camera.center[-2:], layer.data_to_world((256, 768)))
+
+
+def test_calibrate_from_a_session(qc_dock, qtbot, tmp_path, sample_dir, audit_session, monkeypatch):
+    """'Calibrate from a session…' picks a real session folder; its ten audit patches are too few for
+    Learn-then-Test (the status says how many it needs) and calibrate conformal selection, whose scope is shown."""
+    from qtpy.QtWidgets import QFileDialog, QPushButton
+
+    folder = tmp_path / "check"
+    (folder / "images").mkdir(parents=True)
+    for f in sorted((sample_dir / "images").iterdir())[3::14]:  # none of them in the session
+        shutil.copy(f, folder / "images" / f.name)
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a: str(audit_session))
+    button = next(b for b in qc_dock.findChildren(QPushButton) if b.text() == "Calibrate from a session…")
+    button.click()
+    assert qc_dock.cal_session_edit.text() == str(audit_session)
+    qc_dock.source_combo.setCurrentText(FOLDER)
+    qc_dock.folder_edit.setText(str(folder / "images"))
+    qc_dock.mpp_spin.setValue(0.243)
+    qc_dock.cal_images_edit.setText(str(folder / "images"))
+    qc_dock.cal_masks_edit.setText(str(folder / "images"))
+    qc_dock.run()
+    assert qc_dock.worker is None and "from labelled images or from a session, not both" in qc_dock.status.text()
+    qc_dock.cal_images_edit.clear()
+    qc_dock.cal_masks_edit.clear()
+    qc_dock.run()  # the calibration's rule: Learn-then-Test
+    qtbot.waitUntil(lambda: qc_dock.worker is None, timeout=WAIT_MS)
+    assert "10 audit patches, too few for rule ltt, which needs at least 22" in qc_dock.status.text()
+    qc_dock.rule_combo.setCurrentText("fdr")
+    qc_dock.run()
+    _wait(qtbot, qc_dock)
+    assert qc_dock.table.rowCount() == 3 and qc_dock.report["calibration"]["patches"] == 10
+    assert (
+        "Calibrated on 10 audit patches of the session: the guarantee holds for patches drawn at random from the "
+        "tissue of the session's slides." in qc_dock.status.text()
+    )

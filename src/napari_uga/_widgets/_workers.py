@@ -215,31 +215,42 @@ def qc_steps(
     model_path: str | None,
     pairs: list[Pair] | None,
     folder: tuple[str, str | None] | None,
-    calibration: tuple[str, str] | None,
+    calibration: tuple[str, str] | str | None,
     settings: dict,
 ):
-    """Load the network and the images, then run :func:`napari_uga.quality.iter_qc` (yields progress)."""
+    """Load the network and the images, then run :func:`napari_uga.quality.iter_qc` (yields progress).
+
+    ``calibration``: (images, masks) folders, or an annotation session folder (its audit patches,
+    at the session's µm/px; the report then gains their ``calibration`` entry).
+    """
     from ..io import load_pairs
     from ..models import load_model, working_factor
-    from ..quality import QCModel, iter_qc
+    from ..quality import DEFAULT_RULE, QCModel, iter_qc, session_calibration
 
     model = load_model(model_path, "auto")
     pairs = load_pairs(*folder) if pairs is None else pairs
-    cal = load_pairs(*calibration) if calibration else None
+    cal, cal_mpp, scope = None, settings["mpp"], None
+    if isinstance(calibration, str):
+        rule = settings.get("rule") or DEFAULT_RULE
+        cal, cal_mpp, scope = session_calibration(calibration, rule, settings["alpha"], settings["delta"], cal_mpp)
+    elif calibration:
+        cal = load_pairs(*calibration)
     qc_model = QCModel.load(settings["qc_model"]) if settings["qc_model"] else None
-    factor = working_factor(model, settings["mpp"])
-    result = yield from iter_qc(
+    report, qc = yield from iter_qc(
         model, pairs, cal, settings["alpha"], settings["delta"], settings["threshold"], settings["method"],
-        factor=factor, qc_model=qc_model, rule=settings.get("rule"),
+        factor=working_factor(model, settings["mpp"]), qc_model=qc_model, rule=settings.get("rule"),
+        calibration_factor=working_factor(model, cal_mpp),
     )  # fmt: skip
-    return result
+    if scope is not None:
+        report["calibration"] = scope
+    return report, qc
 
 
 def qc_worker(
     model_path: str | None,
     pairs: list[Pair] | None,
     folder: tuple[str, str | None] | None,
-    calibration: tuple[str, str] | None,
+    calibration: tuple[str, str] | str | None,
     settings: dict,
 ) -> GeneratorWorker:
     """An unstarted worker yielding (done, total) and returning (QC report, QC model)."""

@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io import InputError, Pair, list_images, read_image
-from ..quality import METHODS, RULES, QCModel, image_patches
+from ..quality import METHODS, RULES, SESSION_SCOPE, QCModel, image_patches
 from ..selection import Box
 from ._common import WorkerDock, follow_layers, refill_combo, view_box, zoom_to_box
 from ._workers import qc_worker
@@ -102,6 +102,12 @@ class QCWidget(WorkerDock):
         self.cal_images_edit.setPlaceholderText("calibration images (optional, labelled, same domain)")
         self.cal_masks_edit = QLineEdit()
         self.cal_masks_edit.setPlaceholderText("calibration masks")
+        self.cal_session_edit = QLineEdit()
+        self.cal_session_edit.setPlaceholderText("or an annotation session (its audit patches)")
+        self.cal_session_edit.setToolTip(
+            "Calibrate on the session's audit patches (drawn at random from the tissue, corrected): the guarantee "
+            f"then holds {SESSION_SCOPE}"
+        )
         self.model_edit = QLineEdit()
         self.model_edit.setPlaceholderText("network weights (empty: shipped model)")
         self.qc_model_edit = QLineEdit()
@@ -124,6 +130,11 @@ class QCWidget(WorkerDock):
         folder_row = QHBoxLayout()
         folder_row.addWidget(self.folder_edit)
         folder_row.addWidget(browse)
+        session_button = QPushButton("Calibrate from a session…")
+        session_button.clicked.connect(self._browse_session)
+        session_row = QHBoxLayout()
+        session_row.addWidget(self.cal_session_edit)
+        session_row.addWidget(session_button)
 
         form = QFormLayout()
         form.addRow("Check", self.source_combo)
@@ -133,6 +144,7 @@ class QCWidget(WorkerDock):
         form.addRow("Masks", self.masks_edit)
         form.addRow("Calibration", self.cal_images_edit)
         form.addRow("Calib. masks", self.cal_masks_edit)
+        form.addRow("Calib. session", session_row)
         # the less used settings fold away, so that the table keeps its room
         self.settings_box = QWidget()
         settings = QFormLayout(self.settings_box)
@@ -211,6 +223,11 @@ class QCWidget(WorkerDock):
         folder = QFileDialog.getExistingDirectory(self, "Images to check")
         if folder:
             self.folder_edit.setText(folder)
+
+    def _browse_session(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Annotation session to calibrate from")
+        if folder:
+            self.cal_session_edit.setText(folder)
 
     # -- running -----------------------------------------------------------------
     def _settings(self) -> dict:
@@ -299,10 +316,7 @@ class QCWidget(WorkerDock):
                 folder = (images, self.masks_edit.text().strip() or None)
                 if settings["mpp"] is None:
                     raise InputError("qc: image tiles carry no µm/px: enter it under Settings > µm / px")
-            cal_images, cal_masks = self.cal_images_edit.text().strip(), self.cal_masks_edit.text().strip()
-            if bool(cal_images) != bool(cal_masks):
-                raise InputError("qc: calibration images and masks go together")
-            calibration = (cal_images, cal_masks) if cal_images else None
+            calibration = self._calibration()
         except InputError as exc:
             show_error(str(exc))
             self.status.setText(str(exc))
@@ -319,6 +333,16 @@ class QCWidget(WorkerDock):
         self.progress.setValue(0)
         self.status.setText("Running QC (MC dropout x flips per image)…")
         worker.start()
+
+    def _calibration(self) -> tuple[str, str] | str | None:
+        """Labelled (images, masks) folders, an annotation session folder, or ``None`` (the QC model's own)."""
+        images, masks = self.cal_images_edit.text().strip(), self.cal_masks_edit.text().strip()
+        session = self.cal_session_edit.text().strip()
+        if bool(images) != bool(masks):
+            raise InputError("qc: calibration images and masks go together")
+        if session and images:
+            raise InputError("qc: calibrate from labelled images or from a session, not both")
+        return session or ((images, masks) if images else None)
 
     def cancel(self) -> None:
         """Stop the running QC at the next image."""
@@ -378,6 +402,10 @@ class QCWidget(WorkerDock):
         text = (f"{accepted}/{len(rows)} accepted ({rule}; "
                 f"Dice > {report['threshold']:.2f} with precision ≥ {1 - report['alpha']:.2f}, "
                 f"method {method}).")  # fmt: skip
+        scope = report.get("calibration")  # present when calibrated on a session's audit patches
+        if scope:
+            text += f" Calibrated on {scope['patches']} audit patches of the session: "
+            text += f"the guarantee holds {scope['guarantee']}."
         if report["note"]:
             text += " " + report["note"] + "."
         if report.get("domain_note"):

@@ -15,6 +15,13 @@ def register(sub) -> None:
     p.add_argument("--masks", type=Path, default=None, help="true masks, only to report QC metrics")
     p.add_argument("--calibration-images", type=Path, default=None, help="labelled target-domain images")
     p.add_argument("--calibration-masks", type=Path, default=None)
+    p.add_argument(
+        "--calibration-session",
+        type=Path,
+        default=None,
+        help="calibrate on an annotation session's audit patches (random tissue patches, corrected): the guarantee "
+        "then holds for patches drawn at random from the tissue of the session's slides",
+    )
     p.add_argument("--alpha", type=float, default=0.1, help="accepted images fail with rate <= alpha")
     p.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability >= 1 - delta")
     p.add_argument("--threshold", type=float, default=0.8, help="Dice that counts as a good segmentation")
@@ -51,11 +58,13 @@ def _validate(args: argparse.Namespace) -> None:
     from ..io import MPP_HINT, InputError, MissingScaleError
     from ..quality import METHODS
 
-    if args.mpp is None:  # image tiles carry no µm/px that QC could trust, and it is never guessed
+    if args.mpp is None and args.calibration_session is None:  # tiles carry no µm/px QC could trust; never guessed
         raise MissingScaleError(f"{args.images}: the images' µm/px is not known; {MPP_HINT}")
 
     if (args.calibration_images is None) != (args.calibration_masks is None):
         raise InputError("--calibration-images and --calibration-masks go together")
+    if args.calibration_session is not None and args.calibration_images is not None:
+        raise InputError("--calibration-session replaces --calibration-images/--calibration-masks: give one of them")
     for name in ("alpha", "delta"):
         if not 0 < getattr(args, name) < 1:
             raise InputError(f"--{name} must lie strictly between 0 and 1")
@@ -77,19 +86,34 @@ def run(args: argparse.Namespace) -> dict:
 
     _validate(args)
     pairs = load_pairs(args.images, args.masks)
-    calibration = None
-    if args.calibration_images is not None:
-        calibration = load_pairs(args.calibration_images, args.calibration_masks)
+    calibration, scope, cal_mpp = _calibration(args)
     qc = QCModel.load(args.qc_model) if args.qc_model is not None else None
     model = load_model_from_args(args)
-    factor = working_factor(model, args.mpp)
+    factor = working_factor(model, args.mpp or cal_mpp)  # the session's scale where --mpp is not given
     steps = iter_qc(model, pairs, calibration, args.alpha, args.delta, args.threshold, args.method,
-                    args.samples or QC_SAMPLES, factor, qc, args.rule, args.domain_level)  # fmt: skip
+                    args.samples or QC_SAMPLES, factor, qc, args.rule, args.domain_level,
+                    working_factor(model, cal_mpp))  # fmt: skip
     payload, qc = drive_steps(steps, progress_bar(len(pairs) + len(calibration or []), "qc", args.json))
+    if scope is not None:
+        payload["calibration"] = scope
     if args.save_qc_model is not None:
         qc.save(args.save_qc_model)
     emit(args, payload, _human(payload))
     return payload
+
+
+def _calibration(args: argparse.Namespace) -> tuple[list | None, dict | None, float]:
+    """The calibration pairs, the report's ``calibration`` entry and their µm/px (``--mpp`` unless a session says)."""
+    from ..io import load_pairs
+    from ..quality import DEFAULT_RULE, session_calibration
+
+    if args.calibration_images is not None:
+        return load_pairs(args.calibration_images, args.calibration_masks), None, args.mpp
+    if args.calibration_session is None:
+        return None, None, args.mpp
+    rule = args.rule or DEFAULT_RULE
+    pairs, mpp, scope = session_calibration(args.calibration_session, rule, args.alpha, args.delta, args.mpp)
+    return pairs, scope, mpp
 
 
 def drive_steps(steps, bar):
@@ -124,6 +148,9 @@ def _human(payload: dict) -> str:
             f"{row['name'][:40]:40s} {row['dice_pred']:9.3f} {decision:>8s} {true:>9s} {domain:>8s}  {row['reason']}"
         )
     lines.append(f"method {payload['method']}, {_guarantee(payload)}")
+    if "calibration" in payload:
+        scope = payload["calibration"]
+        lines.append(f"calibrated on {scope['patches']} audit patches of {scope['folder']}: {scope['guarantee']}")
     if payload["domain_note"]:
         lines.append(payload["domain_note"])
     if payload["method_reason"]:

@@ -30,12 +30,14 @@ deterministically at load time, so nothing is ever unpickled.
    reject at ``domain_level`` (default 0.05); otherwise it goes to review, with the p-value.
 
 Modules: :mod:`.features` (step 1), :mod:`.estimators` and :mod:`.auto` (step 2),
-:mod:`.conformal` (step 3), :mod:`.domain` (step 4), :mod:`.model` (:class:`QCModel`, fitting,
+:mod:`.conformal` (step 3), :mod:`.domain` (step 4), :mod:`.calibration` (an annotation session's
+audit patches as calibration), :mod:`.model` (:class:`QCModel`, fitting,
 files), :mod:`.metrics` (failure-detection metrics) and :mod:`.report` (:func:`iter_qc`,
 :func:`run_qc`, the report). Every name is importable from ``napari_uga.quality``.
 """
 
 from .auto import _cross_fit_rows, _naurc_gap_se, _score, _select_method
+from .calibration import SESSION_SCOPE, min_calibration, session_calibration
 from .conformal import conformal_cut, conformal_selection, min_accepted
 from .domain import (
     DOMAIN_LEVEL,
@@ -124,6 +126,7 @@ __all__ = [
     "QC_TILE",
     "QC_TTA",
     "RULES",
+    "SESSION_SCOPE",
     "SCORE_METHODS",
     "SCALE_PREFIX",
     "TEXTURE_PREFIX",
@@ -150,6 +153,7 @@ __all__ = [
     "iter_qc",
     "method_reason",
     "min_accepted",
+    "min_calibration",
     "model_features",
     "scale_signature",
     "naurc",
@@ -158,6 +162,7 @@ __all__ = [
     "rc_curve",
     "refit_for",
     "run_qc",
+    "session_calibration",
     # private helpers that tests and benchmarks reach for
     "_FITTED",
     "_acceptance_note",

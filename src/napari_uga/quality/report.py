@@ -182,6 +182,7 @@ def iter_qc(
     qc_model: QCModel | None = None,
     rule: str | None = None,
     domain_level: float | None = None,
+    calibration_factor: float | None = None,
 ) -> Generator[tuple[int, int], None, tuple[dict, QCModel]]:
     """QC as a generator: yields (images done, images total); returns (report, fitted QC model).
 
@@ -189,7 +190,8 @@ def iter_qc(
     otherwise ``qc_model`` or the shipped calibration is used, refitted from its stored rows
     when ``alpha``/``delta``/``threshold``/``method``/``rule`` differ from its own (:func:`refit_for`).
     ``domain_level``: the exchangeability gate's level (``None``: the QC model's own, else
-    :data:`~.domain.DOMAIN_LEVEL`; 0 turns it off).
+    :data:`~.domain.DOMAIN_LEVEL`; 0 turns it off). ``calibration_factor``: the calibration images'
+    source-to-working scale when it differs from the checked images' ``factor``.
     """
     if rule is not None:
         _checked_rule(rule)
@@ -204,7 +206,7 @@ def iter_qc(
     if calibration_pairs:
         cal_rows, cal_truth = [], []
         for pair in calibration_pairs:
-            row, pred = compute_features(model, pair.image, factor, samples)
+            row, pred = compute_features(model, pair.image, calibration_factor or factor, samples)
             cal_rows.append(row)
             cal_truth.append(dice(pred, pair.mask))
             done += 1
