@@ -73,7 +73,7 @@ class PatchScore:
 
 def score_patch(probability: np.ndarray, correction: np.ndarray) -> PatchScore:
     """Score a round's tumour probability (thresholded at 0.5) against the pathologist's 0/1 correction."""
-    probability, correction = np.asarray(probability, np.float64), np.asarray(correction) > 0
+    probability, correction = _finite(probability), np.asarray(correction) > 0
     if probability.shape != correction.shape:
         raise ValueError(f"prediction {probability.shape} and correction {correction.shape} differ in shape")
     prediction = probability >= 0.5
@@ -102,8 +102,13 @@ def score_rounds(models: dict, patches: Sequence[np.ndarray], masks: Sequence[np
 
 def expected_counts(probability: np.ndarray) -> tuple[float, float]:
     """Tumour pixels in both and true tumour pixels, as a round's own probabilities expect them."""
-    probability = np.asarray(probability, np.float64)
+    probability = _finite(probability)
     return float(probability[probability >= 0.5].sum()), float(probability.sum())
+
+
+def _finite(probability: np.ndarray) -> np.ndarray:
+    """Probabilities as float64, a broken round's NaN read as no tumour (so it scores as wrong, not as nothing)."""
+    return np.nan_to_num(np.asarray(probability, np.float64), nan=0.0, posinf=1.0, neginf=0.0)
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class Proxies:
     @classmethod
     def of(cls, probabilities) -> Proxies:
         """The proxies of patches given as probability crops."""
-        rows = [(np.count_nonzero(np.asarray(p) >= 0.5), *expected_counts(p)) for p in probabilities]
+        rows = [(np.count_nonzero(_finite(p) >= 0.5), *expected_counts(p)) for p in probabilities]
         table = np.array(rows, np.float64).reshape(-1, 3)
         return cls(table[:, 0], table[:, 1], table[:, 2])
 

@@ -279,6 +279,7 @@ class Trajectory:
     shift: str | None = None  # the preset the run used (chosen from the first batch with ``auto``)
     stop_budget: int | None = None  # the budget at which the stop signal first spoke
     stop_reason: str | None = None
+    pool_dice: list[float | None] = field(default_factory=list)  # on the pool tiles not annotated yet (benchmarks)
     handed_over: int | None = None  # the round the session ends with (after the closing batch's check)
     handed_over_dice: float | None = None
 
@@ -361,6 +362,7 @@ def simulate(
     target: float | None = None,
     stop: bool = False,
     closing_batch: bool = False,
+    pool_truth: bool = False,
 ) -> Trajectory:
     """Run the oracle loop: annotate in batches of ``config.batch`` until each budget, evaluate.
 
@@ -373,7 +375,8 @@ def simulate(
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
     ``closing_batch``: one more batch after the last budget, scored and not trained on, so the
     last round has an in-session estimate and a do-no-harm check before the session hands it
-    over (``handed_over``); it costs one batch more.
+    over (``handed_over``); it costs one batch more. ``pool_truth``: also measure each budget's
+    model on the pool tiles not annotated yet (the tissue the in-session estimate is about).
 
     The model is fine-tuned (continuing from the round in use) on all annotations so far.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
@@ -429,6 +432,10 @@ def simulate(
         result.round_in_use.append(in_use)
         result.rollbacks_by_budget.append(result.rollbacks)
         result.dice_global.append(evaluate(ledger.rounds[in_use], test, factor)["dice_global"])
+        if pool_truth:
+            annotated = {a.box.image for a in annotations}
+            unseen = [p for p in pool if p.name not in annotated]
+            result.pool_dice.append(evaluate(ledger.rounds[in_use], unseen, factor)["dice_global"] if unseen else None)
         _say(on_event, f"budget {budget}: Dice {result.dice_global[-1]:.3f}", "evaluate", budget, max(budgets))
     if closing_batch:
         picks = _batch(
