@@ -152,6 +152,10 @@ def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
         assert len(c["per_seed"]) == 2
         assert c["dice_global"] == pytest.approx(np.mean(c["per_seed"]))
         assert c["dice_global_std"] == pytest.approx(np.std(c["per_seed"]))
+        assert len(c["estimated_dice_per_seed"]) == 2 and isinstance(c["rollbacks"], int)
+        known = [e for e in c["estimated_dice_per_seed"] if e is not None]
+        assert c["estimated_dice"] == (pytest.approx(np.mean(known)) if known else None)
+    assert out["shift"] == ["organ", "organ"]  # given, not chosen
 
 
 def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
@@ -177,6 +181,9 @@ def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert [c["budget"] for c in report["curve"]] == [0, 2]
     assert not set(report["pool"]) & set(report["test"])
+    assert report["shift"] in ("centre", "organ")  # --shift auto (the default) chose from the first batch
+    assert {"estimated_dice", "estimate_interval", "round_in_use"} <= set(report["curve"][1])
+    assert report["handed_over"]["round"] in (0, 1) and 0 <= report["handed_over"]["dice_global"] <= 1
     for name in ("overlay.png", "dice_vs_round.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 5000
 

@@ -210,22 +210,37 @@ def ppi_estimate(scores: Sequence[PatchScore], proxies: Proxies, level: float = 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Pooled Dice of a newer round minus an older one on the same fresh patches, with its interval."""
+    """A newer round's score minus an older one's on the same fresh patches, with its interval.
+
+    ``measure``: ``dice`` (pooled), or ``accuracy`` (share of pixels right) on a batch where
+    one of the rounds has no tumour to score: neither marks nor predicts any.
+    """
 
     delta: float
     low: float
     high: float
     n: int
+    measure: str = "dice"
 
 
 def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], level: float = LEVEL) -> Comparison | None:
-    """Paired difference of two rounds' pooled Dice on the same patches (delta method, as :func:`pooled_estimate`)."""
+    """Paired difference of two rounds on the same patches (delta method, as :func:`pooled_estimate`).
+
+    Pooled Dice where both rounds have tumour to score on the batch; else pixel accuracy, so a
+    batch of tumour-free tissue still tells a round that marks tumour there from one that does
+    not. ``None`` for no patches.
+    """
     if len(newer) != len(older):
         raise ValueError(f"compare_rounds: {len(newer)} and {len(older)} scores are not the same patches")
+    if not newer:
+        return None
     a_new, b_new = _ratio_terms(newer)
     a_old, b_old = _ratio_terms(older)
     if b_new.sum() == 0 or b_old.sum() == 0:
-        return None
+        differences = np.array([o.changed - n.changed for n, o in zip(newer, older, strict=True)])
+        half = _t_half_width(differences, 1.0, level)
+        delta = float(differences.mean())
+        return Comparison(delta, delta - half, delta + half, len(newer), "accuracy")
     r_new, r_old = a_new.sum() / b_new.sum(), a_old.sum() / b_old.sum()
     # linearised difference per patch: each ratio's residual over its own mean denominator
     residuals = (a_new - r_new * b_new) / b_new.mean() - (a_old - r_old * b_old) / b_old.mean()

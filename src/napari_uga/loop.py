@@ -276,7 +276,7 @@ class Trajectory:
     round_in_use: list[int] = field(default_factory=list)
     rollbacks: int = 0
     rollbacks_by_budget: list[int] = field(default_factory=list)  # rounds rolled back up to each budget
-    shift: str | None = None  # the preset the run used (chosen from the first batch with ``auto``)
+    shift: str | None = None  # the preset ``auto`` chose from the first batch (``None`` when one was given)
     stop_budget: int | None = None  # the budget at which the stop signal first spoke
     stop_reason: str | None = None
     pool_dice: list[float | None] = field(default_factory=list)  # on the pool tiles not annotated yet (benchmarks)
@@ -386,7 +386,7 @@ def simulate(
     config = LoopConfig() if config is None else config
     torch.manual_seed(seed)
     oracle = Oracle(pool)
-    result = Trajectory(shift=None if presets else "given")
+    result = Trajectory()
     ledger = _Ledger(pool, [c.box for c in random_candidates(pool, config)], factor)
     in_use = ledger.add_round(model, None)
     annotations: list[Annotation] = []

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 from .._sample_data import TRUTH_NAME
 from ..audit import HARM_MARGIN, pooled_estimate, stop_signal, worse_than
 from ..io import SAMPLE_MPP, InputError, read_mask
-from ..loop import audit_count, config_for, config_from_record
+from ..loop import SHIFTS, audit_count, config_for, config_from_record
 from ..metrics import dice
 from ..selection import Box, Proposal, select
 from ..session import Session, SessionWriteError, SlideMissingError
@@ -784,7 +784,10 @@ class AnnotateWidget(WorkerDock):
         if previous is not None:
             models[previous] = self.session.load_model(previous, device=self.device_combo.currentText())
         if self._shift() == "auto" and self.chosen_shift is None:
-            configs = {shift: self._config_of(shift, self._edited_steps()) for shift in ("centre", "organ")}
+            steps = self._edited_steps()
+            configs = {
+                s: replace(self.config, **SHIFTS[s], **({} if steps is None else {"steps": steps})) for s in SHIFTS
+            }
         else:
             configs = {self._preset(): self.config}
         worker = submit_worker(
@@ -854,7 +857,8 @@ class AnnotateWidget(WorkerDock):
         if not self._save(lambda: self.session.record_scores(by_id)):
             return
         if worse_than(outcome.comparison):
-            verdict = f"round {current} scored {outcome.comparison.delta:+.3f} Dice against round {previous}"
+            c = outcome.comparison
+            verdict = f"round {current} scored {c.delta:+.3f} {c.measure} against round {previous}"
             if outcome.rolled_back and self._save(lambda: self.session.rollback(previous)):
                 self.model = outcome.start
                 self.notice = (
@@ -990,6 +994,8 @@ class AnnotateWidget(WorkerDock):
         n_audit = len(session.scores_of(index, audits_only=True))
         if audit is not None:
             said.append(f"estimated Dice {audit.text()} on this slide ({n_audit} audit patches).")
+        elif n_audit:
+            said.append(f"its {n_audit} audit patches hold no tumour, marked or predicted: no Dice to estimate yet.")
         else:
             said.append("no audit patch scored yet (the estimate needs them; see Audit share).")
         if hard is not None:

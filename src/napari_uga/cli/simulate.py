@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         "strategy": args.strategy,
         "curve": curve,
         "picks": [r.picks for r in runs],
-        "shift": [r.shift for r in runs],
+        "shift": [r.shift or args.shift for r in runs],
         "stop": [{"budget": r.stop_budget, "reason": r.stop_reason} for r in runs],
     }
     human = "\n".join(
