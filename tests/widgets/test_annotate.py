@@ -93,7 +93,7 @@ def test_cancel_keeps_no_partial_checkpoint(qtbot, wait_idle, dock):
     assert dock.session.current_round == 0
     assert dock.session.pending_ids() == [1]
     assert dock.compute_button.isEnabled() and dock.propose_button.isEnabled()
-    assert not dock.training.cancel_button.isEnabled()
+    assert not dock.training.cancel_button.isEnabled(), (dock.training.status.text(), dock.status.text())
     assert "Cancelled" in dock.training.status.text()
 
 

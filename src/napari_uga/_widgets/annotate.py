@@ -742,10 +742,9 @@ class AnnotateWidget(WorkerDock):
         self.config = self._config_of(self._preset())
         self.steps_spin.setValue(self.config.steps)
 
-    def _config_of(self, shift: str, steps: int | None = None):
-        """A preset's settings with the dock's samples, batch and patch (and ``steps`` if given)."""
-        kept = {"samples": self.config.samples, "batch": self.config.batch, "patch": self.config.patch}
-        return config_for(shift, **kept, **({} if steps is None else {"steps": steps}))
+    def _config_of(self, shift: str):
+        """A preset's settings with the dock's samples, batch and patch."""
+        return config_for(shift, samples=self.config.samples, batch=self.config.batch, patch=self.config.patch)
 
     def _edited_steps(self) -> int | None:
         """The steps box's value where the user changed it from what the preset in use shows, else ``None``."""
@@ -785,9 +784,8 @@ class AnnotateWidget(WorkerDock):
             models[previous] = self.session.load_model(previous, device=self.device_combo.currentText())
         if self._shift() == "auto" and self.chosen_shift is None:
             steps = self._edited_steps()
-            configs = {
-                s: replace(self.config, **SHIFTS[s], **({} if steps is None else {"steps": steps})) for s in SHIFTS
-            }
+            edited = {} if steps is None else {"steps": steps}
+            configs = {s: replace(self.config, **{**SHIFTS[s], **edited}) for s in SHIFTS}
         else:
             configs = {self._preset(): self.config}
         worker = submit_worker(
@@ -797,7 +795,6 @@ class AnnotateWidget(WorkerDock):
         )  # fmt: skip
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda outcome: self._submitted(outcome, new_ids, current, previous))
-        worker.aborted.connect(lambda: self._finetuned(None))
         shares = {"replay": self.config.replay_share, "self-labels": self.config.self_share}
         memory = [name for name, share in shares.items() if share > 0]
         extra = f" (+ {', '.join(memory)})" if memory else ""
@@ -887,10 +884,12 @@ class AnnotateWidget(WorkerDock):
         self._follow_up = self._start_maps
 
     def cancel(self) -> None:
-        """Stop a running fine-tune at its next step (nothing half-trained is kept)."""
+        """Stop a running fine-tune at its next step (nothing half-trained is kept).
+
+        Only the token: the worker then returns normally, so the batch's scores are still saved
+        (a worker told to quit would drop its return value).
+        """
         self.token.set()
-        if self.worker is not None:
-            self.worker.quit()
 
     def shutdown(self, timeout_ms: int = 5000) -> None:
         """Stop the fine-tune and the maps, wait for both, and release the session (called when the dock closes)."""
