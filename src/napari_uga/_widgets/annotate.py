@@ -669,6 +669,9 @@ class AnnotateWidget(WorkerDock):
             annotation.selected_label = 1
             annotation.mode = "paint"
             self.viewer.layers.selection.active = annotation
+        self._set_status(
+            f"Patch {index + 1}: {patch.reason or f'uncertainty {patch.score:.3f} (the most uncertain first)'}"
+        )
         self._update_controls()
 
     def _color_queue(self) -> None:

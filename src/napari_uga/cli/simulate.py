@@ -17,7 +17,16 @@ def register(sub) -> None:
     p.add_argument("--test-images", type=Path, required=True)
     p.add_argument("--test-masks", type=Path, required=True)
     p.add_argument("--budgets", default="0,5,10", help="comma-separated numbers of annotated patches")
-    p.add_argument("--strategy", choices=("uncertainty", "random"), default="uncertainty")
+    from ..selection import STRATEGIES
+
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="uncertainty",
+        help="how patches are proposed: uncertainty (the default), random, or the low-budget rules typical "
+        "(TypiClust), weighted (uncertainty-weighted k-means++), coverage (typical, then uncertainty), mixed "
+        "(see docs/benchmarks.md: none beat random on EBHI report splits)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (random choice and training noise)")
     p.add_argument("--patch-size", type=int, default=256, help="patch side at full resolution")
     add_loop_options(p)
