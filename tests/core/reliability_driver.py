@@ -152,7 +152,7 @@ def work(folder: Path, phase: str, seed: int) -> None:
             submit(int(rng.integers(1, 4)))
     elif phase == "finetune":
         config = LoopConfig(steps=25, batch_size=2, crop=64, replay_share=0.0, self_share=0.0)
-        factor = working_factor(model, session.images[name].get("mpp"))
+        factor = working_factor(model, slide.mpp)
         while True:
             submit(1)
             annotations = session.load_annotations(session.pending_ids())
