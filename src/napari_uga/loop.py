@@ -296,7 +296,7 @@ class _Ledger:
     tissue: list[Box]
     factor: float
     rounds: list[UNet] = field(default_factory=list)
-    parents: list[int | None] = field(default_factory=list)
+    tuned_from: list[int | None] = field(default_factory=list)
     maps: list[dict[str, np.ndarray]] = field(default_factory=list)
     proxies: list[Proxies] = field(default_factory=list)
     scores: list[tuple[bool, dict[int, PatchScore]]] = field(default_factory=list)
@@ -306,7 +306,7 @@ class _Ledger:
         """A new round: its probability map of every pool image and the proxies of the tissue patches."""
         maps = {p.name: predict_probability(model, p.image, factor=self.factor).astype(np.float16) for p in self.pool}
         self.rounds.append(model)
-        self.parents.append(parent)
+        self.tuned_from.append(parent)
         self.maps.append(maps)
         self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
         return len(self.rounds) - 1
@@ -465,7 +465,7 @@ def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, fact
 
 def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:
     """Compare the round in use with the round it was tuned from on a fresh batch; the round to keep."""
-    parent = ledger.parents[in_use]
+    parent = ledger.tuned_from[in_use]
     if parent is None:
         return in_use
     comparison = compare_rounds([s[in_use] for s in fresh], [s[parent] for s in fresh])
