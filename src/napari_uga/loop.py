@@ -382,8 +382,8 @@ def simulate(
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
     """
     rng = np.random.default_rng(seed)
-    config = (presets or {}).get("centre", config) if config is None else config
-    config = LoopConfig() if config is None else config
+    if config is None:
+        config = presets["centre"] if presets else LoopConfig()
     torch.manual_seed(seed)
     oracle = Oracle(pool)
     result = Trajectory()

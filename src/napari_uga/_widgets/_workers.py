@@ -138,19 +138,14 @@ def submit_events(
     previous: int | None,
     auto_rollback: bool,
     configs: dict[str, LoopConfig],
-    annotations: Sequence[Annotation],
     factor: float,
-    seed: int,
-    cancel: CancelToken,
-    threads: int | None = None,
-    origin: UNet | None = None,
-    self_label_boxes: Sequence[Box] = (),
-    read_patch: Callable[[Box], np.ndarray] | None = None,
+    tune: Callable[[UNet, LoopConfig], Iterator[ProgressEvent]],
 ) -> Iterator[ProgressEvent]:
     """Test-then-train: score the new corrections against the rounds, apply do-no-harm, then fine-tune.
 
     ``configs``: the loop settings, one entry (the preset in use) or ``centre`` and ``organ``
-    when ``auto`` still has to choose from this batch. Returns a :class:`SubmitOutcome`.
+    when ``auto`` still has to choose from this batch. ``tune(start, config=...)``: the fine-tune
+    (:func:`finetune_events` with the session's annotations bound). Returns a :class:`SubmitOutcome`.
     """
     yield progress_event("scoring", 0, len(models), f"scoring {len(batch)} corrections against {len(models)} rounds")
     try:
@@ -162,9 +157,7 @@ def submit_events(
     shift = choose_shift(scores[0]) if len(configs) > 1 else None
     config = configs[shift] if shift is not None else next(iter(configs.values()))
     start = models[previous] if rolled_back else models[current]
-    result = yield from finetune_events(
-        start, annotations, factor, config, seed, cancel, threads, origin, self_label_boxes, read_patch
-    )
+    result = yield from tune(start, config=config)
     return SubmitOutcome(scores, comparison, rolled_back, shift, start, result)
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,7 +65,7 @@ from ..tiles import (
 from ..training import CancelToken
 from ..wsi import MAX_FLAT_SIDE, Slide, fingerprint
 from ._common import WorkerDock, follow_layers, refill_combo, view_box, zoom_to_box
-from ._workers import SubmitOutcome, maps_worker, submit_worker
+from ._workers import SubmitOutcome, finetune_events, maps_worker, submit_worker
 from .training import TrainingWidget
 
 if TYPE_CHECKING:
@@ -791,11 +792,14 @@ class AnnotateWidget(WorkerDock):
             configs = {s: replace(self.config, **{**SHIFTS[s], **edited}) for s in SHIFTS}
         else:
             configs = {self._preset(): self.config}
-        worker = submit_worker(
-            batch, models, current, previous, self.rollback_check.isChecked(), configs, annotations,
-            self._factor(), len(self.session.annotations), self.token, TRAIN_THREADS, self.origin,
-            self._self_label_boxes(), self.session.read_patch,
+        tune = partial(
+            finetune_events, annotations=annotations, factor=self._factor(), seed=len(self.session.annotations),
+            cancel=self.token, threads=TRAIN_THREADS, origin=self.origin,
+            self_label_boxes=self._self_label_boxes(), read_patch=self.session.read_patch,
         )  # fmt: skip
+        worker = submit_worker(
+            batch, models, current, previous, self.rollback_check.isChecked(), configs, self._factor(), tune
+        )
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda outcome: self._submitted(outcome, new_ids, current, previous))
         shares = {"replay": self.config.replay_share, "self-labels": self.config.self_share}
@@ -882,7 +886,6 @@ class AnnotateWidget(WorkerDock):
             return
         self.model = result.model
         self.training.end(f"Round {self.session.current_round} done · loss {loss:.3f}")
-        self._fill_history()
         self._show_measure()
         self._follow_up = self._start_maps
 
@@ -985,15 +988,13 @@ class AnnotateWidget(WorkerDock):
     def measure_text(self) -> str:
         """What the session knows of the model from the corrections: the estimate, the hard patches, the stop signal."""
         session = self.session
-        scored = [r for r in range(session.current_round, -1, -1) if session.scores_of(r)]
-        if not scored:
+        index = next((r for r in range(session.current_round, -1, -1) if session.scores_of(r)), None)
+        if index is None:
             return "The model is measured on your corrections from the first Submit on."
-        index = scored[0]
-        audit = pooled_estimate(session.scores_of(index, audits_only=True))
-        every = session.scores_of(index)
-        hard = pooled_estimate(every)
+        audits, every = session.scores_of(index, audits_only=True), session.scores_of(index)
+        audit, hard = pooled_estimate(audits), pooled_estimate(every)
         said = [f"Round {index}:"]
-        n_audit = len(session.scores_of(index, audits_only=True))
+        n_audit = len(audits)
         if audit is not None:
             said.append(f"estimated Dice {audit.text()} on this slide ({n_audit} audit patches).")
         elif n_audit:
