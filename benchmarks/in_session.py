@@ -51,6 +51,7 @@ VARIANTS = {
     "no_audit": {"audit_share": 0.0, "no_harm": True},
 }
 BUDGETS = [0, 5, 10, 20]
+OUT = RESULTS / "in_session.json"
 
 
 def rumc_split() -> tuple[str, list, list, float]:
@@ -83,9 +84,10 @@ def first_batch(model, split, seed: int) -> float | None:
 def run(model, split, variant: str, seed: int, replay) -> dict:
     """One simulate run of a variant (cached)."""
     name, pool, test, mpp = split
-    path = CACHE / f"{name.replace(' ', '_').replace('->', '_to_')}_{variant}_seed{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    done = _load(name, variant, seed)
+    if done is not None:
+        return done
+    path = _cached(name, variant, seed)
     started = time.perf_counter()
     presets = {shift: config_for(shift) for shift in ("centre", "organ")}
     t = simulate(
@@ -105,11 +107,29 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "stop": t.stop_budget,
         "handed_over": t.handed_over,
         "handed_over_dice": t.handed_over_dice,
+        "handover_rule": "start",  # handed over only if at least as good as the starting model on the closing batch
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return record
+
+
+def _cached(name: str, variant: str, seed: int) -> Path:
+    return CACHE / f"{name.replace(' ', '_').replace('->', '_to_')}_{variant}_seed{seed}.json"
+
+
+def _load(name: str, variant: str, seed: int) -> dict | None:
+    """A finished run from the cache; ``harm_off`` reuses the default run where the rule never acted."""
+    path = _cached(name, variant, seed)
+    if path.exists():
+        return json.loads(path.read_text())
+    default = _cached(name, "default", seed)
+    if variant == "harm_off" and default.exists():
+        record = json.loads(default.read_text())
+        if record["rollbacks"][-1] == 0 and record["handed_over"] == record["round_in_use"][-1]:
+            return record  # no rollback: without the rule it is the same run (simulate is deterministic)
+    return None
 
 
 def summarise(name: str, variant: str, runs: list[dict]) -> dict:
@@ -129,8 +149,9 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
     out["worst_drop"] = float((dice - dice[:, :1]).min())  # most negative (budget Dice - zero-shot) of any seed
     out["harmed_runs"] = int(((dice - dice[:, :1]) < -0.01).any(1).sum())
     out["rollbacks"] = int(sum(r["rollbacks"][-1] for r in runs))
-    handed = np.array([r["handed_over_dice"] for r in runs])
-    out["handed_over_drop"] = float((handed - dice[:, 0]).min())  # the model the session ends with, worst seed
+    ruled = [r for r in runs if r.get("handover_rule") == "start"]  # runs cached before the rule lack it
+    out["handed_over_drop"] = min((r["handed_over_dice"] - r["dice"][0] for r in ruled), default=None)
+    out["handed_over_runs"] = len(ruled)  # the worst seed's drop of the model the session ends with
     means = "  ".join(
         f"{b}: {m:.3f}±{s:.3f}" for b, m, s in zip(BUDGETS, out["dice_mean"], out["dice_sd"], strict=True)
     )
@@ -139,7 +160,8 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
         f"{_f(out['error_vs_dice'])} cover {_f(out['coverage_vs_dice'])}, vs pool {_f(out['error_vs_pool_dice'])} "
         f"cover {_f(out['coverage_vs_pool_dice'])} | worst drop {out['worst_drop']:+.3f}, "
         f"harmed {out['harmed_runs']}/{len(runs)}, "
-        f"rollbacks {out['rollbacks']} | handed over: worst drop {out['handed_over_drop']:+.3f} | shift {out['shift']}",
+        f"rollbacks {out['rollbacks']} | handed over (n {len(ruled)}): worst drop {_f(out['handed_over_drop'])} "
+        f"| shift {out['shift']}",
         flush=True,
     )
     return out
@@ -155,6 +177,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--variants", default="default,harm_off,no_audit")
     parser.add_argument("--only", default="", help="run only the splits whose name contains this")
+    parser.add_argument("--summary", action="store_true", help="summarise the cached runs only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(device="cpu")
@@ -165,20 +188,19 @@ def main() -> None:
         return
     replay = replay_pairs()
     splits = [*umcu_splits(), *ebhi_splits("report", 1)]
-    results = {}
-    for seed in range(args.seeds):  # seeds outermost: a partial grid is already balanced
-        for split in splits:
-            if args.only in split[0]:
-                for variant in args.variants.split(","):
+    chosen = [split for split in splits if args.only in split[0]]
+    if not args.summary:
+        for variant in args.variants.split(","):  # variants outermost: the default grid is complete first
+            for seed in range(args.seeds):
+                for split in chosen:
                     run(model, split, variant, seed, replay)
-    for split in splits:
-        if args.only not in split[0]:
-            continue
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for split in chosen:
         for variant in args.variants.split(","):
-            runs = [run(model, split, variant, seed, replay) for seed in range(args.seeds)]
-            results[f"{split[0]} / {variant}"] = summarise(split[0], variant, runs)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "in_session.json").write_text(json.dumps(results, indent=1))
+            runs = [r for s in range(args.seeds) if (r := _load(split[0], variant, s)) is not None]
+            if runs:
+                results[f"{split[0]} / {variant}"] = summarise(split[0], variant, runs)
+    OUT.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -375,7 +375,8 @@ def simulate(
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
     ``closing_batch``: one more batch after the last budget, scored and not trained on, so the
     last round has an in-session estimate and a do-no-harm check before the session hands it
-    over (``handed_over``); it costs one batch more. ``pool_truth``: also measure each budget's
+    over (``handed_over``; with ``no_harm``, only if it scores at least as well as the starting
+    model on that batch, :func:`_hand_over`); it costs one batch more. ``pool_truth``: also measure each budget's
     model on the pool tiles not annotated yet (the tissue the in-session estimate is about).
 
     The model is fine-tuned (continuing from the round in use) on all annotations so far.
@@ -444,6 +445,7 @@ def simulate(
         fresh = ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks]) if picks else []
         if fresh:
             in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
+            in_use = _hand_over(ledger, in_use, fresh, no_harm, on_event)
     _fill_estimates(result, ledger)
     result.handed_over = in_use
     result.handed_over_dice = (
@@ -475,6 +477,21 @@ def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, 
     result.rollbacks += 1
     _say(on_event, f"round {in_use} scored {comparison.delta:+.3f} against round {parent}: rolled back")
     return parent
+
+
+def _hand_over(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, on_event) -> int:
+    """The round to hand over: a tuned round must score at least as well as the starting model on the closing batch.
+
+    At the end of a session the burden of proof is on the change: a round that only ties the
+    starting model within the noise of a few patches is not handed over in its place.
+    """
+    if not no_harm or in_use == 0:
+        return in_use
+    comparison = compare_rounds([s[in_use] for s in fresh], [s[0] for s in fresh])
+    if comparison is None or comparison.delta >= 0:
+        return in_use
+    _say(on_event, f"round {in_use} scored {comparison.delta:+.3f} against the starting model: handing over round 0")
+    return 0
 
 
 def _fill_estimates(result: Trajectory, ledger: _Ledger) -> None:

@@ -1,9 +1,11 @@
 """In-session measurement on real tiles: test-then-train scores, the audit estimate, do-no-harm, auto preset."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from napari_uga.audit import (
     PatchScore,
@@ -17,7 +19,7 @@ from napari_uga.audit import (
     worse_than,
 )
 from napari_uga.io import load_pairs
-from napari_uga.loop import LoopConfig, Oracle, audit_count, draw_audits, simulate
+from napari_uga.loop import LoopConfig, Oracle, _hand_over, _Ledger, audit_count, draw_audits, simulate
 from napari_uga.models import load_model
 from napari_uga.selection import Box
 from napari_uga.training import evaluate
@@ -137,3 +139,20 @@ def test_auto_shift_and_stop_end_a_session_that_is_already_right(shipped, umcu_p
     assert run.shift == "centre" and run.stop_budget == 4 and "clears your target 0.40" in run.stop_reason
     assert run.budgets == [0, 4] and run.round_in_use == [0, 0]  # stopped before training on what it did not need
     assert run.dice_global[1] == run.dice_global[0]
+
+
+def test_a_round_that_does_not_match_the_starting_model_is_not_handed_over(shipped, umcu_pairs):
+    """At the end the burden of proof is on the change: a tuned round that scores below round 0 is not handed over."""
+    pool = [p for p in umcu_pairs if p.mask.any()][:4]
+    blind = copy.deepcopy(shipped)
+    with torch.no_grad():
+        blind.head_out.bias.fill_(-20.0)  # an injected fault: the round marks no tumour anywhere
+    ledger = _Ledger(pool, [], 0.5)
+    ledger.add_round(shipped, None)
+    ledger.add_round(blind, 0)
+    same = ledger.add_round(copy.deepcopy(shipped), 0)
+    oracle = Oracle(pool)
+    fresh = ledger.score([oracle.annotate(Box(p.name, 0, 0, *p.image.shape[:2])) for p in pool], [True] * len(pool))
+    assert _hand_over(ledger, 1, fresh, True, None) == 0  # the blind round is replaced by the starting model
+    assert _hand_over(ledger, 1, fresh, False, None) == 1  # without the rule it is handed over as it is
+    assert _hand_over(ledger, same, fresh, True, None) == same  # a tie keeps the round: it is no worse
