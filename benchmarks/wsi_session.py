@@ -127,7 +127,7 @@ def view_tiles(plan, centre_working: tuple[float, float]) -> set:
 def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
     """One session from opening the slide through ``args.rounds`` fine-tune rounds."""
     from napari_uga._widgets.annotate import ANNOTATION, AnnotateWidget
-    from napari_uga.io import SAMPLE_MPP
+    from napari_uga.io import REPLAY_MPP
     from napari_uga.loop import LoopConfig
     from napari_uga.models import load_model
     from napari_uga.tiles import TILE, plan_maps
@@ -150,7 +150,7 @@ def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
 
     # the user zooms to one screen px per working px on the middle of the tissue, then computes
     with Slide(slide, args.mpp or None) as opened_slide:
-        plan = plan_maps(opened_slide, load_model(None, "cpu").config.input_mpp, LoopConfig().patch * SAMPLE_MPP)
+        plan = plan_maps(opened_slide, load_model(None, "cpu").config.input_mpp, LoopConfig().patch * REPLAY_MPP)
     middle = plan.tiles[len(plan.tiles) // 2]
     centre = ((middle[0] + 0.5) * TILE, (middle[1] + 0.5) * TILE)
     viewer.scene.camera.center = (centre[0] * plan.scale, centre[1] * plan.scale)

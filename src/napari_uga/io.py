@@ -30,7 +30,7 @@ class MissingScaleError(InputError):
     """An image or slide whose µm/px is neither in its metadata nor given: it is never guessed."""
 
 
-SAMPLE_MPP = 0.243  # µm/px of the shipped sample and replay tiles (Camelyon16 RUMC level 0), known from their source
+REPLAY_MPP = 0.243  # µm/px of the shipped replay tiles (Camelyon16 RUMC level 0, the training centre)
 MPP_HINT = "give --mpp (µm per pixel of level 0, e.g. 0.25 for a 40x scan, 0.5 for 20x)"
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .io import MPP_HINT, SAMPLE_MPP, InputError, MissingScaleError
+from .io import MPP_HINT, REPLAY_MPP, InputError, MissingScaleError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "uga_unet.safetensors"
@@ -172,7 +172,7 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - soft_dice)
 
 
-def working_factor(model: UNet, mpp: float | None = SAMPLE_MPP) -> float:
+def working_factor(model: UNet, mpp: float | None = REPLAY_MPP) -> float:
     """Source-to-working resize factor for an image of ``mpp`` µm/px (omitted: the shipped tiles' own scale).
 
     ``None`` (images that do not say their scale, and no ``--mpp``) is a :class:`MissingScaleError`.

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 
 from .._sample_data import TRUTH_NAME
 from ..audit import HARM_MARGIN, pooled_estimate, stop_signal, worse_than
-from ..io import SAMPLE_MPP, InputError, read_mask
+from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import SHIFTS, audit_count, config_for, config_from_record
 from ..metrics import dice
 from ..selection import Box, Proposal, select
@@ -378,7 +378,7 @@ class AnnotateWidget(WorkerDock):
         self.slide = session.slide(name)
         self.model = session.load_model(device=self.device_combo.currentText())
         self.origin = session.load_model(0, device=self.device_combo.currentText())  # the anchor's reference
-        patch_um = self.config.patch * SAMPLE_MPP  # the patch side in µm, at the sample tiles' scale
+        patch_um = self.config.patch * REPLAY_MPP  # the patch side in µm, at the training tiles' scale
         self.plan = plan_maps(self.slide, self.model.config.input_mpp, patch_um)
         self.session_edit.setText(str(session.folder))
         self._show_measure()

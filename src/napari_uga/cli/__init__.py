@@ -17,7 +17,7 @@ SUBCOMMANDS = ("demo", "train", "predict", "evaluate", "simulate", "qc", "batch"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
-    from ..io import SAMPLE_MPP
+    from .._sample_data import UMCU_MPP
 
     parser = argparse.ArgumentParser(prog="uga", description="Uncertainty-guided annotation and quality control.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    sub.choices["demo"].set_defaults(mpp=SAMPLE_MPP)  # the demo's own sample tiles know their scale
+    sub.choices["demo"].set_defaults(mpp=UMCU_MPP)  # the demo's own sample tiles (UMCU) know their scale
     return parser
 
 
