@@ -272,6 +272,7 @@ class Trajectory:
     model: UNet | None = None  # the model after the last round
     estimated_dice: list[float | None] = field(default_factory=list)
     estimate_interval: list[tuple[float, float] | None] = field(default_factory=list)
+    estimate_audits: list[int] = field(default_factory=list)  # how many audit patches each estimate rests on
     hard_dice: list[float | None] = field(default_factory=list)
     round_in_use: list[int] = field(default_factory=list)
     rollbacks: int = 0
@@ -500,6 +501,7 @@ def _fill_estimates(result: Trajectory, ledger: _Ledger) -> None:
         audit, hard = ledger.estimate(index), ledger.estimate(index, audits_only=False)
         result.estimated_dice.append(None if audit is None else audit.dice)
         result.estimate_interval.append(None if audit is None else (audit.low, audit.high))
+        result.estimate_audits.append(0 if audit is None else audit.n)
         result.hard_dice.append(None if hard is None else hard.dice)
 
 

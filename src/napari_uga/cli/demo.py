@@ -116,13 +116,15 @@ def _curve(trajectory) -> list[dict]:
             "dice_global": dice,
             "estimated_dice": estimate,
             "estimate_interval": None if interval is None else list(interval),
+            "estimate_audits": audits,
             "round_in_use": kept,
         }
-        for budget, dice, estimate, interval, kept in zip(
+        for budget, dice, estimate, interval, audits, kept in zip(
             trajectory.budgets,
             trajectory.dice_global,
             trajectory.estimated_dice,
             trajectory.estimate_interval,
+            trajectory.estimate_audits,
             trajectory.round_in_use,
             strict=True,
         )  # fmt: skip
@@ -130,10 +132,11 @@ def _curve(trajectory) -> list[dict]:
 
 
 def _line(entry: dict) -> str:
-    estimate = entry["estimated_dice"]
+    estimate, audits = entry["estimated_dice"], entry["estimate_audits"]
     said = (
         "no audit yet"
         if estimate is None
         else "estimated {:.3f} [{:.2f}, {:.2f}]".format(estimate, *entry["estimate_interval"])
+        + f" from {audits} audit{'' if audits == 1 else 's'}"
     )
     return f"budget {entry['budget']:>3}: Dice {entry['dice_global']:.3f} · {said} · round {entry['round_in_use']}"
