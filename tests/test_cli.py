@@ -155,6 +155,8 @@ def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
         assert len(c["estimated_dice_per_seed"]) == 2 and isinstance(c["rollbacks"], int)
         known = [e for e in c["estimated_dice_per_seed"] if e is not None]
         assert c["estimated_dice"] == (pytest.approx(np.mean(known)) if known else None)
+        audits = c["estimate_audits_per_seed"]  # no estimate rests on no audit
+        assert all((n > 0) == (e is not None) for n, e in zip(audits, c["estimated_dice_per_seed"], strict=True))
     assert out["shift"] == ["organ", "organ"]  # given, not chosen
 
 
@@ -182,7 +184,7 @@ def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
     assert [c["budget"] for c in report["curve"]] == [0, 2]
     assert not set(report["pool"]) & set(report["test"])
     assert report["shift"] in ("centre", "organ")  # --shift auto (the default) chose from the first batch
-    assert {"estimated_dice", "estimate_interval", "round_in_use"} <= set(report["curve"][1])
+    assert {"estimated_dice", "estimate_interval", "estimate_audits", "round_in_use"} <= set(report["curve"][1])
     assert report["handed_over"]["round"] in (0, 1) and 0 <= report["handed_over"]["dice_global"] <= 1
     for name in ("overlay.png", "dice_vs_round.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 5000

@@ -245,6 +245,7 @@ def _curve_entry(budget: int, i: int, runs) -> dict:
         "estimated_dice": float(np.mean(known)) if known else None,
         "estimated_dice_per_seed": estimates,
         "estimate_interval_per_seed": [r.estimate_interval[i] for r in runs],
+        "estimate_audits_per_seed": [r.estimate_audits[i] for r in runs],
         "hard_dice_per_seed": [r.hard_dice[i] for r in runs],
         "rollbacks": sum(r.rollbacks_by_budget[i] for r in runs),
     }
