@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--variants", default="default,harm_off,no_audit")
     parser.add_argument("--only", default="", help="run only the splits whose name contains this")
     parser.add_argument("--summary", action="store_true", help="summarise the cached runs only")
+    parser.add_argument("--run-seeds", default="", help="run only these seeds (e.g. 0,2,4), to share a grid")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(device="cpu")
@@ -191,7 +192,7 @@ def main() -> None:
     chosen = [split for split in splits if args.only in split[0]]
     if not args.summary:
         for variant in args.variants.split(","):  # variants outermost: the default grid is complete first
-            for seed in range(args.seeds):
+            for seed in [int(s) for s in args.run_seeds.split(",")] if args.run_seeds else range(args.seeds):
                 for split in chosen:
                     run(model, split, variant, seed, replay)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
