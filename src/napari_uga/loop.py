@@ -29,7 +29,7 @@ from .audit import (
 from .io import InputError, Pair, load_pairs
 from .models import UNet, working_factor
 from .proposals import propose, random_candidates
-from .selection import Box, Proposal, select
+from .selection import Box, Proposal, appearance_features, holds_tumour, select
 from .training import (
     CancelToken,
     MixedSampler,
@@ -462,7 +462,8 @@ def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, fact
     """The next ``k`` patches: ``audit_share`` of them audits, the rest proposed by ``strategy``."""
     done = [a.box for a in annotations]
     n_audit = audit_count(k, audit_share)
-    picks = propose(model, pool, k - n_audit, factor, config, done, strategy, rng)
+    known = [(appearance_features(a.image), holds_tumour(a.mask)) for a in annotations]
+    picks = propose(model, pool, k - n_audit, factor, config, done, strategy, rng, known)
     return picks + draw_audits(pool, n_audit, config, [*done, *(p.box for p in picks)], rng)
 
 

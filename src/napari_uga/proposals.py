@@ -122,8 +122,12 @@ def propose(
     exclude: Sequence[Box] = (),
     strategy: str = "uncertainty",
     rng: np.random.Generator | None = None,
+    known: Sequence[tuple[np.ndarray, bool]] = (),
 ) -> list[Proposal]:
-    """The ``k`` patches to annotate next, each with the rule that proposed it in ``reason``."""
+    """The ``k`` patches to annotate next, each with the rule that proposed it in ``reason``.
+
+    ``known``: the corrections so far as (appearance features, holds tumour), for ``expected_error``.
+    """
     if config is None:
         from .loop import LoopConfig
 
@@ -132,4 +136,4 @@ def propose(
         candidates = random_candidates(pool, config)
     else:
         candidates = pool_candidates(model, pool, factor, config)
-    return select(candidates, k, exclude, strategy, rng, config.diversity if strategy != "random" else "none")
+    return select(candidates, k, exclude, strategy, rng, config.diversity if strategy != "random" else "none", known)

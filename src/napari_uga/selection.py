@@ -12,7 +12,11 @@ ICML 2022): ``typical`` is TypiClust (cluster labelled and unlabelled patches in
 labels, largest first), ``weighted`` is k-means++ seeding weighted by uncertainty (BADGE-like),
 ``coverage`` is ``typical`` until :data:`COVERAGE_SWITCH` patches are labelled, then
 ``uncertainty``, and ``mixed`` fills half of each batch (rounded up) with ``typical`` picks and
-the rest with the most uncertain patches. Each proposal records the rule and the value behind it in ``reason``.
+the rest with the most uncertain patches. ``expected_error`` ranks by the chance that the
+network's call on a patch (tumour or not) is wrong, as a texture classifier fitted on the
+session's own corrections sees it: under a large shift most errors are confident misses, which
+entropy cannot see (until the corrections hold tumour and tumour-free patches, uncertainty).
+Each proposal records the rule and the value behind it in ``reason``.
 """
 
 from __future__ import annotations
@@ -128,13 +132,15 @@ def score_candidates(
                 box=box,
                 score=patch_score(values, how),
                 features=np.concatenate([appearance_features(box.crop(image)), [prob.mean()]]),
-                tumour=bool((prob >= 0.5).mean() >= 0.05),
+                tumour=holds_tumour(prob >= 0.5),
             )
         )
     return out
 
 
-STRATEGIES = ("uncertainty", "random", "typical", "weighted", "coverage", "mixed")
+STRATEGIES = ("uncertainty", "random", "typical", "weighted", "coverage", "mixed", "expected_error")
+TUMOUR_SHARE = 0.05  # a patch holds tumour when at least this share of it is marked (predicted or corrected)
+APPEARANCE = slice(0, 12)  # the columns of Candidate.features that come from the image alone
 COVERAGE_SWITCH = 10  # labelled patches after which ``coverage`` ranks by uncertainty
 TYPICAL_NEIGHBOURS = 20  # TypiClust's k nearest neighbours for typicality
 
@@ -146,6 +152,7 @@ def select(
     strategy: str = "uncertainty",
     rng: np.random.Generator | None = None,
     diversity: str = "none",
+    known: Sequence[tuple[np.ndarray, bool]] = (),
 ) -> list[Proposal]:
     """Pick ``k`` non-overlapping patches, ranked; ``exclude`` holds already annotated boxes.
 
@@ -156,6 +163,8 @@ def select(
     diversity : for ``uncertainty`` and ``random`` only: ``none``; ``clusters`` (round-robin over
         k appearance clusters, most uncertain first in each); ``balanced`` (alternate predicted
         tumour / non-tumour); or ``clusters+balanced``.
+    known : for ``expected_error``: per corrected patch, its :func:`appearance_features` and
+        whether the correction holds tumour (:func:`holds_tumour`).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} ({', '.join(STRATEGIES)})")
@@ -173,6 +182,8 @@ def select(
         picked = _mixed(pool, labelled, k, rng)
     elif strategy == "weighted":
         picked = _weighted(pool, labelled, k, rng)
+    elif strategy == "expected_error":
+        picked = _expected_error(pool, known, k, rng)
     else:
         picked = _ranked(pool, k, strategy, rng, diversity)
     return [
@@ -280,6 +291,47 @@ def _weighted(pool: Sequence[Candidate], labelled: Sequence[Candidate], k: int, 
         why = f"weighted: uncertainty {pool[i].score:.3g} x distance {dist[i]:.3g} to the labelled and chosen"
         picked.append((pool[i], why))
         chosen.append(i)
+    return picked
+
+
+def holds_tumour(mask: np.ndarray) -> bool:
+    """Whether a 0/1 mask marks tumour on at least :data:`TUMOUR_SHARE` of its pixels."""
+    return bool((np.asarray(mask) > 0).mean() >= TUMOUR_SHARE)
+
+
+def _expected_error(
+    pool: Sequence[Candidate], known: Sequence[tuple[np.ndarray, bool]], k: int, rng
+) -> list[tuple[Candidate, str]]:
+    """The patches whose tumour call the network most likely gets wrong, as a texture model of the corrections sees it.
+
+    A logistic regression on the image-only features of the corrected patches (balanced
+    classes) gives each candidate's chance of holding tumour, ``p``; the chance that the
+    network's call is wrong is ``p`` where it marks no tumour and ``1 - p`` where it does.
+    Ties go to the more uncertain patch. Until the corrections hold both kinds, uncertainty.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    truth = np.array([t for _, t in known], bool)
+    if not pool or truth.all() or not truth.any():
+        fallback = _ranked(pool, k, "uncertainty", rng, "none")
+        return [(c, f"expected_error: no tumour and tumour-free corrections yet, so {why}") for c, why in fallback]
+    seen = np.stack([f[APPEARANCE] for f, _ in known])
+    texture = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
+    texture.fit(seen, truth)
+    p = texture.predict_proba(np.stack([c.features[APPEARANCE] for c in pool]))[:, 1]
+    marked = np.array([c.tumour for c in pool])
+    error = np.where(marked, 1 - p, p)
+    order = np.lexsort(([-c.score for c in pool], -error))
+    picked: list[tuple[Candidate, str]] = []
+    for i in order:
+        if len(picked) == k:
+            break
+        if _free(pool[i], picked):
+            call = "marks tumour" if marked[i] else "marks none"
+            why = f"expected_error: {error[i]:.2f} (texture of your corrections: tumour {p[i]:.2f}; the network {call})"
+            picked.append((pool[i], why))
     return picked
 
 

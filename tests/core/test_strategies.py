@@ -10,7 +10,7 @@ from napari_uga.io import load_pairs, tissue_mask
 from napari_uga.loop import config_for
 from napari_uga.models import ModelConfig, UNet
 from napari_uga.proposals import pool_candidates, propose, use_cache
-from napari_uga.selection import COVERAGE_SWITCH, STRATEGIES, select, typicality
+from napari_uga.selection import COVERAGE_SWITCH, STRATEGIES, holds_tumour, select, typicality
 
 EBHI = Path(__file__).resolve().parents[1] / "data" / "ebhi_seg"  # six real colon biopsy tiles
 CONFIG = config_for("organ", patch=128, samples=2)
@@ -85,3 +85,22 @@ def test_candidate_cache_repeats_candidates_and_leaves_torch_draws_alone(net, po
 def test_unknown_strategy_is_refused(candidates):
     with pytest.raises(ValueError, match="unknown strategy"):
         select(candidates, 2, [], "entropy-ish")
+
+
+def test_expected_error_ranks_by_a_texture_model_of_the_corrections(candidates, pool):
+    """Fitted on corrections with and without tumour, it ranks the network's likeliest wrong calls first."""
+    masks = {p.name: p.mask for p in pool}
+    first = select(candidates, 1)[0]
+    corrected = select(candidates, 4, [first.box], "random", np.random.default_rng(2))
+    boxes = {p.box for p in corrected}
+    known = [(c.features, holds_tumour(c.box.crop(masks[c.box.image]))) for c in candidates if c.box in boxes]
+    assert {t for _, t in known} == {True, False}  # the pool has tumour and tumour-free tissue
+    picks = select(candidates, 3, [p.box for p in corrected], "expected_error", np.random.default_rng(0), known=known)
+    assert len(picks) == 3 and all("texture of your corrections" in p.reason for p in picks)
+    errors = [float(p.reason.split()[1]) for p in picks]
+    assert errors == sorted(errors, reverse=True)
+    # one kind of correction only: no texture model yet, the uncertainty order
+    one_kind = [(f, False) for f, _ in known]
+    fallback = select(candidates, 5, [first.box], "expected_error", known=one_kind)
+    assert [p.box for p in fallback] == [p.box for p in select(candidates, 5, [first.box])]
+    assert all(p.reason.startswith("expected_error: no tumour and tumour-free corrections yet") for p in fallback)
