@@ -451,6 +451,14 @@ class Session:
             if str(round_index) in a.get("scores", {}) and (a.get("audit", False) or not audits_only)
         ]
 
+    def paired_scores(self, newer: int, older: int) -> tuple[list[PatchScore], list[PatchScore]]:
+        """Two rounds' scores on the same corrections (those scored against both), in the same order."""
+        both = [a["scores"] for a in self.annotations if {str(newer), str(older)} <= set(a.get("scores", {}))]
+        return (
+            [PatchScore.from_dict(s[str(newer)]) for s in both],
+            [PatchScore.from_dict(s[str(older)]) for s in both],
+        )
+
     def pending_ids(self) -> list[int]:
         """Annotations not yet used by any round."""
         return [a["id"] for a in self.annotations if a["round"] is None]

@@ -45,6 +45,7 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
 
     _correct_all_and_submit(qtbot, wait_idle, dock)  # round 1 is checked against round 0 on this batch
     assert not dock.notice and session.current_round == 2 and len(session.config["changes"]) == 1
+    assert "Against round 0 on the same 3 corrections: " in dock.measure_label.text()  # did round 1 help?
 
     _correct_all_and_submit(qtbot, wait_idle, dock)
     assert session.current_round == 3

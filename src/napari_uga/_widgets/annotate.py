@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
-from ..audit import HARM_MARGIN, pooled_estimate, stop_signal, worse_than
+from ..audit import HARM_MARGIN, compare_rounds, pooled_estimate, stop_signal, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import SHIFTS, audit_count, config_for, config_from_record
 from ..metrics import dice
@@ -1003,6 +1003,8 @@ class AnnotateWidget(WorkerDock):
             said.append("no audit patch scored yet (the estimate needs them; see Audit share).")
         if hard is not None:
             said.append(f"{hard.dice:.2f} on all {len(every)} corrections it had not trained on (hard ones: lower).")
+        if index > 0:
+            said.append(_against_start(*session.paired_scores(index, 0)))
         if index < session.current_round:
             said.append(f"Round {session.current_round} is measured by your next batch.")
         target = self.target_spin.value() or None
@@ -1025,6 +1027,21 @@ class AnnotateWidget(WorkerDock):
         folder = QFileDialog.getExistingDirectory(self, "Open a napari-uga session folder")
         if folder:
             self.open_session(folder)
+
+
+def _against_start(newer: list, start: list) -> str:
+    """Did the rounds help? A round against the starting model (round 0) on the same fresh corrections."""
+    comparison = compare_rounds(newer, start)
+    if comparison is None:
+        return "Not yet compared with round 0 on the same corrections."
+    what = "pooled Dice" if comparison.measure == "dice" else "pixel accuracy"
+    verdict = (
+        "a gain" if comparison.low > 0 else "no gain shown yet" if comparison.delta >= 0 else "worse than round 0"
+    )
+    return (
+        f"Against round 0 on the same {comparison.n} corrections: {comparison.delta:+.3f} "
+        f"[{comparison.low:+.3f}, {comparison.high:+.3f}] ({what}): {verdict}."
+    )
 
 
 def _outline_colormap() -> Colormap:
