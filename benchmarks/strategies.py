@@ -36,7 +36,7 @@ from napari_uga.io import load_pairs
 from napari_uga.loop import config_for, replay_pairs, simulate
 from napari_uga.models import load_model, working_factor
 from napari_uga.proposals import propose, use_cache
-from napari_uga.selection import STRATEGIES
+from napari_uga.selection import STRATEGIES, appearance_features, holds_tumour
 from napari_uga.splits import position_split
 from napari_uga.training import evaluate
 
@@ -127,12 +127,16 @@ def time_proposals(model) -> None:
     factor = working_factor(model, EBHI_MPP)
     config = config_for("organ")
     timings = {}
+    images = {p.name: p.image for p in pool}
     for strategy in STRATEGIES:
         rng = np.random.default_rng(0)
         started = time.perf_counter()
         first = propose(model, pool, 10, factor, config, [], strategy, rng)
         middle = time.perf_counter()
-        propose(model, pool, 5, factor, config, [p.box for p in first], strategy, rng)
+        truth = {p.name: p.mask for p in pool}  # the oracle's answers on the first 10, for expected_error
+        known = [(appearance_features(p.box.crop(images[p.image])), holds_tumour(p.box.crop(truth[p.image])))
+                 for p in first]  # fmt: skip
+        propose(model, pool, 5, factor, config, [p.box for p in first], strategy, rng, known)
         timings[strategy] = [round(middle - started, 1), round(time.perf_counter() - middle, 1)]
         print(
             f"{strategy:12} {len(pool)} tiles: {timings[strategy][0]} s (none labelled), "

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_uga._sample_data import UMCU_MPP
 from napari_uga.io import load_pairs
 from napari_uga.loop import Annotation, LoopConfig, finetune, replay_pairs
 from napari_uga.models import DEFAULT_WEIGHTS, ModelConfig, UNet, load_model, pick_device, working_factor
@@ -174,7 +175,7 @@ def finetune_row(model: UNet, device: torch.device) -> dict:
     replay = replay_pairs()
     config = LoopConfig()
     start = time.perf_counter()
-    run = finetune(model, annotations, replay, working_factor(model), config, seed=0)
+    run = finetune(model, annotations, replay, working_factor(model, UMCU_MPP), config, seed=0)
     while True:
         try:
             next(run)

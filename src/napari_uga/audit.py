@@ -10,7 +10,8 @@ it says how well that round does there, with no ground truth beyond the correcti
   the slide's tissue; on the uncertainty-ranked ones it is pessimistic (they are the hard ones);
 - :func:`compare_rounds`: the paired difference of two rounds on the same fresh patches, which
   drives the do-no-harm rule (:func:`worse_than`) and the stop signal (:func:`stop_signal`);
-- :func:`choose_shift`: the ``auto`` preset, from the starting model's score on the first batch.
+- :func:`choose_shift`: the ``auto`` preset, from the starting model's score on the first batch and
+  whether its tissue is new to the model (:func:`tissue_is_new`).
 
 Pooled Dice (``2 ΣTP / (Σpredicted + Σtrue)``) is what ``dice_global`` computes over test
 images, so an audit estimate compares with it directly.
@@ -254,17 +255,39 @@ def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN) -> bo
     return comparison is not None and comparison.delta < -margin
 
 
-def choose_shift(first_batch: Sequence[PatchScore]) -> str:
-    """The ``auto`` preset: ``organ`` when the starting model scores below :data:`GOOD_DICE` on the first batch.
+def choose_shift(first_batch: Sequence[PatchScore], new_tissue: bool | None = None) -> str:
+    """The ``auto`` preset: ``organ`` when the starting model fails the first batch *and* the tissue is new to it.
 
     Where the starting model is already good on the new tissue (a new centre or scanner), the
-    cautious ``centre`` fine-tuning keeps it; where it fails the product's own bar (a new organ),
-    the ``organ`` preset lets fine-tuning follow the new tissue. The bar is QC's, not tuned here.
+    cautious ``centre`` fine-tuning keeps it; where it fails the product's own bar
+    (:data:`GOOD_DICE`) on tissue unlike its training tissue (``new_tissue``, from
+    :func:`tissue_is_new`: a new organ), the ``organ`` preset lets fine-tuning follow the new
+    tissue. Hard lymph-node tissue at a new centre fails the bar too, but is not new tissue, and
+    ``organ`` fine-tuning there forgets what the model knew. ``new_tissue=None`` (no gate): the
+    bar alone. Neither the bar nor the gate's level is tuned here.
     """
     estimate = pooled_estimate(first_batch)
-    if estimate is None:  # no tumour marked or predicted: nothing says the model is wrong
+    if estimate is None or estimate.dice >= GOOD_DICE:  # nothing says the model is wrong
         return "centre"
-    return "centre" if estimate.dice >= GOOD_DICE else "organ"
+    return "centre" if new_tissue is False else "organ"
+
+
+def tissue_is_new(model, images: Sequence[np.ndarray], factor: float) -> bool | None:
+    """Whether a batch's tissue is unlike the model's training tissue: the QC exchangeability gate.
+
+    The gate (:mod:`napari_uga.quality.domain`, calibrated on the training centre's tiles) gives
+    each patch a conformal p-value; they are merged (:func:`~napari_uga.quality.merge_p_values`)
+    and the tissue is new when the merged p is at most the gate's level. ``None`` where the gate
+    cannot say (turned off, no patch, no shared features).
+    """
+    from .quality import default_qc_model, merge_p_values
+    from .quality.domain import domain_row
+
+    qc = default_qc_model()
+    if qc.domain_level <= 0 or not images:
+        return None
+    merged = merge_p_values(qc.domain_p([domain_row(model, image, factor) for image in images]))
+    return None if not np.isfinite(merged) else bool(merged <= qc.domain_level)
 
 
 def stop_signal(

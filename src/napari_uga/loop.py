@@ -24,6 +24,7 @@ from .audit import (
     ppi_estimate,
     score_patch,
     stop_signal,
+    tissue_is_new,
     worse_than,
 )
 from .io import InputError, Pair, load_pairs
@@ -392,6 +393,7 @@ def simulate(
     ledger = _Ledger(pool, [c.box for c in random_candidates(pool, config)], factor)
     in_use = ledger.add_round(model, None)
     annotations: list[Annotation] = []
+    fresh: list[dict[int, PatchScore]] = []  # the last batch's scores, before training on it
     self_labelled: list[Annotation] | None = None
     for budget in sorted(set(budgets)):
         while len(annotations) < budget and not (stop and result.stop_budget is not None):
@@ -404,7 +406,8 @@ def simulate(
             annotations += batch
             result.picks.append([p.as_dict() for p in picks])
             if presets and result.shift is None:
-                result.shift = choose_shift([s[0] for s in fresh])
+                new_tissue = tissue_is_new(model, [a.image for a in batch], factor)
+                result.shift = choose_shift([s[0] for s in fresh], new_tissue)
                 config = presets[result.shift]
             in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
             signal = stop_signal(ledger.estimate(in_use), ledger.changes, target, ledger.estimate(in_use, False))
@@ -443,10 +446,14 @@ def simulate(
         picks = _batch(
             ledger.rounds[in_use], pool, config.batch, audit_share, config, annotations, strategy, rng, factor
         )
-        fresh = ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks]) if picks else []
-        if fresh:
-            in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
-            in_use = _hand_over(ledger, in_use, fresh, no_harm, on_event)
+        closing = ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks]) if picks else []
+        if closing:
+            in_use = _do_no_harm(ledger, in_use, closing, no_harm, result, on_event)
+            in_use = _hand_over(ledger, in_use, closing, no_harm, on_event)
+        elif no_harm and ledger.tuned_from[in_use] is not None:  # nothing left to check the last round on
+            checked = ledger.tuned_from[in_use]
+            _say(on_event, f"round {in_use} could not be checked (no tissue left): round {checked} met fresh patches")
+            in_use = _hand_over(ledger, checked, fresh, no_harm, on_event)
     _fill_estimates(result, ledger)
     result.handed_over = in_use
     result.handed_over_dice = (
@@ -482,14 +489,16 @@ def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, 
 
 
 def _hand_over(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, on_event) -> int:
-    """The round to hand over: a tuned round must score at least as well as the starting model on the closing batch.
+    """The round to hand over: a tuned round must score at least as well as the starting model on ``fresh``.
 
-    At the end of a session the burden of proof is on the change: a round that only ties the
-    starting model within the noise of a few patches is not handed over in its place.
+    At the end of a session the burden of proof is on the change: a round that scores below the
+    starting model on the last fresh corrections, by however little, is not handed over in its
+    place (a round never scored on them, or an exact tie, is).
     """
     if not no_harm or in_use == 0:
         return in_use
-    comparison = compare_rounds([s[in_use] for s in fresh], [s[0] for s in fresh])
+    scored = [s for s in fresh if in_use in s]
+    comparison = compare_rounds([s[in_use] for s in scored], [s[0] for s in scored])
     if comparison is None or comparison.delta >= 0:
         return in_use
     _say(on_event, f"round {in_use} scored {comparison.delta:+.3f} against the starting model: handing over round 0")
@@ -502,7 +511,7 @@ def _fill_estimates(result: Trajectory, ledger: _Ledger) -> None:
         audit, hard = ledger.estimate(index), ledger.estimate(index, audits_only=False)
         result.estimated_dice.append(None if audit is None else audit.dice)
         result.estimate_interval.append(None if audit is None else (audit.low, audit.high))
-        result.estimate_audits.append(0 if audit is None else audit.n)
+        result.estimate_audits.append(sum(audit and index in by_round for audit, by_round in ledger.scores))
         result.hard_dice.append(None if hard is None else hard.dice)
 
 

@@ -173,7 +173,7 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def working_factor(model: UNet, mpp: float | None = REPLAY_MPP) -> float:
-    """Source-to-working resize factor for an image of ``mpp`` µm/px (omitted: the shipped tiles' own scale).
+    """Source-to-working resize factor for an image of ``mpp`` µm/px (omitted: the replay tiles' scale).
 
     ``None`` (images that do not say their scale, and no ``--mpp``) is a :class:`MissingScaleError`.
     """

@@ -316,7 +316,8 @@ def _expected_error(
     truth = np.array([t for _, t in known], bool)
     if not pool or truth.all() or not truth.any():
         fallback = _ranked(pool, k, "uncertainty", rng, "none")
-        return [(c, f"expected_error: no tumour and tumour-free corrections yet, so {why}") for c, why in fallback]
+        said = "expected_error: no texture model until the corrections hold patches with and without tumour"
+        return [(c, f"{said}; {why}") for c, why in fallback]
     seen = np.stack([f[APPEARANCE] for f, _ in known])
     texture = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
     texture.fit(seen, truth)

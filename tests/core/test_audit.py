@@ -16,6 +16,7 @@ from napari_uga.audit import (
     ppi_estimate,
     score_patch,
     stop_signal,
+    tissue_is_new,
     worse_than,
 )
 from napari_uga.io import load_pairs
@@ -96,6 +97,18 @@ def test_auto_preset_reads_the_first_batch(shipped, umcu_pairs):
     assert choose_shift(_scores(shipped, ebhi[:5], factor=0.97 / 0.486)) == "organ"  # colon, not lymph node
     assert choose_shift([PatchScore(90, 100, 100, 0.05)]) == "centre"  # right on the new tissue: keep it
     assert choose_shift([PatchScore(0, 0, 0, 0.0)]) == "centre"  # nothing says the model is wrong
+    assert choose_shift([PatchScore(10, 100, 100, 0.5)], new_tissue=False) == "centre"  # hard, but not new tissue
+    assert choose_shift([PatchScore(10, 100, 100, 0.5)], new_tissue=True) == "organ"
+
+
+def test_the_gate_tells_new_tissue_from_the_training_tissue(shipped, umcu_pairs):
+    """Colon biopsies are new to the lymph-node model; its own training centre's replay tiles are not."""
+    from napari_uga.loop import replay_pairs
+
+    ebhi = load_pairs(EBHI / "images", EBHI / "masks")
+    assert tissue_is_new(shipped, [p.image for p in ebhi[:5]], 0.97 / 0.486) is True
+    assert tissue_is_new(shipped, [p.image[:256, :256] for p in replay_pairs()[:5]], 0.5) is False
+    assert tissue_is_new(shipped, [], 0.5) is None
 
 
 def test_stop_signal_speaks_on_a_cleared_target_or_a_steady_estimate(shipped, umcu_pairs):

@@ -103,4 +103,4 @@ def test_expected_error_ranks_by_a_texture_model_of_the_corrections(candidates, 
     one_kind = [(f, False) for f, _ in known]
     fallback = select(candidates, 5, [first.box], "expected_error", known=one_kind)
     assert [p.box for p in fallback] == [p.box for p in select(candidates, 5, [first.box])]
-    assert all(p.reason.startswith("expected_error: no tumour and tumour-free corrections yet") for p in fallback)
+    assert all(p.reason.startswith("expected_error: no texture model until") for p in fallback)

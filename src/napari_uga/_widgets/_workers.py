@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 
-from ..audit import Comparison, PatchScore, choose_shift, compare_rounds, score_rounds, worse_than
+from ..audit import Comparison, PatchScore, choose_shift, compare_rounds, score_rounds, tissue_is_new, worse_than
 from ..io import Pair
 from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs, self_labels
 from ..models import UNet
@@ -154,7 +154,9 @@ def submit_events(
         raise WorkerError(f"scoring the corrections failed: {exc}") from exc
     comparison = None if previous is None else compare_rounds(scores[current], scores[previous])
     rolled_back = auto_rollback and worse_than(comparison)
-    shift = choose_shift(scores[0]) if len(configs) > 1 else None
+    shift = None
+    if len(configs) > 1:  # auto: the starting model's score on this first batch, and whether its tissue is new
+        shift = choose_shift(scores[0], tissue_is_new(models[0], [a.image for a in batch], factor))
     config = configs[shift] if shift is not None else next(iter(configs.values()))
     start = models[previous] if rolled_back else models[current]
     result = yield from tune(start, config=config)

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
-from ..audit import HARM_MARGIN, compare_rounds, pooled_estimate, stop_signal, worse_than
+from ..audit import FEWEST, HARM_MARGIN, compare_rounds, pooled_estimate, stop_signal, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import SHIFTS, audit_count, config_for, config_from_record
 from ..metrics import dice
@@ -1032,12 +1032,10 @@ class AnnotateWidget(WorkerDock):
 def _against_start(newer: list, start: list) -> str:
     """Did the rounds help? A round against the starting model (round 0) on the same fresh corrections."""
     comparison = compare_rounds(newer, start)
-    if comparison is None:
-        return "Not yet compared with round 0 on the same corrections."
+    if comparison is None or comparison.n < FEWEST:
+        return f"Against round 0: too few shared corrections to compare yet ({len(newer)} of {FEWEST})."
     what = "pooled Dice" if comparison.measure == "dice" else "pixel accuracy"
-    verdict = (
-        "a gain" if comparison.low > 0 else "no gain shown yet" if comparison.delta >= 0 else "worse than round 0"
-    )
+    verdict = "a gain" if comparison.low > 0 else "worse than round 0" if comparison.high < 0 else "no difference shown"
     return (
         f"Against round 0 on the same {comparison.n} corrections: {comparison.delta:+.3f} "
         f"[{comparison.low:+.3f}, {comparison.high:+.3f}] ({what}): {verdict}."
