@@ -97,11 +97,12 @@ def run_headless(args: argparse.Namespace) -> dict:
     if trajectory.stop_reason:
         lines.append(f"stop signal at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
     last = trajectory.round_in_use[-1] if trajectory.round_in_use else 0
-    why = (
-        "checked on one more batch of corrections"
-        if trajectory.handed_over == last
-        else f"round {last} did not score as well as round 0 on one more batch of corrections"
-    )
+    if trajectory.handed_over == last:
+        why = "checked on one more batch of corrections"
+    elif trajectory.handed_over == 0:
+        why = f"round {last} did not score as well as round 0 on fresh corrections"
+    else:
+        why = f"round {last} was rolled back or could not be checked; round {trajectory.handed_over} was"
     lines.append(
         f"handed over: round {trajectory.handed_over} (held-out Dice {trajectory.handed_over_dice:.3f}; "
         f"{trajectory.rollbacks} rounds rolled back; {why})"
