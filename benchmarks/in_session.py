@@ -125,6 +125,7 @@ def _load(name: str, variant: str, seed: int) -> dict | None:
     if path.exists():
         return json.loads(path.read_text())
     default = _cached(name, "default", seed)
+    assert {**VARIANTS["harm_off"], "no_harm": True} == VARIANTS["default"]  # the reuse below relies on it
     if variant == "harm_off" and default.exists():
         record = json.loads(default.read_text())
         if record["rollbacks"][-1] == 0 and record["handed_over"] == record["round_in_use"][-1]:
@@ -150,8 +151,9 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
     out["harmed_runs"] = int(((dice - dice[:, :1]) < -0.01).any(1).sum())
     out["rollbacks"] = int(sum(r["rollbacks"][-1] for r in runs))
     ruled = [r for r in runs if r.get("handover_rule") == "start"]  # runs cached before the rule lack it
+    # the worst seed's drop of the model the session ends with, below zero-shot
     out["handed_over_drop"] = min((r["handed_over_dice"] - r["dice"][0] for r in ruled), default=None)
-    out["handed_over_runs"] = len(ruled)  # the worst seed's drop of the model the session ends with
+    out["handed_over_runs"] = len(ruled)
     means = "  ".join(
         f"{b}: {m:.3f}±{s:.3f}" for b, m, s in zip(BUDGETS, out["dice_mean"], out["dice_sd"], strict=True)
     )
