@@ -50,6 +50,7 @@ VARIANTS = {
     "harm_off": {"audit_share": 0.2, "no_harm": False},
     "no_audit": {"audit_share": 0.0, "no_harm": True},
 }
+assert {**VARIANTS["harm_off"], "no_harm": True} == VARIANTS["default"]  # _load's reuse of default runs relies on it
 BUDGETS = [0, 5, 10, 20]
 OUT = RESULTS / "in_session.json"
 
@@ -125,7 +126,6 @@ def _load(name: str, variant: str, seed: int) -> dict | None:
     if path.exists():
         return json.loads(path.read_text())
     default = _cached(name, "default", seed)
-    assert {**VARIANTS["harm_off"], "no_harm": True} == VARIANTS["default"]  # the reuse below relies on it
     if variant == "harm_off" and default.exists():
         record = json.loads(default.read_text())
         if record["rollbacks"][-1] == 0 and record["handed_over"] == record["round_in_use"][-1]:

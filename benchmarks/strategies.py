@@ -128,12 +128,12 @@ def time_proposals(model) -> None:
     config = config_for("organ")
     timings = {}
     images = {p.name: p.image for p in pool}
+    truth = {p.name: p.mask for p in pool}  # the oracle's answers, for expected_error's texture model
     for strategy in STRATEGIES:
         rng = np.random.default_rng(0)
         started = time.perf_counter()
         first = propose(model, pool, 10, factor, config, [], strategy, rng)
         middle = time.perf_counter()
-        truth = {p.name: p.mask for p in pool}  # the oracle's answers on the first 10, for expected_error
         known = [(appearance_features(p.box.crop(images[p.image])), holds_tumour(p.box.crop(truth[p.image])))
                  for p in first]  # fmt: skip
         propose(model, pool, 5, factor, config, [p.box for p in first], strategy, rng, known)

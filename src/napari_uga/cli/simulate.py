@@ -24,8 +24,9 @@ def register(sub) -> None:
         choices=STRATEGIES,
         default="uncertainty",
         help="how patches are proposed: uncertainty (the default), random, or the low-budget rules typical "
-        "(TypiClust), weighted (uncertainty-weighted k-means++), coverage (typical, then uncertainty), mixed "
-        "(see docs/benchmarks.md: none beat random on EBHI report splits)",
+        "(TypiClust), weighted (uncertainty-weighted k-means++), coverage (typical, then uncertainty), mixed, "
+        "expected_error (a texture model of the corrections; see docs/benchmarks.md: none beat random on EBHI "
+        "report splits)",
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (random choice and training noise)")
     p.add_argument("--patch-size", type=int, default=256, help="patch side at full resolution")
