@@ -12,6 +12,7 @@ cached and an uncached round give the same candidates and leave torch's generato
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,7 +73,7 @@ def _cached(key: str, compute: Callable[[], list[Candidate]]) -> list[Candidate]
         torch.manual_seed(int(key[:8], 16))
         candidates = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # benchmarks share the cache
     tmp.write_bytes(pickle.dumps(candidates))
     tmp.replace(path)
     return candidates

@@ -15,7 +15,8 @@ labels, largest first), ``weighted`` is k-means++ seeding weighted by uncertaint
 the rest with the most uncertain patches. ``expected_error`` ranks by the chance that the
 network's call on a patch (tumour or not) is wrong, as a texture classifier fitted on the
 session's own corrections sees it: under a large shift most errors are confident misses, which
-entropy cannot see (until the corrections hold tumour and tumour-free patches, uncertainty).
+entropy cannot see (until the corrections hold tumour and tumour-free patches, uncertainty
+alternating over the network's tumour / no-tumour calls).
 Each proposal records the rule and the value behind it in ``reason``.
 """
 
@@ -307,7 +308,9 @@ def _expected_error(
     A logistic regression on the image-only features of the corrected patches (balanced
     classes) gives each candidate's chance of holding tumour, ``p``; the chance that the
     network's call is wrong is ``p`` where it marks no tumour and ``1 - p`` where it does.
-    Ties go to the more uncertain patch. Until the corrections hold both kinds, uncertainty.
+    Ties go to the more uncertain patch. Until the corrections hold both kinds, the most
+    uncertain patches, alternating between those the network marks as tumour and those it does
+    not, so that the first batch is likely to teach both.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -315,9 +318,9 @@ def _expected_error(
 
     truth = np.array([t for _, t in known], bool)
     if not pool or truth.all() or not truth.any():
-        fallback = _ranked(pool, k, "uncertainty", rng, "none")
+        fallback = _ranked(pool, k, "uncertainty", rng, "balanced")
         said = "expected_error: no texture model until the corrections hold patches with and without tumour"
-        return [(c, f"{said}; {why}") for c, why in fallback]
+        return [(c, f"{said}; {why}, alternating marked tumour / none") for c, why in fallback]
     seen = np.stack([f[APPEARANCE] for f, _ in known])
     texture = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
     texture.fit(seen, truth)

@@ -1,5 +1,6 @@
 """Proposal strategies on real tiles: distinct, non-overlapping tissue patches, a reason each, seeded."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,12 @@ def test_expected_error_ranks_by_a_texture_model_of_the_corrections(candidates, 
     assert len(picks) == 3 and all("texture of your corrections" in p.reason for p in picks)
     errors = [float(p.reason.split()[1]) for p in picks]
     assert errors == sorted(errors, reverse=True)
-    # one kind of correction only: no texture model yet, the uncertainty order
+    # one kind of correction only: no texture model yet, the most uncertain of each network call in turn
     one_kind = [(f, False) for f, _ in known]
     fallback = select(candidates, 5, [first.box], "expected_error", known=one_kind)
-    assert [p.box for p in fallback] == [p.box for p in select(candidates, 5, [first.box])]
+    assert [p.box for p in fallback] == [p.box for p in select(candidates, 5, [first.box], diversity="balanced")]
     assert all(p.reason.startswith("expected_error: no texture model until") for p in fallback)
+    both_calls = [replace(c, tumour=i % 3 == 0) for i, c in enumerate(candidates)]  # the tiny net marks all
+    marked = {c.box: c.tumour for c in both_calls}
+    calls = [marked[p.box] for p in select(both_calls, 4, [], "expected_error", known=one_kind)]
+    assert calls in ([True, False, True, False], [False, True, False, True])
