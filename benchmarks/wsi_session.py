@@ -126,7 +126,8 @@ def view_tiles(plan, centre_working: tuple[float, float]) -> set:
 
 def run_once(app, napari, slide: Path, args, folder: Path) -> dict:
     """One session from opening the slide through ``args.rounds`` fine-tune rounds."""
-    from napari_uga._widgets.annotate import ANNOTATION, AnnotateWidget
+    from napari_uga._widgets._layers import ANNOTATION
+    from napari_uga._widgets.annotate import AnnotateWidget
     from napari_uga.io import REPLAY_MPP
     from napari_uga.loop import LoopConfig
     from napari_uga.models import load_model

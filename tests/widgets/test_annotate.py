@@ -5,15 +5,8 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import Qt
 
-from napari_uga._widgets.annotate import (
-    ANNOTATION,
-    PREDICTION,
-    PROBABILITY,
-    PROPOSALS,
-    SELF_LABEL_PATCHES,
-    UNCERTAINTY,
-    AnnotateWidget,
-)
+from napari_uga._widgets._layers import ANNOTATION, PREDICTION, PROBABILITY, PROPOSALS, UNCERTAINTY
+from napari_uga._widgets.annotate import SELF_LABEL_PATCHES, AnnotateWidget
 from napari_uga.tiles import MapView
 
 WAIT_MS = 120_000

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from qtpy.QtCore import Qt
 
-from napari_uga._widgets.annotate import PROPOSALS, SHIFT_LABELS, AnnotateWidget
+from napari_uga._widgets._layers import PROPOSALS
+from napari_uga._widgets.annotate import SHIFT_LABELS, AnnotateWidget
 from napari_uga.session import audit_pairs
 
 WAIT_MS = 180_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_uga._widgets.annotate import PREDICTION, UNCERTAINTY
+from napari_uga._widgets._layers import PREDICTION, UNCERTAINTY
 
 
 def _centre_patch(viewer) -> np.ndarray:

@@ -10,7 +10,8 @@ import psutil
 import pytest
 import tifffile
 
-from napari_uga._widgets.annotate import ANNOTATION, PREDICTION, PROPOSALS, UNCERTAINTY, AnnotateWidget
+from napari_uga._widgets._layers import ANNOTATION, PREDICTION, PROPOSALS, UNCERTAINTY
+from napari_uga._widgets.annotate import AnnotateWidget
 from napari_uga.io import InputError, read_image
 from napari_uga.slides import write_tissue_slide
 from napari_uga.tiles import MARGIN, TILE

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
-from napari.utils.colormaps import Colormap, DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -44,7 +43,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
-from ..audit import FEWEST, HARM_MARGIN, compare_rounds, pooled_estimate, stop_signal, worse_than
+from ..audit import HARM_MARGIN, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import SHIFTS, audit_count, config_for, config_from_record
 from ..metrics import dice
@@ -56,7 +55,6 @@ from ..tiles import (
     TileMapper,
     TileProgress,
     TileQueue,
-    map_levels,
     plan_maps,
     random_tissue_boxes,
     round_store_path,
@@ -65,6 +63,20 @@ from ..tiles import (
 from ..training import CancelToken
 from ..wsi import MAX_FLAT_SIDE, Slide, fingerprint
 from ._common import WorkerDock, follow_layers, refill_combo, view_box, zoom_to_box
+from ._layers import (
+    ANNOTATION,
+    ANNOTATION_COLOR,
+    CURRENT_EDGE,
+    DONE_EDGE,
+    PROPOSALS,
+    QUEUED_EDGE,
+    level0,
+    one_color,
+    refresh_maps,
+    show_maps,
+    upsert,
+)
+from ._measure import NOT_YET, batch_dice, history_rows, measure_text, queue_label
 from ._workers import SubmitOutcome, finetune_events, maps_worker, submit_worker
 from .training import TrainingWidget
 
@@ -72,21 +84,11 @@ if TYPE_CHECKING:
     import napari
 
 LOG = logging.getLogger(__name__)
-PROBABILITY = "uga: probability"
-UNCERTAINTY = "uga: uncertainty"
-PREDICTION = "uga: prediction"
-PROPOSALS = "uga: proposals"
-ANNOTATION = "uga: annotation"
-CURRENT_EDGE = "#ffffff"
-QUEUED_EDGE = "#ffd400"
-DONE_EDGE = "#7cfc00"
-PREDICTION_COLOR = "#00e5ff"
 SHIFT_LABELS = {
     "auto": "decide from the first batch",
     "centre": "new centre / scanner (same tissue)",
     "organ": "new organ / tissue",
 }
-ANNOTATION_COLOR = "#39ff14"
 NEXT_KEY, PREVIOUS_KEY = "n", "Shift-N"
 TRAIN_THREADS = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the UI (see benchmarks/ui_stall.py)
 SELF_LABEL_PATCHES = 24  # unlabelled tissue patches of the slide that the starting model labels for fine-tuning
@@ -95,21 +97,6 @@ RERANK_EVERY = 25  # tiles between two re-rankings of the queue's unopened patch
 AUDIT_SHARE = 0.2  # share of each batch drawn at random from the tissue to measure the model
 TARGET_DICE = 0.9  # the Dice the stop signal checks the estimate's interval against (a setting)
 SCORE_MAX_PIXELS = 4096 * 4096  # Dice against a loaded ground truth only on slides whose maps fit this
-
-
-def uncertainty_colormap() -> Colormap:
-    """Inferno with transparency that rises with the value, so certain areas leave the H&E visible."""
-    from matplotlib import colormaps
-
-    t = np.linspace(0, 1, 64)
-    colors = colormaps["inferno"](0.15 + 0.85 * t)
-    colors[:, 3] = np.clip(t * 1.6, 0, 1)
-    return Colormap(colors, name="uga inferno", controls=t)
-
-
-def level0(layer: Image):
-    """Full-resolution data of an image layer (level 0 of a multiscale layer)."""
-    return layer.data[0] if layer.multiscale else layer.data
 
 
 class AnnotateWidget(WorkerDock):
@@ -234,7 +221,7 @@ class AnnotateWidget(WorkerDock):
         self.target_spin.setValue(TARGET_DICE)
         self.target_spin.setSpecialValueText("none")
         self.target_spin.setToolTip("The Dice you want: the dock says when the estimate's interval clears it")
-        self.measure_label = QLabel("The model is measured on your corrections from the first Submit on.")
+        self.measure_label = QLabel(NOT_YET)
         self.measure_label.setWordWrap(True)
         self.submit_button = QPushButton("Submit batch && fine-tune")
         self.submit_button.clicked.connect(self.submit)
@@ -474,11 +461,7 @@ class AnnotateWidget(WorkerDock):
         if not force and now - self._last_refresh < REFRESH_S:
             return
         self._last_refresh = now
-        if UNCERTAINTY in self.viewer.layers and self.store is not None:
-            self.viewer.layers[UNCERTAINTY].contrast_limits = self.store.limits()
-        for name in (UNCERTAINTY, PROBABILITY, PREDICTION):
-            if name in self.viewer.layers:
-                self.viewer.layers[name].refresh()
+        refresh_maps(self.viewer, self.store)
 
     def _send_view(self, event=None) -> None:
         """Tell the tile queue which working-scale box the camera shows."""
@@ -493,18 +476,7 @@ class AnnotateWidget(WorkerDock):
         return {"scale": tuple(scale), "translate": tuple(np.asarray(image.translate[-2:]) + offset)}
 
     def _show_maps(self) -> None:
-        """The three map layers as lazy multiscale views of the stores (they fill in as tiles arrive)."""
-        place = self._map_place()
-        layers = {
-            PROBABILITY: (Image, map_levels(self.stores, "probability"), {
-                "colormap": "viridis", "contrast_limits": (0, 255), "opacity": 0.5, "visible": False}),
-            UNCERTAINTY: (Image, map_levels(self.stores, "entropy"), {
-                "colormap": uncertainty_colormap(), "contrast_limits": self.store.limits(), "opacity": 0.8}),
-            PREDICTION: (Image, map_levels(self.stores, "probability", threshold=128, outline=True), {
-                "colormap": _outline_colormap(), "contrast_limits": (0, 1), "opacity": 0.9}),
-        }  # fmt: skip
-        for name, (kind, data, options) in layers.items():
-            _upsert(self.viewer, kind, name, data, multiscale=True, **options, **place)
+        show_maps(self.viewer, self.stores, self._map_place())
         self.viewer.layers.selection.active = self.image_layer()
 
     def _score_round(self) -> None:
@@ -598,10 +570,10 @@ class AnnotateWidget(WorkerDock):
         self.proposals = picks
         rects = [np.array([[p.y, p.x], [p.y + p.h, p.x + p.w]], float) for p in picks]
         image = self.image_layer()
-        layer = _upsert(
+        layer = upsert(
             self.viewer, Shapes, PROPOSALS, rects, shape_type="rectangle", edge_width=max(2, picks[0].h // 40),
             face_color="transparent", edge_color=QUEUED_EDGE,
-            features={"rank": [i + 1 for i in range(len(picks))], "why": [_why(p) for p in picks]},
+            features={"rank": [i + 1 for i in range(len(picks))], "why": [queue_label(p) for p in picks]},
             text={"string": "#{rank}  {why}", "color": "white", "size": 10, "anchor": "upper_left"},
             scale=image.scale, translate=image.translate,
         )  # fmt: skip
@@ -619,7 +591,7 @@ class AnnotateWidget(WorkerDock):
                 np.zeros((1, 1), np.uint8),
                 name=ANNOTATION,
                 opacity=0.45,
-                colormap=_one_color(ANNOTATION_COLOR),
+                colormap=one_color(ANNOTATION_COLOR),
                 scale=image.scale,
                 translate=image.translate,
             )
@@ -854,7 +826,7 @@ class AnnotateWidget(WorkerDock):
             if edited is not None:
                 self.steps_spin.setValue(edited)
             show_info(
-                f"Domain shift: {SHIFT_LABELS[outcome.shift]} (round 0 scored Dice {_batch_dice(outcome)} on your "
+                f"Domain shift: {SHIFT_LABELS[outcome.shift]} (round 0 scored Dice {batch_dice(outcome)} on your "
                 "first batch); its preset trains this round."
             )
         self.session.config["loop"] = self._loop_record()
@@ -970,48 +942,15 @@ class AnnotateWidget(WorkerDock):
         self._update_controls()
 
     def _fill_history(self) -> None:
-        rounds = self.session.rounds[: self.session.current_round + 1] if self.session else []
-        self.history.setRowCount(len(rounds))
-        for row, record in enumerate(rounds):
-            dice_value = record.metrics.get("dice_truth")
-            estimate = pooled_estimate(self.session.scores_of(record.index, audits_only=True))
-            cells = [
-                str(record.index),
-                str(len(record.annotation_ids)),
-                "—" if record.loss is None else f"{record.loss:.3f}",
-                "—" if estimate is None else estimate.text(),
-                "—" if dice_value is None else f"{dice_value:.3f}",
-            ]
+        rows = history_rows(self.session)
+        self.history.setRowCount(len(rows))
+        for row, cells in enumerate(rows):
             for col, text in enumerate(cells):
                 self.history.setItem(row, col, QTableWidgetItem(text))
 
     def measure_text(self) -> str:
-        """What the session knows of the model from the corrections: the estimate, the hard patches, the stop signal."""
-        session = self.session
-        index = next((r for r in range(session.current_round, -1, -1) if session.scores_of(r)), None)
-        if index is None:
-            return "The model is measured on your corrections from the first Submit on."
-        audits, every = session.scores_of(index, audits_only=True), session.scores_of(index)
-        audit, hard = pooled_estimate(audits), pooled_estimate(every)
-        said = [f"Round {index}:"]
-        n_audit = len(audits)
-        if audit is not None:
-            said.append(f"estimated Dice {audit.text()} on this slide ({n_audit} audit patches).")
-        elif n_audit:
-            said.append(f"its {n_audit} audit patches hold no tumour, marked or predicted: no Dice to estimate yet.")
-        else:
-            said.append("no audit patch scored yet (the estimate needs them; see Audit share).")
-        if hard is not None:
-            said.append(f"{hard.dice:.2f} on all {len(every)} corrections it had not trained on (hard ones: lower).")
-        if index > 0:
-            said.append(_against_start(*session.paired_scores(index, 0)))
-        if index < session.current_round:
-            said.append(f"Round {session.current_round} is measured by your next batch.")
-        target = self.target_spin.value() or None
-        signal = stop_signal(audit, session.config.get("changes", []), target, hard)
-        if signal is not None:
-            said.append(f"■ {signal[0].upper()}{signal[1:]}.")
-        return " ".join(said)
+        """What the session knows of the model from the corrections (:func:`._measure.measure_text`)."""
+        return measure_text(self.session, self.target_spin.value() or None)
 
     def _show_measure(self) -> None:
         if self.session is not None:
@@ -1029,31 +968,6 @@ class AnnotateWidget(WorkerDock):
             self.open_session(folder)
 
 
-def _against_start(newer: list, start: list) -> str:
-    """Did the rounds help? A round against the starting model (round 0) on the same fresh corrections."""
-    comparison = compare_rounds(newer, start)
-    if comparison is None or comparison.n < FEWEST:
-        return f"Against round 0: too few shared corrections to compare yet ({len(newer)} of {FEWEST})."
-    what = "pooled Dice" if comparison.measure == "dice" else "pixel accuracy"
-    verdict = "a gain" if comparison.low > 0 else "worse than round 0" if comparison.high < 0 else "no difference shown"
-    return (
-        f"Against round 0 on the same {comparison.n} corrections: {comparison.delta:+.3f} "
-        f"[{comparison.low:+.3f}, {comparison.high:+.3f}] ({what}): {verdict}."
-    )
-
-
-def _outline_colormap() -> Colormap:
-    """0 transparent, 1 the prediction's colour: the tumour outline drawn by ``uga: prediction``."""
-    from matplotlib.colors import to_rgba
-
-    return Colormap([(0, 0, 0, 0), to_rgba(PREDICTION_COLOR)], name="uga outline")
-
-
-def _one_color(color: str) -> DirectLabelColormap:
-    """Label 1 (tumour) in ``color``, everything else transparent."""
-    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: color})
-
-
 def _spin(low: int, high: int, value: int, tip: str) -> QSpinBox:
     spin = QSpinBox()
     spin.setRange(low, high)
@@ -1066,25 +980,3 @@ def _group(title: str, layout) -> QGroupBox:
     box = QGroupBox(title)
     box.setLayout(layout)
     return box
-
-
-def _upsert(viewer: napari.Viewer, kind: type, name: str, data, **kwargs):
-    """Update a layer's data in place, or add it the first time."""
-    if name in viewer.layers and isinstance(viewer.layers[name], kind):
-        layer = viewer.layers[name]
-        layer.data = data
-        if kind is Shapes:
-            layer.features = kwargs["features"]
-        return layer
-    adders = {Image: viewer.add_image, Labels: viewer.add_labels, Shapes: viewer.add_shapes}
-    return adders[kind](data, name=name, **kwargs)
-
-
-def _why(proposal: Proposal) -> str:
-    """The label of a queued patch: ``audit``, or its uncertainty score."""
-    return "audit" if proposal.audit else f"{proposal.score:.3f}"
-
-
-def _batch_dice(outcome: SubmitOutcome) -> str:
-    estimate = pooled_estimate(outcome.scores[0])
-    return "—" if estimate is None else f"{estimate.dice:.2f}"
