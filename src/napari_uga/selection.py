@@ -295,6 +295,18 @@ def _weighted(pool: Sequence[Candidate], labelled: Sequence[Candidate], k: int, 
     return picked
 
 
+def nearest_candidate(candidates: Sequence[Candidate], box: Box) -> Candidate | None:
+    """The candidate that shares the most pixels with ``box`` (``None`` where none overlaps it)."""
+    same = [c for c in candidates if c.box.image == box.image]
+    if not same:
+        return None
+    y, x, h, w = (np.array([getattr(c.box, f) for c in same]) for f in "yxhw")
+    rows = np.clip(np.minimum(y + h, box.y + box.h) - np.maximum(y, box.y), 0, None)
+    cols = np.clip(np.minimum(x + w, box.x + box.w) - np.maximum(x, box.x), 0, None)
+    shared = rows * cols
+    return same[int(shared.argmax())] if shared.max() > 0 else None
+
+
 def holds_tumour(mask: np.ndarray) -> bool:
     """Whether a 0/1 mask marks tumour on at least :data:`TUMOUR_SHARE` of its pixels."""
     return bool((np.asarray(mask) > 0).mean() >= TUMOUR_SHARE)

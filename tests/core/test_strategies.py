@@ -11,7 +11,15 @@ from napari_uga.io import load_pairs, tissue_mask
 from napari_uga.loop import config_for
 from napari_uga.models import ModelConfig, UNet
 from napari_uga.proposals import pool_candidates, propose, use_cache
-from napari_uga.selection import COVERAGE_SWITCH, STRATEGIES, holds_tumour, select, typicality
+from napari_uga.selection import (
+    COVERAGE_SWITCH,
+    STRATEGIES,
+    Box,
+    holds_tumour,
+    nearest_candidate,
+    select,
+    typicality,
+)
 
 EBHI = Path(__file__).resolve().parents[1] / "data" / "ebhi_seg"  # six real colon biopsy tiles
 CONFIG = config_for("organ", patch=128, samples=2)
@@ -109,3 +117,13 @@ def test_expected_error_ranks_by_a_texture_model_of_the_corrections(candidates, 
     marked = {c.box: c.tumour for c in both_calls}
     calls = [marked[p.box] for p in select(both_calls, 4, [], "expected_error", known=one_kind)]
     assert calls in ([True, False, True, False], [False, True, False, True])
+
+
+def test_nearest_candidate_shares_the_most_pixels(candidates):
+    """The dock reads a correction's features from the scored patch most like it (audits lie off the grid)."""
+    grid = candidates[4].box
+    assert nearest_candidate(candidates, grid) is candidates[4]
+    shifted = Box(grid.image, grid.y + 10, grid.x + 50, grid.h, grid.w)  # 50 px of 128 towards the right neighbour
+    near = nearest_candidate(candidates, shifted)
+    assert near.box.image == grid.image and near.box.overlaps(shifted) and near.box.x >= grid.x
+    assert nearest_candidate(candidates, Box("elsewhere", 0, 0, 64, 64)) is None

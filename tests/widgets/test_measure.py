@@ -60,6 +60,11 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
     assert all("2" in s and "3" not in s for s in scores[-3:])  # the undone round's scores are dropped
     assert all(set(s) == {"0", "1", "2"} for s in scores[6:9])  # batch 3 met rounds 0-2 before training
     text = dock.measure_text()
+    dock.strategy_combo.setCurrentText("expected_error")  # proposals from a texture model of the corrections
+    dock.propose()
+    reasons = [p.reason for p in dock.proposals if not p.audit]
+    assert reasons and all(r.startswith("expected_error: ") for r in reasons)
+    dock.save_session()  # the settings as the dock shows them are kept
 
     folder = session.folder
     pairs, mpp = audit_pairs(folder)  # readable while the dock holds the session
@@ -77,5 +82,5 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
     wait_idle(reopened)
     assert reopened.measure_text() == text and reopened.chosen_shift == "centre"
     assert reopened.shift_combo.currentIndex() == list(SHIFT_LABELS).index("auto")
-    assert reopened.audit_spin.value() == 0.34
+    assert reopened.audit_spin.value() == 0.34 and reopened.strategy_combo.currentText() == "expected_error"
     reopened.shutdown()

@@ -47,7 +47,7 @@ from ..audit import HARM_MARGIN, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import SHIFTS, audit_count, config_for, config_from_record
 from ..metrics import dice
-from ..selection import Box, Proposal, select
+from ..selection import STRATEGIES, Box, Proposal, holds_tumour, nearest_candidate, select
 from ..session import Session, SessionWriteError, SlideMissingError
 from ..tiles import (
     MapStore,
@@ -200,6 +200,13 @@ class AnnotateWidget(WorkerDock):
             "New organ: batch-norm statistics adapt, more steps, no replay."
         )
         self.shift_combo.currentIndexChanged.connect(self._shift_changed)
+        self.strategy_combo = QComboBox()
+        self.strategy_combo.addItems(list(STRATEGIES))
+        self.strategy_combo.setToolTip(
+            "How patches are proposed: uncertainty (the most uncertain first), expected_error (where a texture model "
+            "of your corrections says the network's call is wrong), random, or the low-budget coverage rules "
+            "(typical, weighted, coverage, mixed). Each queued patch says why it was proposed."
+        )
         self.steps_spin = _spin(1, 2000, self.config.steps, "Fine-tuning steps per round")
         self.audit_spin = QDoubleSpinBox()
         self.audit_spin.setRange(0.0, 0.9)
@@ -235,6 +242,7 @@ class AnnotateWidget(WorkerDock):
         patches = QFormLayout()
         patches.addRow("Patches", propose_row)
         patches.addRow(queue_row)
+        patches.addRow("Proposals", self.strategy_combo)
         patches.addRow("Domain shift", self.shift_combo)
         patches.addRow("Steps", self.steps_spin)
         patches.addRow("Audit share", self.audit_spin)
@@ -536,18 +544,34 @@ class AnnotateWidget(WorkerDock):
         k = self.k_spin.value()
         audits_wanted = audit_count(k, self.audit_spin.value()) - sum(p.audit for p in keep)
         taken = [*done, *(p.box for p in keep)]
+        seed = len(self.session.annotations) + 7919 * self.session.current_round
+        strategy = self.strategy_combo.currentText()
         picks = select(
-            self.store.candidates, k - len(keep) - max(0, audits_wanted), taken, diversity=self.config.diversity
+            self.store.candidates,
+            k - len(keep) - max(0, audits_wanted),
+            taken,
+            strategy,
+            np.random.default_rng(seed),
+            "none" if strategy == "random" else self.config.diversity,
+            self._known() if strategy == "expected_error" else (),
         )
         if audits_wanted <= 0:
             return picks
-        seed = len(self.session.annotations) + 7919 * self.session.current_round
         boxes = random_tissue_boxes(self.slide, self.plan, audits_wanted, seed, [*taken, *(p.box for p in picks)])
         audits = [Proposal(**vars(b), audit=True, reason="audit: drawn at random from the tissue") for b in boxes]
         rng = np.random.default_rng(seed)
         for audit in audits:  # anywhere in the queue, so an audit is corrected like any other patch
             picks.insert(int(rng.integers(0, len(picks) + 1)), audit)
         return [replace(p, rank=i + 1) for i, p in enumerate(picks)]
+
+    def _known(self) -> list[tuple[np.ndarray, bool]]:
+        """Each correction as ``expected_error`` reads it: the nearest scored patch's features, and tumour or not."""
+        out = []
+        for a in self.session.annotations:
+            near = nearest_candidate(self.store.candidates, Box(a["image"], a["y"], a["x"], a["h"], a["w"]))
+            if near is not None:
+                out.append((near.features, holds_tumour(read_mask(self.session.folder / a["file"]))))
+        return out
 
     def _rerank(self) -> None:
         """New tiles arrived: re-rank the queue's unopened patches (opened and current ones stay)."""
@@ -711,7 +735,8 @@ class AnnotateWidget(WorkerDock):
         boxes = {"steps": self.steps_spin.value(), "samples": self.samples_spin.value(), "batch": self.k_spin.value()}
         measure = {"audit_share": self.audit_spin.value(), "auto_rollback": self.rollback_check.isChecked()}
         chosen = {"chosen_shift": self.chosen_shift} if self._shift() == "auto" else {}
-        return {**vars(self.config), **boxes, **measure, "shift": self._shift(), **chosen}
+        strategy = {"strategy": self.strategy_combo.currentText()}
+        return {**vars(self.config), **boxes, **measure, **strategy, "shift": self._shift(), **chosen}
 
     def _shift_changed(self) -> None:
         """Apply the preset of the chosen domain shift (the steps box shows its steps; edit it after)."""
@@ -741,6 +766,8 @@ class AnnotateWidget(WorkerDock):
         if isinstance(record.get("audit_share"), int | float) and 0 <= record["audit_share"] <= 0.9:
             self.audit_spin.setValue(record["audit_share"])
         self.rollback_check.setChecked(record.get("auto_rollback", True) is not False)
+        if record.get("strategy") in STRATEGIES:
+            self.strategy_combo.setCurrentText(record["strategy"])
         self.config = config
         self.steps_spin.setValue(config.steps)
         self.samples_spin.setValue(config.samples)
@@ -902,8 +929,11 @@ class AnnotateWidget(WorkerDock):
         self._start_maps()
 
     def save_session(self) -> None:
-        """Write the session record (annotations and checkpoints are already on disk)."""
-        if self.session is not None and self._save(self.session.save):
+        """Write the session record with the dock's loop settings (annotations and checkpoints are already on disk)."""
+        if self.session is None:
+            return
+        self.session.config["loop"] = self._loop_record()
+        if self._save(self.session.save):
             show_info(f"session saved to {self.session.folder}")
 
     def open_session(self, folder: str | Path, relocate: dict[str, str] | None = None) -> None:
