@@ -22,7 +22,7 @@ import numpy as np
 
 from .io import Pair, tissue_mask
 from .models import UNet
-from .selection import Box, Candidate, Proposal, grid_boxes, score_candidates, select
+from .selection import Box, Candidate, Proposal, diversity_for, grid_boxes, score_candidates, select
 from .uncertainty import compute_uncertainty
 
 _CACHE: list[Path] = []  # the candidate cache folder, when one is in use
@@ -137,4 +137,4 @@ def propose(
         candidates = random_candidates(pool, config)
     else:
         candidates = pool_candidates(model, pool, factor, config)
-    return select(candidates, k, exclude, strategy, rng, config.diversity if strategy != "random" else "none", known)
+    return select(candidates, k, exclude, strategy, rng, diversity_for(strategy, config.diversity), known)

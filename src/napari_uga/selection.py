@@ -193,6 +193,11 @@ def select(
     ]
 
 
+def diversity_for(strategy: str, diversity: str) -> str:
+    """The loop's diversity setting as a strategy uses it: random draws ignore it."""
+    return "none" if strategy == "random" else diversity
+
+
 def _free(cand: Candidate, picked: Sequence[tuple[Candidate, str]]) -> bool:
     return not any(cand.box.overlaps(p.box) for p, _ in picked)
 

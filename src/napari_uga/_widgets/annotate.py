@@ -47,7 +47,7 @@ from ..audit import HARM_MARGIN, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import SHIFTS, audit_count, config_for, config_from_record
 from ..metrics import dice
-from ..selection import STRATEGIES, Box, Proposal, holds_tumour, nearest_candidate, select
+from ..selection import STRATEGIES, Box, Proposal, diversity_for, holds_tumour, nearest_candidate, select
 from ..session import Session, SessionWriteError, SlideMissingError
 from ..tiles import (
     MapStore,
@@ -552,7 +552,7 @@ class AnnotateWidget(WorkerDock):
             taken,
             strategy,
             np.random.default_rng(seed),
-            "none" if strategy == "random" else self.config.diversity,
+            diversity_for(strategy, self.config.diversity),
             self._known() if strategy == "expected_error" else (),
         )
         if audits_wanted <= 0:
