@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--strategies", default="typical,random,uncertainty")
     parser.add_argument("--budgets", default="5,10,20")
+    parser.add_argument("--label", default="", help="appended to the results file name (keeps earlier results)")
     parser.add_argument("--time-proposals", action="store_true", help="only time one proposal round per strategy")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -194,7 +195,8 @@ def main() -> None:
         results["summary"] = summarise(table, budgets)
         print_summary(f"EBHI {half} splits", results["summary"])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"strategies_{args.dataset}_{half}_{args.strategies.replace(',', '+')}.json"
+    label = f"_{args.label}" if args.label else ""
+    name = f"strategies_{args.dataset}_{half}_{args.strategies.replace(',', '+')}{label}.json"
     (RESULTS / name).write_text(json.dumps(results, indent=1))
 
 

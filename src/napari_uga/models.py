@@ -22,6 +22,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "uga_unet.safetensors"
 RGB_MEAN = (0.70, 0.55, 0.70)
 RGB_STD = (0.17, 0.20, 0.15)
+MAX_DEPTH = 6
+MAX_WIDTH = 2048  # widest layer a weights file may ask for (the shipped model's is 256)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,15 @@ class ModelConfig:
     depth: int = 4
     dropout: float = 0.25
     input_mpp: float = 0.486  # µm per pixel the network sees (Camelyon level 0 at half size)
+
+    def __post_init__(self) -> None:
+        """Refuse an architecture no file of this project holds, before anything is allocated for it."""
+        if not (isinstance(self.base, int) and isinstance(self.depth, int) and 1 <= self.depth <= MAX_DEPTH):
+            raise ValueError(f"base and depth must be integers, depth 1-{MAX_DEPTH} (got {self.base}, {self.depth})")
+        if not 1 <= self.base * 2**self.depth <= MAX_WIDTH:
+            raise ValueError(f"base x 2^depth must be 1-{MAX_WIDTH} channels (got {self.base} x 2^{self.depth})")
+        if not (0 <= self.dropout < 1 and 0.01 <= self.input_mpp <= 20):
+            raise ValueError(f"dropout must be in [0, 1) and input_mpp 0.01-20 (got {self.dropout}, {self.input_mpp})")
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -158,6 +169,11 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     except (SafetensorError, KeyError, TypeError, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a napari-uga safetensors weights file ({exc})") from None
     model = UNet(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise InputError(f"{path}: its tensors do not match its stated architecture ({', '.join(wrong[:3])} ...)")
     model.load_state_dict(state)
     device = pick_device(device) if isinstance(device, str) else device
     return model.to(device).eval()
