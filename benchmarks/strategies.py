@@ -16,6 +16,8 @@ Usage::
         --strategies typical,weighted --budgets 5,10
     nice -n 10 .venv/bin/python benchmarks/strategies.py --dataset umcu --strategies typical --budgets 5 --seeds 4
     nice -n 10 .venv/bin/python benchmarks/strategies.py --time-proposals
+    nice -n 10 .venv/bin/python benchmarks/strategies.py --half report3 --strategies uncertainty --budgets 20,40 \
+        --patch 112 --batch 20 --diversity clusters --seeds 1 --label subpatch   # quarter-tile patches
 
 Prints mean ± sd over splits x seeds (and the paired difference to random where it ran) and writes
 ``benchmarks/results/strategies_<dataset>_<half>_<strategies>.json``.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +74,13 @@ def zero_shot(model, name: str, test, factor: float) -> float:
     return json.loads(path.read_text())
 
 
-def run(model, split, strategy: str, seed: int, budgets: list[int], config, replay) -> dict:
-    """One simulate run, from the run cache when one with these budgets (or more) exists."""
+def run(model, split, strategy: str, seed: int, budgets: list[int], config, replay, tag: str = "") -> dict:
+    """One simulate run, from the run cache when one with these budgets (or more) exists.
+
+    ``tag`` names settings that differ from the preset's, so their runs are cached apart.
+    """
     name, pool, test, mpp = split
-    path = CACHE / "runs" / f"{_slug(name)}_{strategy}_seed{seed}.json"
+    path = CACHE / "runs" / f"{_slug(name)}_{strategy}{tag}_seed{seed}.json"
     if path.exists():
         record = json.loads(path.read_text())
         if set(budgets) <= set(record["budgets"]) and record["config"] == vars(config):
@@ -156,6 +162,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--strategies", default="typical,random,uncertainty")
     parser.add_argument("--budgets", default="5,10,20")
+    parser.add_argument("--patch", type=int, help="patch side at full resolution (sub-patches: 112 on EBHI's 224)")
+    parser.add_argument("--batch", type=int, help="patches per fine-tuning round (default: the preset's 5)")
+    parser.add_argument("--diversity", help="spread of the picks (default: the preset's)")
     parser.add_argument("--label", default="", help="appended to the results file name (keeps earlier results)")
     parser.add_argument("--time-proposals", action="store_true", help="only time one proposal round per strategy")
     args = parser.parse_args()
@@ -168,6 +177,9 @@ def main() -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     half = "report" if args.dataset == "umcu" else args.half
     config = config_for("centre" if args.dataset == "umcu" else "organ")
+    overrides = {k: getattr(args, k) for k in ("patch", "batch", "diversity") if getattr(args, k) is not None}
+    config = replace(config, **overrides)
+    tag = "".join(f"_{k}{v}" for k, v in overrides.items())
     replay = replay_pairs() if config.replay_share > 0 else []
     splits = umcu_splits() if args.dataset == "umcu" else ebhi_splits(half, args.splits)
     table: dict[str, dict[str, list[list[float]]]] = {}
@@ -176,7 +188,7 @@ def main() -> None:
         base = zero_shot(model, name, test, working_factor(model, mpp))
         table[name] = {}
         for strategy in args.strategies.split(","):
-            records = [run(model, split, strategy, seed, budgets, config, replay) for seed in range(args.seeds)]
+            records = [run(model, split, strategy, seed, budgets, config, replay, tag) for seed in range(args.seeds)]
             table[name][strategy] = [[r["dice"][r["budgets"].index(b)] for b in budgets] for r in records]
             print(
                 f"{name:18} {strategy:12} zero-shot {base:.3f}  "
