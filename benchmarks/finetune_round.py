@@ -48,9 +48,11 @@ def main() -> None:
         for _ in finetune(model, annotations, replay, 0.5, config, seed=seed, self_labelled=labelled):
             pass
         times.append(time.perf_counter() - started)
-    print(f"fine-tune round ({args.shift}), 10 patches, {config.steps} steps on {model.head_out.weight.device}: "
-          f"runs {[round(t, 1) for t in times]} s, median {statistics.median(times):.1f} s, "
-          f"load average {os.getloadavg()}")
+    print(
+        f"fine-tune round ({args.shift}), 10 patches, {config.steps} steps on {model.head_out.weight.device}: "
+        f"runs {[round(t, 1) for t in times]} s, median {statistics.median(times):.1f} s, "
+        f"load average {os.getloadavg()}"
+    )
 
 
 if __name__ == "__main__":

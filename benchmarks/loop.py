@@ -115,8 +115,12 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - started, 1),
             }
             points = zip(budgets, arr.mean(0), arr.std(0), strict=True)
-            print(f"{name:18} {strategy:11} " + "  ".join(f"{b:>3}: {m:.3f}±{s:.3f}" for b, m, s in points)
-                  + f"   ({curves[strategy]['seconds']} s, {len(pool)} pool / {len(test)} test tiles)", flush=True)
+            print(
+                f"{name:18} {strategy:11} "
+                + "  ".join(f"{b:>3}: {m:.3f}±{s:.3f}" for b, m, s in points)
+                + f"   ({curves[strategy]['seconds']} s, {len(pool)} pool / {len(test)} test tiles)",
+                flush=True,
+            )
         results["splits"][name] = curves
         slug = name.replace(" ", "_").replace(">", "").replace("-", "_")
         plot_curves(

@@ -436,9 +436,7 @@ def survey_boxes(slide: Slide, plan: MapPlan, n: int = SURVEY_PATCHES, seed: int
     return random_tissue_boxes(slide, plan, n, seed)
 
 
-def random_tissue_boxes(
-    slide: Slide, plan: MapPlan, n: int, seed: int = 0, exclude: Sequence[Box] = ()
-) -> list[Box]:
+def random_tissue_boxes(slide: Slide, plan: MapPlan, n: int, seed: int = 0, exclude: Sequence[Box] = ()) -> list[Box]:
     """``n`` patches (level-0 boxes) drawn uniformly at random over the tissue, none overlapping ``exclude``."""
     tissue, ds = slide.tissue()
     side = plan.patch * plan.scale / ds  # patch side in tissue-mask px

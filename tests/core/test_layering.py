@@ -4,7 +4,17 @@ import subprocess
 import sys
 
 CORE = [
-    "io", "models", "uncertainty", "selection", "training", "loop", "session", "metrics", "splits", "plots", "quality",
+    "io",
+    "models",
+    "uncertainty",
+    "selection",
+    "training",
+    "loop",
+    "session",
+    "metrics",
+    "splits",
+    "plots",
+    "quality",
     "slides",
 ]
 

@@ -52,8 +52,12 @@ def test_diverse_selection_returns_k_distinct_patches(umcu_pairs, diversity):
     for pair in umcu_pairs[:6]:
         rng = np.random.default_rng(0)
         cands += score_candidates(
-            pair.name, pair.image, rng.random((256, 256), dtype=np.float32), pair.mask.astype(np.float32),
-            np.ones((256, 256), bool), 128,
+            pair.name,
+            pair.image,
+            rng.random((256, 256), dtype=np.float32),
+            pair.mask.astype(np.float32),
+            np.ones((256, 256), bool),
+            128,
         )
     picks = select(cands, 5, diversity=diversity, rng=np.random.default_rng(0))
     assert len(picks) == 5 and len({p.box for p in picks}) == 5

@@ -188,7 +188,15 @@ def test_cancel_during_self_labelling_returns_before_any_step(tiny_model, umcu_p
     boxes = [Box(pair.name, y, x, 64, 64) for y in (128, 192) for x in (0, 64, 128)]
     token = CancelToken()
     run = finetune_events(
-        tiny_model, [correction], 0.5, config_for("centre", steps=3, batch_size=2), 0, token, 1, tiny_model, boxes,
+        tiny_model,
+        [correction],
+        0.5,
+        config_for("centre", steps=3, batch_size=2),
+        0,
+        token,
+        1,
+        tiny_model,
+        boxes,
         lambda name: pair.image,
     )
     first = next(run)
