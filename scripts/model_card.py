@@ -43,17 +43,17 @@ def main() -> None:
   p = {model.config.dropout}) that stays active for Monte-Carlo sampling. Works at {model.config.input_mpp} µm/px
   (Camelyon level 0 at half size); inputs are resized to that scale from their `--mpp`.
 - **Training data**: Camelyon16, Radboud UMC (CC0-1.0), 256 x 256 tiles at level 0:
-  {len(meta.get('train_images', []))} training tiles (slides tumor_001, tumor_004 and the left half of tumor_064 by
-  position), {len(meta.get('val_images', []))} validation tiles (the right half of tumor_064; overlapping
+  {len(meta.get("train_images", []))} training tiles (slides tumor_001, tumor_004 and the left half of tumor_064 by
+  position), {len(meta.get("val_images", []))} validation tiles (the right half of tumor_064; overlapping
   tiles kept on one side).
   No UMC Utrecht or EBHI tile was used for training or selection.
 - **Recipe**: random 128 px crops at working scale with ±20 % zoom, dihedral flips/rotations, H&E stain
   jitter (colour deconvolution, ±25 % per stain), saturation / contrast / brightness jitter; BCE + soft Dice;
-  AdamW, batch 8, {meta.get('steps')} steps in cycles of {meta.get('steps_per_epoch')} (warm-up + cosine, peak learning
+  AdamW, batch 8, {meta.get("steps")} steps in cycles of {meta.get("steps_per_epoch")} (warm-up + cosine, peak learning
   rate 2e-3 times 0.7 per cycle); validated after each cycle, the weights with the best validation Dice were kept.
-- **Command**: `{meta.get('command', '?')}`
-- **Seed**: {meta.get('seed')}; best step {meta.get('best_step')} of {meta.get('steps')}.
-- **Validation Dice** (pooled): {meta.get('val_dice', float('nan')):.3f}
+- **Command**: `{meta.get("command", "?")}`
+- **Seed**: {meta.get("seed")}; best step {meta.get("best_step")} of {meta.get("steps")}.
+- **Validation Dice** (pooled): {meta.get("val_dice", float("nan")):.3f}
 
 ## Zero-shot Dice (`uga evaluate`, deterministic prediction)
 
