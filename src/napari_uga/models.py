@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .io import MPP_HINT, REPLAY_MPP, InputError, MissingScaleError
+from .wsi import plausible_mpp
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "uga_unet.safetensors"
@@ -41,7 +42,7 @@ class ModelConfig:
             raise ValueError(f"base and depth must be integers, depth 1-{MAX_DEPTH} (got {self.base}, {self.depth})")
         if not 1 <= self.base * 2**self.depth <= MAX_WIDTH:
             raise ValueError(f"base x 2^depth must be 1-{MAX_WIDTH} channels (got {self.base} x 2^{self.depth})")
-        if not (0 <= self.dropout < 1 and 0.01 <= self.input_mpp <= 20):
+        if not (0 <= self.dropout < 1 and plausible_mpp(self.input_mpp) is not None):
             raise ValueError(f"dropout must be in [0, 1) and input_mpp 0.01-20 (got {self.dropout}, {self.input_mpp})")
 
 
@@ -169,12 +170,11 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     except (SafetensorError, KeyError, TypeError, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a napari-uga safetensors weights file ({exc})") from None
     model = UNet(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != expected:
-        wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-        raise InputError(f"{path}: its tensors do not match its stated architecture ({', '.join(wrong[:3])} ...)")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # torch lists the missing, unexpected and misshapen tensors, one per line
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise InputError(f"{path}: its tensors do not match its stated architecture ({first[0].strip()})") from None
     device = pick_device(device) if isinstance(device, str) else device
     return model.to(device).eval()
 
@@ -195,7 +195,7 @@ def working_factor(model: UNet, mpp: float | None = REPLAY_MPP) -> float:
     """
     if mpp is None:
         raise MissingScaleError(f"no µm/px known for these images; {MPP_HINT}")
-    mpp = float(mpp)
-    if not 0.01 <= mpp <= 20:
-        raise InputError(f"mpp: {mpp} µm/px is outside the plausible range 0.01-20")
-    return mpp / model.config.input_mpp
+    scale = plausible_mpp(mpp)
+    if scale is None:
+        raise InputError(f"mpp: {float(mpp)} µm/px is outside the plausible range 0.01-20")
+    return scale / model.config.input_mpp
