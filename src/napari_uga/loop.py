@@ -62,7 +62,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aggregate": ("mean", "topk"),
     "diversity": ("none", "clusters", "balanced", "clusters+balanced"),
 }
-COUNTS = ("patch", "samples", "steps", "batch_size", "crop", "batch")  # whole numbers >= 1
+COUNTS = ("patch", "subdivide", "samples", "steps", "batch_size", "crop", "batch")  # whole numbers >= 1
 
 
 @dataclass
@@ -70,6 +70,7 @@ class LoopConfig:
     """Settings of the annotation loop; the defaults are the ``centre`` preset (measured in ``benchmarks/loop.py``)."""
 
     patch: int = 256
+    subdivide: int = 1  # each patch of the budget is proposed as subdivide x subdivide sub-patches of 1/subdivide its side
     samples: int = 8
     tta: str = "none"
     measure: str = "entropy"
@@ -94,10 +95,17 @@ class LoopConfig:
         for name in COUNTS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.subdivide > 4:
+            raise ValueError(f"subdivide must be at most 4, not {self.subdivide}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, not {self.lr}")
         if not (math.isfinite(self.anchor) and self.anchor >= 0):
             raise ValueError(f"anchor must be a finite number >= 0, not {self.anchor}")
+
+    @property
+    def pieces(self) -> int:
+        """Sub-patches per patch of the budget (1: whole patches)."""
+        return self.subdivide**2
 
 
 # What differs from the training data decides how hard fine-tuning may pull (benchmarks/loop.py):
@@ -107,8 +115,18 @@ SHIFTS: dict[str, dict] = {
     # L2 pull towards the starting model keep a few patches from swinging it
     "centre": {},
     # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay and the
-    # starting model's labels contradict its truth, and more steps are needed to learn it
-    "organ": {"steps": 200, "replay_share": 0.0, "self_share": 0.0, "freeze_norm": False, "anchor": 0.0},
+    # starting model's labels contradict its truth, and more steps are needed to learn it; each patch of
+    # the budget is proposed as 4 quarter-area sub-patches spread over appearance clusters, so one batch
+    # covers more kinds of tissue (docs/benchmarks.md, stop 23)
+    "organ": {
+        "steps": 200,
+        "replay_share": 0.0,
+        "self_share": 0.0,
+        "freeze_norm": False,
+        "anchor": 0.0,
+        "subdivide": 2,
+        "diversity": "clusters",
+    },
 }
 
 
@@ -313,6 +331,11 @@ class _Ledger:
         self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
         return len(self.rounds) - 1
 
+    def retile(self, tissue: list[Box]) -> None:
+        """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them."""
+        self.tissue = tissue
+        self.proxies = [Proxies.of(box.crop(maps[box.image]) for box in tissue) for maps in self.maps]
+
     def score(self, batch: Sequence[Annotation], audits: Sequence[bool]) -> list[dict[int, PatchScore]]:
         """Test-then-train: every round so far against each correction of a fresh batch."""
         fresh = []
@@ -395,24 +418,29 @@ def simulate(
     annotations: list[Annotation] = []
     fresh: list[dict[int, PatchScore]] = []  # the last batch's scores, before training on it
     self_labelled: list[Annotation] | None = None
+    spent = 0.0  # the budget used, in patches (a sub-patch is 1 / config.pieces of one)
     for budget in sorted(set(budgets)):
-        while len(annotations) < budget and not (stop and result.stop_budget is not None):
-            k = min(config.batch, budget - len(annotations))
+        while spent < budget - 1e-9 and not (stop and result.stop_budget is not None):
+            k = math.ceil(min(config.batch, budget - spent) * config.pieces - 1e-9)  # sub-patches of this batch
             picks = _batch(ledger.rounds[in_use], pool, k, audit_share, config, annotations, strategy, rng, factor)
             if not picks:
                 break
             batch = [oracle.annotate(p) for p in picks]
             fresh = ledger.score(batch, [p.audit for p in picks])
             annotations += batch
+            spent += len(batch) / config.pieces
             result.picks.append([p.as_dict() for p in picks])
             if presets and result.shift is None:
                 new_tissue = tissue_is_new(model, [a.image for a in batch], factor)
                 result.shift = choose_shift([s[0] for s in fresh], new_tissue)
+                geometry = (config.patch, config.subdivide)
                 config = presets[result.shift]
+                if (config.patch, config.subdivide) != geometry:  # the audits are drawn from other boxes now
+                    ledger.retile([c.box for c in random_candidates(pool, config)])
             in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
             signal = stop_signal(ledger.estimate(in_use), ledger.changes, target, ledger.estimate(in_use, False))
             if signal is not None and result.stop_budget is None:
-                result.stop_budget, result.stop_reason = len(annotations), signal
+                result.stop_budget, result.stop_reason = _patches(spent), signal
                 _say(on_event, f"stop signal: {signal}")
                 if stop:
                     break  # the round in use has just been checked on this batch: keep it
@@ -431,7 +459,7 @@ def simulate(
                 self_labelled=self_labelled,
             )
             in_use = ledger.add_round(_drain(run, on_event).model, in_use)
-        if stop and result.stop_budget is not None and budget > len(annotations):
+        if stop and result.stop_budget is not None and budget > spent + 1e-9:
             break  # the session stopped before this budget
         result.budgets.append(budget)
         result.round_in_use.append(in_use)
@@ -443,9 +471,8 @@ def simulate(
             result.pool_dice.append(evaluate(ledger.rounds[in_use], unseen, factor)["dice_global"] if unseen else None)
         _say(on_event, f"budget {budget}: Dice {result.dice_global[-1]:.3f}", "evaluate", budget, max(budgets))
     if closing_batch:
-        picks = _batch(
-            ledger.rounds[in_use], pool, config.batch, audit_share, config, annotations, strategy, rng, factor
-        )
+        k = config.batch * config.pieces
+        picks = _batch(ledger.rounds[in_use], pool, k, audit_share, config, annotations, strategy, rng, factor)
         closing = ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks]) if picks else []
         if closing:
             in_use = _do_no_harm(ledger, in_use, closing, no_harm, result, on_event)
@@ -463,6 +490,11 @@ def simulate(
     )
     result.model = ledger.rounds[in_use]
     return result
+
+
+def _patches(spent: float) -> int | float:
+    """The budget used, as a whole number of patches where it is one."""
+    return round(spent) if abs(spent - round(spent)) < 1e-9 else round(spent, 3)
 
 
 def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, factor) -> list[Proposal]:

@@ -53,12 +53,14 @@ def image_candidates(model: UNet, pair: Pair, factor: float, config: LoopConfig)
         tissue_mask(pair.image),
         patch=config.patch,
         how=config.aggregate,
+        subdivide=config.subdivide,
     )
 
 
 def _cache_key(model_key: str, pair: Pair, factor: float, config: LoopConfig) -> str:
     settings = (model_key, pair.name, pair.image.shape, factor, config.samples, config.tta, config.measure)
     settings += (config.patch, config.aggregate, hashlib.sha1(pair.image.tobytes()).hexdigest())
+    settings += (config.subdivide,) if config.subdivide > 1 else ()  # whole-patch keys as before
     return hashlib.sha1(repr(settings).encode()).hexdigest()
 
 
@@ -108,7 +110,7 @@ def random_candidates(pool: Sequence[Pair], config: LoopConfig) -> list[Candidat
     out = []
     for pair in pool:
         tissue = tissue_mask(pair.image)
-        for box in grid_boxes(pair.name, pair.image.shape[:2], config.patch):
+        for box in grid_boxes(pair.name, pair.image.shape[:2], config.patch, config.subdivide):
             if box.crop(tissue).mean() >= 0.25:
                 out.append(Candidate(box, 0.0, np.zeros(1), False))
     return out

@@ -87,10 +87,14 @@ class Candidate:
     tumour: bool
 
 
-def grid_boxes(name: str, shape: tuple[int, int], patch: int) -> list[Box]:
-    """Half-overlapping grid of patches covering an image; an image smaller than a patch is one patch."""
+def grid_boxes(name: str, shape: tuple[int, int], patch: int, subdivide: int = 1) -> list[Box]:
+    """Half-overlapping grid of patches covering an image; an image smaller than a patch is one patch.
+
+    ``subdivide``: boxes of ``1/subdivide`` of that side (sub-patches; on an image smaller than a
+    patch, of the image's side).
+    """
     h, w = shape
-    ph, pw = min(patch, h), min(patch, w)
+    ph, pw = max(1, min(patch, h) // subdivide), max(1, min(patch, w) // subdivide)
     ys = _starts(h, ph)
     xs = _starts(w, pw)
     return [Box(name, y, x, ph, pw) for y in ys for x in xs]
@@ -119,10 +123,11 @@ def score_candidates(
     patch: int = 256,
     how: str = "mean",
     min_tissue: float = 0.25,
+    subdivide: int = 1,
 ) -> list[Candidate]:
-    """Score every grid patch of one image that holds enough tissue."""
+    """Score every grid patch (or sub-patch, :func:`grid_boxes`) of one image that holds enough tissue."""
     out = []
-    for box in grid_boxes(name, uncertainty.shape, patch):
+    for box in grid_boxes(name, uncertainty.shape, patch, subdivide):
         tissue_patch = box.crop(tissue)
         if tissue_patch.mean() < min_tissue:
             continue

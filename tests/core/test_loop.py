@@ -73,6 +73,17 @@ def test_oracle_loop_on_a_tiny_budget(tiny_model, umcu_pairs):
     assert again.picks[0] == traj.picks[0] and again.dice_global == traj.dice_global[:2]
 
 
+def test_sub_patches_spend_the_budget_in_quarters(tiny_model, umcu_pairs):
+    pool, test = umcu_pairs[::4][:4], umcu_pairs[1::8][:1]
+    config = config_for("organ", steps=2, batch=1, batch_size=4, samples=2)  # subdivide 2: 4 per patch
+    traj = simulate(tiny_model, pool, test, [0, 2], "uncertainty", 0, 0.5, config)
+    assert traj.budgets == [0, 2] and [len(b) for b in traj.picks] == [4, 4]  # two rounds of one patch each
+    side = min(config.patch, pool[0].image.shape[0]) // 2
+    assert {(p["h"], p["w"]) for b in traj.picks for p in b} == {(side, side)}
+    boxes = [Box(p["image"], p["y"], p["x"], p["h"], p["w"]) for b in traj.picks for p in b]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
 def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):
     oracle = Oracle(umcu_pairs)
     annotations = [oracle.annotate(Box(p.name, 0, 0, 256, 256)) for p in umcu_pairs[:2]]

@@ -22,6 +22,14 @@ def test_grid_covers_image_and_small_images_are_one_patch():
     assert grid_boxes("b", (100, 80), 256) == [Box("b", 0, 0, 100, 80)]
 
 
+def test_sub_patches_are_quarters_of_a_patch_or_of_a_small_image():
+    quarters = grid_boxes("t", (224, 224), 256, subdivide=2)  # an EBHI tile: 112 px quarters, half-overlapping
+    assert {(b.h, b.w) for b in quarters} == {(112, 112)} and len(quarters) == 9
+    corners = [b for b in quarters if b.y in (0, 112) and b.x in (0, 112)]
+    assert len(corners) == 4 and not any(a.overlaps(b) for i, a in enumerate(corners) for b in corners[i + 1 :])
+    assert {(b.h, b.w) for b in grid_boxes("s", (1000, 600), 256, subdivide=2)} == {(128, 128)}
+
+
 def test_uncertainty_ranking_skips_glass_and_suppresses_overlap(umcu_pairs):
     cands = _candidates(umcu_pairs)
     assert all(not (c.box.y == 0 and c.box.x == 0) for c in cands)  # the glass patch is never a candidate

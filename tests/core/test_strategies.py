@@ -22,7 +22,7 @@ from napari_uga.selection import (
 )
 
 EBHI = Path(__file__).resolve().parents[1] / "data" / "ebhi_seg"  # six real colon biopsy tiles
-CONFIG = config_for("organ", patch=128, samples=2)
+CONFIG = config_for("organ", patch=128, samples=2, subdivide=1)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,17 @@ def test_nearest_candidate_shares_the_most_pixels(candidates):
     near = nearest_candidate(candidates, shifted)
     assert near.box.image == grid.image and near.box.overlaps(shifted) and near.box.x >= grid.x
     assert nearest_candidate(candidates, Box("elsewhere", 0, 0, 64, 64)) is None
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_organ_preset_proposes_distinct_quarter_patches_spread_over_tiles(net, strategy):
+    tiles = load_pairs(EBHI / "images", EBHI / "masks")
+    config = config_for("organ", samples=2)  # the default: 4 quarter patches per patch, spread over clusters
+    torch.manual_seed(5)
+    picks = propose(net, tiles, 8, 0.5, config, [], strategy, np.random.default_rng(5))
+    assert len(picks) == 8 and {(p.h, p.w) for p in picks} == {(112, 112)}  # quarters of the 224 px tiles
+    assert not any(a.overlaps(b) for i, a in enumerate(picks) for b in picks[i + 1 :])
+    assert len({p.image for p in picks}) >= 3  # a batch covers several tiles
+    torch.manual_seed(5)
+    assert picks == propose(net, tiles, 8, 0.5, config, [], strategy, np.random.default_rng(5))
+

@@ -25,11 +25,13 @@ def register(sub) -> None:
         default="uncertainty",
         help="how patches are proposed: uncertainty (the default), random, or the low-budget rules typical "
         "(TypiClust), weighted (uncertainty-weighted k-means++), coverage (typical, then uncertainty), mixed, "
-        "expected_error (a texture model of the corrections; see docs/benchmarks.md: none beat random on EBHI "
-        "report splits)",
+        "expected_error (a texture model of the corrections); with --shift organ each patch is proposed as "
+        "four quarter patches (--subdivide; docs/benchmarks.md)",
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (random choice and training noise)")
-    p.add_argument("--patch-size", type=int, default=256, help="patch side at full resolution")
+    p.add_argument(
+        "--patch-size", type=int, default=256, help="patch side at full resolution (an image's side where smaller)"
+    )
     add_loop_options(p)
     add_model_options(p)
     p.set_defaults(handler=run)
@@ -75,8 +77,16 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--diversity",
         choices=CHOICES["diversity"],
-        default=d.diversity,
-        help="spread the picks over appearance clusters and/or predicted classes",
+        default=None,
+        help="spread the picks over appearance clusters and/or predicted classes (centre: none, organ: clusters)",
+    )
+    p.add_argument(
+        "--subdivide",
+        type=int,
+        choices=(1, 2, 3, 4),
+        default=None,
+        help="propose each patch of the budget as N x N sub-patches of 1/N its side, the same pixels to correct "
+        "(centre: 1, whole patches; organ: 2, four quarter patches)",
     )
     p.add_argument("--steps", type=int, default=None, help=f"fine-tune steps per labelled batch (centre: {d.steps})")
     p.add_argument("--lr", type=float, default=None, help=f"fine-tune learning rate (default {d.lr})")
@@ -105,7 +115,7 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="batch-norm statistics while fine-tuning (centre: frozen, organ: adapted)",
     )
-    p.add_argument("--batch", type=int, default=d.batch, help="patches annotated per round")
+    p.add_argument("--batch", type=int, default=d.batch, help="patches annotated per round (x N² sub-patches)")
 
 
 def loop_configs(args: argparse.Namespace, patch: int) -> tuple[object, dict | None]:
@@ -133,6 +143,8 @@ def loop_config(args: argparse.Namespace, patch: int, shift: str | None = None):
         "replay_share": args.replay_share,
         "self_share": args.self_share,
         "anchor": args.anchor,
+        "diversity": args.diversity,
+        "subdivide": args.subdivide,
     }
     if args.norm is not None:
         explicit["freeze_norm"] = args.norm == "frozen"
@@ -148,7 +160,6 @@ def loop_config(args: argparse.Namespace, patch: int, shift: str | None = None):
             tta=args.tta,
             measure=args.measure,
             aggregate=args.aggregate,
-            diversity=args.diversity,
             batch=args.batch,
             **{k: v for k, v in explicit.items() if v is not None},
         )
