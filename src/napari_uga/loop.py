@@ -70,7 +70,7 @@ class LoopConfig:
     """Settings of the annotation loop; the defaults are the ``centre`` preset (measured in ``benchmarks/loop.py``)."""
 
     patch: int = 256
-    subdivide: int = 1  # each patch of the budget is proposed as subdivide x subdivide sub-patches of 1/subdivide its side
+    subdivide: int = 1  # each patch of the budget proposed as subdivide² sub-patches of 1/subdivide its side
     samples: int = 8
     tta: str = "none"
     measure: str = "entropy"

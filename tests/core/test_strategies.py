@@ -140,4 +140,3 @@ def test_organ_preset_proposes_distinct_quarter_patches_spread_over_tiles(net, s
     assert len({p.image for p in picks}) >= 3  # a batch covers several tiles
     torch.manual_seed(5)
     assert picks == propose(net, tiles, 8, 0.5, config, [], strategy, np.random.default_rng(5))
-
