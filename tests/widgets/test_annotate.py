@@ -7,7 +7,8 @@ from qtpy.QtCore import Qt
 
 from napari_uga._widgets._layers import ANNOTATION, PREDICTION, PROBABILITY, PROPOSALS, UNCERTAINTY
 from napari_uga._widgets.annotate import SELF_LABEL_PATCHES, AnnotateWidget
-from napari_uga.tiles import MapView
+from napari_uga.io import REPLAY_MPP
+from napari_uga.tiles import MapView, plan_maps
 
 WAIT_MS = 120_000
 
@@ -175,6 +176,22 @@ def test_domain_shift_preset_sets_the_fine_tuning(dock):
     assert dock.steps_spin.value() == dock.config.steps == 200
     dock.shift_combo.setCurrentIndex(1)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40
+
+
+def test_new_organ_proposes_four_quarter_patches_per_patch_each_with_its_reason(qtbot, wait_idle, dock):
+    dock.shift_combo.setCurrentIndex(2)  # new organ / tissue, chosen before the maps are planned
+    dock.k_spin.setValue(2)
+    _compute_and_propose(qtbot, wait_idle, dock)
+    wait_idle(dock)
+    whole = plan_maps(dock.slide, dock.model.config.input_mpp, dock.config.patch * REPLAY_MPP).patch
+    assert abs(dock.plan.patch - whole / 2) <= 1  # candidates are quarter patches
+    picks = dock.proposals
+    assert len(picks) == 8 and sum(p.audit for p in picks) == 2  # 2 patches' worth, a fifth of them audits
+    assert not any(a.overlaps(b) for i, a in enumerate(picks) for b in picks[i + 1 :])
+    assert all(p.reason.startswith("audit" if p.audit else "uncertainty") for p in picks)
+    for i, patch in enumerate(picks):  # walking the queue says why each patch is there
+        dock.go_to(i, zoom=False)
+        assert patch.reason in dock.status.text()
 
 
 def test_cancel_during_self_labelling_returns_before_any_step(tiny_model, umcu_pairs):

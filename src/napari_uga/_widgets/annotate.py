@@ -50,6 +50,7 @@ from ..metrics import dice
 from ..selection import STRATEGIES, Box, Proposal, diversity_for, holds_tumour, nearest_candidate, select
 from ..session import Session, SessionWriteError, SlideMissingError
 from ..tiles import (
+    MapPlan,
     MapStore,
     MapView,
     TileMapper,
@@ -115,6 +116,7 @@ class AnnotateWidget(WorkerDock):
         self.model = None
         self.origin = None  # the session's round-0 model: the fine-tuning anchor pulls towards it
         self.plan = None
+        self.pieces = 1  # sub-patches per patch of the plan in use
         self.store: MapStore | None = None
         self.stores: list[MapStore] = []  # shown, newest first (older rounds fill what the newest lacks)
         self.queue: TileQueue | None = None
@@ -182,7 +184,9 @@ class AnnotateWidget(WorkerDock):
         setup.addRow(maps_row)
         setup.addRow(self.maps_label)
 
-        self.k_spin = _spin(1, 50, self.config.batch, "How many patches to propose")
+        self.k_spin = _spin(
+            1, 50, self.config.batch, "How many patches to propose (New organ: each as 4 quarter patches, the same pixels)"
+        )
         self.propose_button = QPushButton("Propose patches")
         self.propose_button.clicked.connect(self.propose)
         self.prev_button = QPushButton("◀ Prev")
@@ -373,10 +377,15 @@ class AnnotateWidget(WorkerDock):
         self.slide = session.slide(name)
         self.model = session.load_model(device=self.device_combo.currentText())
         self.origin = session.load_model(0, device=self.device_combo.currentText())  # the anchor's reference
-        patch_um = self.config.patch * REPLAY_MPP  # the patch side in µm, at the training tiles' scale
-        self.plan = plan_maps(self.slide, self.model.config.input_mpp, patch_um)
+        self.plan = self._plan()
         self.session_edit.setText(str(session.folder))
         self._show_measure()
+
+    def _plan(self) -> MapPlan:
+        """The slide's map plan, its candidates the patches of the preset in use (New organ: quarter patches)."""
+        self.pieces = self.config.pieces  # sub-patches per patch of the Patches box, for this plan's candidates
+        patch_um = self.config.patch * REPLAY_MPP / self.config.subdivide  # µm, at the training tiles' scale
+        return plan_maps(self.slide, self.model.config.input_mpp, patch_um)
 
     def _factor(self) -> float:
         """Working px per level-0 px (the corrections and self-labels are level-0 crops)."""
@@ -385,6 +394,7 @@ class AnnotateWidget(WorkerDock):
     def _start_maps(self) -> None:
         """Open (or start) the current round's store and compute what it lacks, the view first."""
         self.stop_maps()
+        self.plan = self._plan()  # a new round follows the preset in use (auto may have chosen New organ)
         round_index = self.session.current_round
         store = MapStore.open_or_create(
             round_store_path(self.session.folder, round_index), self.plan, fingerprint(self.slide.path)
@@ -541,7 +551,7 @@ class AnnotateWidget(WorkerDock):
         """The queue's new patches: the most uncertain ones, and audit patches drawn at random from the tissue."""
         done = [Box(a["image"], a["y"], a["x"], a["h"], a["w"]) for a in self.session.annotations]
         self._tiles_since_rank = 0
-        k = self.k_spin.value()
+        k = self.k_spin.value() * self.pieces
         audits_wanted = audit_count(k, self.audit_spin.value()) - sum(p.audit for p in keep)
         taken = [*done, *(p.box for p in keep)]
         seed = len(self.session.annotations) + 7919 * self.session.current_round
