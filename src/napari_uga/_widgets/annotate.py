@@ -185,7 +185,7 @@ class AnnotateWidget(WorkerDock):
         setup.addRow(self.maps_label)
 
         self.k_spin = _spin(
-            1, 50, self.config.batch, "How many patches to propose (New organ: each as 4 quarter patches, the same pixels)"
+            1, 50, self.config.batch, "How many patches to propose (New organ: each as 4 quarter patches)"
         )
         self.propose_button = QPushButton("Propose patches")
         self.propose_button.clicked.connect(self.propose)
