@@ -16,8 +16,9 @@ Usage::
         --strategies typical,weighted --budgets 5,10
     nice -n 10 .venv/bin/python benchmarks/strategies.py --dataset umcu --strategies typical --budgets 5 --seeds 4
     nice -n 10 .venv/bin/python benchmarks/strategies.py --time-proposals
-    nice -n 10 .venv/bin/python benchmarks/strategies.py --half report3 --strategies uncertainty --budgets 20,40 \
-        --patch 112 --batch 20 --diversity clusters --seeds 1 --label subpatch   # quarter-tile patches
+    nice -n 10 .venv/bin/python benchmarks/strategies.py --half report4 --strategies uncertainty,random --budgets 5,10,20
+    nice -n 10 .venv/bin/python benchmarks/strategies.py --half report3 --strategies uncertainty --budgets 5,10 \
+        --subdivide 1 --diversity none   # whole tiles, the organ preset's proposals before stop 23
 
 Prints mean ± sd over splits x seeds (and the paired difference to random where it ran) and writes
 ``benchmarks/results/strategies_<dataset>_<half>_<strategies>.json``.
@@ -84,7 +85,8 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
     path = CACHE / "runs" / f"{_slug(name)}_{strategy}{tag}_seed{seed}.json"
     if path.exists():
         record = json.loads(path.read_text())
-        if set(budgets) <= set(record["budgets"]) and record["config"] == vars(config):
+        settings = {"subdivide": 1} | record["config"]  # runs from before sub-patches had whole patches
+        if set(budgets) <= set(record["budgets"]) and settings == vars(config):
             return record
     started = time.perf_counter()
     factor = working_factor(model, mpp)
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, help="patch side at full resolution (sub-patches: 112 on EBHI's 224)")
     parser.add_argument("--batch", type=int, help="patches per fine-tuning round (default: the preset's 5)")
     parser.add_argument("--diversity", help="spread of the picks (default: the preset's)")
+    parser.add_argument("--subdivide", type=int, help="sub-patches per patch side (default: the preset's; organ: 2)")
     parser.add_argument("--label", default="", help="appended to the results file name (keeps earlier results)")
     parser.add_argument("--time-proposals", action="store_true", help="only time one proposal round per strategy")
     args = parser.parse_args()
@@ -178,7 +181,9 @@ def main() -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     half = "report" if args.dataset == "umcu" else args.half
     config = config_for("centre" if args.dataset == "umcu" else "organ")
-    overrides = {k: getattr(args, k) for k in ("patch", "batch", "diversity") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k) for k in ("patch", "batch", "diversity", "subdivide") if getattr(args, k) is not None
+    }
     config = replace(config, **overrides)
     tag = "".join(f"_{k}{v}" for k, v in overrides.items())
     replay = replay_pairs() if config.replay_share > 0 else []
