@@ -16,7 +16,7 @@ Usage::
         --strategies typical,weighted --budgets 5,10
     nice -n 10 .venv/bin/python benchmarks/strategies.py --dataset umcu --strategies typical --budgets 5 --seeds 4
     nice -n 10 .venv/bin/python benchmarks/strategies.py --time-proposals
-    nice -n 10 .venv/bin/python benchmarks/strategies.py --half report4 --strategies uncertainty,random --budgets 5,10,20
+    nice -n 10 .venv/bin/python benchmarks/strategies.py --half report4 --strategies uncertainty --budgets 5,10,20
     nice -n 10 .venv/bin/python benchmarks/strategies.py --half report3 --strategies uncertainty --budgets 5,10 \
         --subdivide 1 --diversity none   # whole tiles, the organ preset's proposals before stop 23
 
