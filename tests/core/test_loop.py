@@ -84,6 +84,19 @@ def test_sub_patches_spend_the_budget_in_quarters(tiny_model, umcu_pairs):
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
+def test_auto_switching_to_quarter_patches_keeps_the_budget_and_the_audit_estimate(tiny_model, umcu_pairs):
+    pool, test = umcu_pairs[::4][:4], umcu_pairs[1::8][:1]
+    whole = LoopConfig(steps=2, batch=1, batch_size=4, samples=2)
+    quarters = config_for("organ", steps=2, batch=1, batch_size=4, samples=2)
+    traj = simulate(
+        tiny_model, pool, test, [0, 1, 2], "uncertainty", 0, 0.5, whole, audit_share=0.5,
+        presets={"centre": quarters, "organ": quarters},  # whatever auto chooses, proposals become quarters
+    )  # fmt: skip
+    assert [len(b) for b in traj.picks] == [1, 4]  # one whole patch, then one patch's worth of quarters
+    assert [sum(p["audit"] for p in b) for b in traj.picks] == [1, 2]
+    assert traj.estimated_dice[1] is not None and traj.estimate_audits[1] == 2  # round 1, on the quarter audits
+
+
 def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):
     oracle = Oracle(umcu_pairs)
     annotations = [oracle.annotate(Box(p.name, 0, 0, 256, 256)) for p in umcu_pairs[:2]]
