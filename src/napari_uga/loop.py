@@ -146,6 +146,8 @@ def config_from_record(record: dict) -> LoopConfig:
     if not isinstance(record, dict):
         raise InputError("saved loop settings: not a mapping of names to values")
     shift = record.get("shift", "centre")
+    if "patch" in record and "subdivide" not in record:  # saved before sub-patches: whole patches
+        record = {**record, "subdivide": 1}
     if shift == "auto":  # decided from the first batch: the preset chosen then, centre before
         shift = record.get("chosen_shift") or "centre"
     if not isinstance(shift, str) or shift not in SHIFTS:
@@ -297,7 +299,7 @@ class Trajectory:
     rollbacks: int = 0
     rollbacks_by_budget: list[int] = field(default_factory=list)  # rounds rolled back up to each budget
     shift: str | None = None  # the preset ``auto`` chose from the first batch (``None`` when one was given)
-    stop_budget: int | None = None  # the budget at which the stop signal first spoke
+    stop_budget: int | float | None = None  # the budget (in patches) at which the stop signal first spoke
     stop_reason: str | None = None
     pool_dice: list[float | None] = field(default_factory=list)  # on the pool tiles not annotated yet (benchmarks)
     handed_over: int | None = None  # the round the session ends with (after the closing batch's check)
@@ -332,8 +334,13 @@ class _Ledger:
         return len(self.rounds) - 1
 
     def retile(self, tissue: list[Box]) -> None:
-        """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them."""
+        """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them.
+
+        The audits so far were drawn from the old boxes, no sample of the new ones: they stay in the
+        pooled estimate of all corrections and leave the audit estimate.
+        """
         self.tissue = tissue
+        self.scores = [(False, by_round) for _, by_round in self.scores]
         self.proxies = [Proxies.of(box.crop(maps[box.image]) for box in tissue) for maps in self.maps]
 
     def score(self, batch: Sequence[Annotation], audits: Sequence[bool]) -> list[dict[int, PatchScore]]:

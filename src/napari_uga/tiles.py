@@ -168,6 +168,17 @@ class MapStore:
         return cls(folder)
 
     @classmethod
+    def saved_plan(cls, folder: str | os.PathLike, slide_fingerprint: str) -> MapPlan | None:
+        """The plan of a round's store begun on this slide; ``None`` when there is none (or it is unreadable)."""
+        if not Path(folder).exists():
+            return None
+        try:
+            store = cls(folder)
+        except Exception:  # noqa: BLE001 - an unreadable store is recomputed
+            return None
+        return store.plan if store.group.attrs.get("fingerprint") == slide_fingerprint else None
+
+    @classmethod
     def open_or_create(cls, folder: str | os.PathLike, plan: MapPlan, slide_fingerprint: str) -> MapStore:
         """The store of a round: reopened when it matches the slide and plan, else started afresh."""
         import shutil

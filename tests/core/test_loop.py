@@ -95,6 +95,7 @@ def test_auto_switching_to_quarter_patches_keeps_the_budget_and_the_audit_estima
     assert [len(b) for b in traj.picks] == [1, 4]  # one whole patch, then one patch's worth of quarters
     assert [sum(p["audit"] for p in b) for b in traj.picks] == [1, 2]
     assert traj.estimated_dice[1] is not None and traj.estimate_audits[1] == 2  # round 1, on the quarter audits
+    assert traj.estimate_audits[0] == 2  # round 0's whole-patch audit is no sample of the quarters: left out
 
 
 def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):
@@ -174,10 +175,13 @@ def test_saved_loop_settings_come_back_whole_and_bad_ones_fail_in_one_line():
     assert config_from_record({**vars(custom), "shift": "organ", "added_later": 1}) == custom
     assert config_from_record({"shift": "organ", "lr": 1}).lr == 1.0  # an int where a float is expected
     assert config_from_record({}) == LoopConfig()
+    before_sub_patches = {k: v for k, v in vars(config_for("organ", diversity="none")).items() if k != "subdivide"}
+    assert config_from_record({**before_sub_patches, "shift": "organ"}).pieces == 1  # reopens with whole patches
+    assert config_from_record({"shift": "organ"}).pieces == 4
     bad_records = (
         {"shift": "planet"}, {"shift": ["centre"]}, {"steps": "many"}, {"freeze_norm": 1},
         {"replay_share": 0.6, "self_share": 0.6}, {"steps": -5}, {"lr": float("nan")}, {"anchor": -3.0},
-        {"measure": "bogus"}, {"tta": "bogus"}, ["centre"],
+        {"measure": "bogus"}, {"tta": "bogus"}, ["centre"], {"subdivide": 9},
     )  # fmt: skip
     for bad in bad_records:
         with pytest.raises(InputError, match="saved loop settings"):

@@ -192,6 +192,11 @@ def test_new_organ_proposes_four_quarter_patches_per_patch_each_with_its_reason(
     for i, patch in enumerate(picks):  # walking the queue says why each patch is there
         dock.go_to(i, zoom=False)
         assert patch.reason in dock.status.text()
+    assert dock.k_spin.suffix() == " × 4 sub-patches"
+
+    dock.shift_combo.setCurrentIndex(1)  # new centre now: round 0's quarter-patch maps are kept, not recomputed
+    qtbot.mouseClick(dock.compute_button, Qt.MouseButton.LeftButton)
+    assert dock.maps_worker is None and dock.store.complete() and dock.pieces == 4
 
 
 def test_cancel_during_self_labelling_returns_before_any_step(tiny_model, umcu_pairs):

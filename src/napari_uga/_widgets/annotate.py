@@ -381,10 +381,22 @@ class AnnotateWidget(WorkerDock):
         self.session_edit.setText(str(session.folder))
         self._show_measure()
 
-    def _plan(self) -> MapPlan:
-        """The slide's map plan, its candidates the patches of the preset in use (New organ: quarter patches)."""
-        self.pieces = self.config.pieces  # sub-patches per patch of the Patches box, for this plan's candidates
-        patch_um = self.config.patch * REPLAY_MPP / self.config.subdivide  # µm, at the training tiles' scale
+    def _plan(self, saved: MapPlan | None = None) -> MapPlan:
+        """The slide's map plan, its candidates the patches of the preset in use (New organ: quarter patches).
+
+        ``saved``: the plan a round's maps were begun with; where it is the whole- or the quarter-patch
+        plan it is kept, so switching presets never throws computed maps away.
+        """
+        subdivide, plan = self.config.subdivide, self._plan_of(self.config.subdivide)
+        if saved is not None and saved != plan:
+            subdivide = next((n for n in (1, 2) if n != subdivide and self._plan_of(n) == saved), subdivide)
+            plan = self._plan_of(subdivide)
+        self.pieces = subdivide**2  # sub-patches per patch of the Patches box, for this plan's candidates
+        self.k_spin.setSuffix(f" × {self.pieces} sub-patches" if self.pieces > 1 else "")
+        return plan
+
+    def _plan_of(self, subdivide: int) -> MapPlan:
+        patch_um = self.config.patch * REPLAY_MPP / subdivide  # µm, at the training tiles' scale
         return plan_maps(self.slide, self.model.config.input_mpp, patch_um)
 
     def _factor(self) -> float:
@@ -394,11 +406,10 @@ class AnnotateWidget(WorkerDock):
     def _start_maps(self) -> None:
         """Open (or start) the current round's store and compute what it lacks, the view first."""
         self.stop_maps()
-        self.plan = self._plan()  # a new round follows the preset in use (auto may have chosen New organ)
         round_index = self.session.current_round
-        store = MapStore.open_or_create(
-            round_store_path(self.session.folder, round_index), self.plan, fingerprint(self.slide.path)
-        )
+        folder, slide_print = round_store_path(self.session.folder, round_index), fingerprint(self.slide.path)
+        self.plan = self._plan(MapStore.saved_plan(folder, slide_print))  # a new round: the preset in use
+        store = MapStore.open_or_create(folder, self.plan, slide_print)
         older = [s for s in self.stores if s.folder.name < store.folder.name]  # round_NNN names sort by round
         self.stores = [store, *older][:2]  # an earlier round fills in what this one has not computed yet
         self.store = store
