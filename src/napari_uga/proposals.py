@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,17 +67,38 @@ def _cached(key: str, compute: Callable[[], list[Candidate]]) -> list[Candidate]
     """``compute()`` once per key, kept in the cache folder; its torch draws are seeded by the key."""
     import torch
 
-    path = _CACHE[0] / f"{key}.pkl"
+    path = _CACHE[0] / f"{key}.npz"
     if path.exists():
-        return pickle.loads(path.read_bytes())
+        return _read_candidates(path)
     with torch.random.fork_rng():
         torch.manual_seed(int(key[:8], 16))
         candidates = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # benchmarks share the cache
-    tmp.write_bytes(pickle.dumps(candidates))
+    tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npz")  # benchmarks share the cache
+    _write_candidates(tmp, candidates)
     tmp.replace(path)
     return candidates
+
+
+def _write_candidates(path: Path, candidates: Sequence[Candidate]) -> None:
+    """Candidates as plain arrays (no pickle)."""
+    np.savez(
+        path,
+        images=np.array([c.box.image for c in candidates], dtype=str),
+        boxes=np.array([(c.box.y, c.box.x, c.box.h, c.box.w) for c in candidates], dtype=np.int64).reshape(-1, 4),
+        scores=np.array([c.score for c in candidates], dtype=np.float64),
+        features=np.array([c.features for c in candidates]),
+        tumour=np.array([c.tumour for c in candidates], dtype=bool),
+    )
+
+
+def _read_candidates(path: Path) -> list[Candidate]:
+    with np.load(path, allow_pickle=False) as data:
+        rows = zip(data["images"], data["boxes"], data["scores"], data["features"], data["tumour"], strict=True)
+        return [
+            Candidate(Box(str(name), *(int(v) for v in box)), float(score), features, bool(tumour))
+            for name, box, score, features, tumour in rows
+        ]
 
 
 def pool_candidates(

@@ -87,8 +87,9 @@ def test_candidate_cache_repeats_candidates_and_leaves_torch_draws_alone(net, po
         after_second = torch.rand(1)
     finally:
         use_cache(None)
-    assert [(c.box, c.score) for c in first] == [(c.box, c.score) for c in second]
-    assert torch.equal(after_first, after_second) and len(list(tmp_path.glob("*.pkl"))) == 2
+    assert [(c.box, c.score, c.tumour) for c in first] == [(c.box, c.score, c.tumour) for c in second]
+    assert all(np.array_equal(a.features, b.features) for a, b in zip(first, second, strict=True))
+    assert torch.equal(after_first, after_second) and len(list(tmp_path.glob("*.npz"))) == 2
 
 
 def test_unknown_strategy_is_refused(candidates):
