@@ -203,6 +203,9 @@ def diversity_for(strategy: str, diversity: str) -> str:
     return "none" if strategy == "random" else diversity
 
 
+GROUP_NAMES = {"clusters": "appearance cluster", "balanced": "predicted class", "clusters+balanced": "cluster × class"}
+
+
 def _free(cand: Candidate, picked: Sequence[tuple[Candidate, str]]) -> bool:
     return not any(cand.box.overlaps(p.box) for p, _ in picked)
 
@@ -215,12 +218,15 @@ def _ranked(pool: Sequence[Candidate], k: int, strategy: str, rng, diversity: st
         order = list(np.argsort([-c.score for c in pool], kind="stable"))
     queues = _queues(pool, order, k, diversity, rng)
     picked: list[tuple[Candidate, str]] = []
+    group_name = GROUP_NAMES.get(diversity) if len(queues) > 1 else None
     while len(picked) < k and any(queues):
-        for queue in queues:
+        for group, queue in enumerate(queues, 1):
             while queue:
                 cand = pool[queue.pop(0)]
                 if _free(cand, picked):
                     why = "random: drawn at random" if strategy == "random" else f"uncertainty: {cand.score:.3g}"
+                    if group_name and strategy != "random":
+                        why += f", the most uncertain free patch of {group_name} {group} of {len(queues)}"
                     picked.append((cand, why))
                     break
             if len(picked) == k:

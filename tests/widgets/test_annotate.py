@@ -189,6 +189,7 @@ def test_new_organ_proposes_four_quarter_patches_per_patch_each_with_its_reason(
     assert len(picks) == 8 and sum(p.audit for p in picks) == 2  # 2 patches' worth, a fifth of them audits
     assert not any(a.overlaps(b) for i, a in enumerate(picks) for b in picks[i + 1 :])
     assert all(p.reason.startswith("audit" if p.audit else "uncertainty") for p in picks)
+    assert all("of appearance cluster" in p.reason for p in picks if not p.audit)  # the rule, and the spread
     for i, patch in enumerate(picks):  # walking the queue says why each patch is there
         dock.go_to(i, zoom=False)
         assert patch.reason in dock.status.text()
