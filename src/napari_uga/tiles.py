@@ -168,15 +168,21 @@ class MapStore:
         return cls(folder)
 
     @classmethod
-    def saved_plan(cls, folder: str | os.PathLike, slide_fingerprint: str) -> MapPlan | None:
-        """The plan of a round's store begun on this slide; ``None`` when there is none (or it is unreadable)."""
-        if not Path(folder).exists():
+    def _of_slide(cls, folder: Path, slide_fingerprint: str) -> MapStore | None:
+        """The store in ``folder`` if it was begun on this slide; ``None`` when absent, other or unreadable."""
+        if not folder.exists():
             return None
         try:
             store = cls(folder)
+            return store if store.group.attrs.get("fingerprint") == slide_fingerprint else None
         except Exception:  # noqa: BLE001 - an unreadable store is recomputed
             return None
-        return store.plan if store.group.attrs.get("fingerprint") == slide_fingerprint else None
+
+    @classmethod
+    def saved_plan(cls, folder: str | os.PathLike, slide_fingerprint: str) -> MapPlan | None:
+        """The plan of a round's store begun on this slide; ``None`` when there is none (or it is unreadable)."""
+        store = cls._of_slide(Path(folder), slide_fingerprint)
+        return None if store is None else store.plan
 
     @classmethod
     def open_or_create(cls, folder: str | os.PathLike, plan: MapPlan, slide_fingerprint: str) -> MapStore:
@@ -184,13 +190,10 @@ class MapStore:
         import shutil
 
         folder = Path(folder)
+        store = cls._of_slide(folder, slide_fingerprint)
+        if store is not None and store.plan == plan:
+            return store
         if folder.exists():
-            try:
-                store = cls(folder)
-                if store.plan == plan and store.group.attrs.get("fingerprint") == slide_fingerprint:
-                    return store
-            except Exception:  # noqa: BLE001 - an unreadable store is recomputed
-                pass
             shutil.rmtree(folder)
         return cls.create(folder, plan, slide_fingerprint)
 

@@ -387,10 +387,14 @@ class AnnotateWidget(WorkerDock):
         ``saved``: the plan a round's maps were begun with; where it is the whole- or the quarter-patch
         plan it is kept, so switching presets never throws computed maps away.
         """
-        subdivide, plan = self.config.subdivide, self._plan_of(self.config.subdivide)
-        if saved is not None and saved != plan:
-            subdivide = next((n for n in (1, 2) if n != subdivide and self._plan_of(n) == saved), subdivide)
+        chosen = None
+        for subdivide in dict.fromkeys((self.config.subdivide, 1, 2)):  # each plan computed at most once
             plan = self._plan_of(subdivide)
+            chosen = chosen or (subdivide, plan)  # the preset's, unless the saved plan is another
+            if saved is None or plan == saved:
+                chosen = (subdivide, plan)
+                break
+        subdivide, plan = chosen
         self.pieces = subdivide**2  # sub-patches per patch of the Patches box, for this plan's candidates
         self.k_spin.setSuffix(f" × {self.pieces} sub-patches" if self.pieces > 1 else "")
         return plan
