@@ -47,7 +47,7 @@ from napari_uga.training import evaluate
 CACHE = Path(__file__).resolve().parent / ".cache" / "strategies"
 EBHI_MPP = 0.243  # working-scale factor 0.5, as in benchmarks/loop.py
 # first EBHI split seed of each half
-HALF_START = {"dev": 0, "report": 100, "report2": 200, "report3": 300, "report4": 400}
+HALF_START = {"dev": 0, "report": 100, "report2": 200, "report3": 300, "report4": 400, "report5": 500}
 
 
 def ebhi_splits(half: str, n: int) -> list[tuple[str, list, list, float]]:
