@@ -50,9 +50,9 @@ EBHI_MPP = 0.243  # working-scale factor 0.5, as in benchmarks/loop.py
 HALF_START = {"dev": 0, "report": 100, "report2": 200, "report3": 300, "report4": 400, "report5": 500}
 
 
-def ebhi_splits(half: str, n: int) -> list[tuple[str, list, list, float]]:
-    """(name, pool, test, mpp) of the first ``n`` EBHI patient splits of one half."""
-    seeds = range(HALF_START[half], HALF_START[half] + n)
+def ebhi_splits(half: str, n: int, skip: int = 0) -> list[tuple[str, list, list, float]]:
+    """(name, pool, test, mpp) of ``n`` EBHI patient splits of one half, after its first ``skip``."""
+    seeds = range(HALF_START[half] + skip, HALF_START[half] + skip + n)
     return [(f"ebhi split {s}", *ebhi_patient_split(s), EBHI_MPP) for s in seeds]
 
 
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--dataset", choices=("ebhi", "umcu"), default="ebhi")
     parser.add_argument("--half", choices=tuple(HALF_START), default="dev", help="EBHI only; UMCU is report only")
     parser.add_argument("--splits", type=int, default=4, help="EBHI splits in the half")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the half's first splits (run parts in parallel)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--strategies", default="typical,random,uncertainty")
     parser.add_argument("--budgets", default="5,10,20")
@@ -189,7 +190,7 @@ def main() -> None:
     config = replace(config, **overrides)
     tag = "".join(f"_{k}{v}" for k, v in overrides.items())
     replay = replay_pairs() if config.replay_share > 0 else []
-    splits = umcu_splits() if args.dataset == "umcu" else ebhi_splits(half, args.splits)
+    splits = umcu_splits() if args.dataset == "umcu" else ebhi_splits(half, args.splits, args.skip)
     table: dict[str, dict[str, list[list[float]]]] = {}
     for split in splits:
         name, _, test, mpp = split

@@ -205,13 +205,11 @@ def replay_pairs(folder: Path | None = None) -> list[Pair]:
     return load_pairs(folder / "images", folder / "masks")
 
 
-def _sampler(patches: Sequence[Pair | Annotation], factor: float, crop: int) -> PatchSampler:
+def patch_sampler(patches: Sequence[Pair | Annotation], factor: float, crop: int) -> PatchSampler:
     """Random crops of image/mask patches, brought to working scale (sub-patches in their surroundings)."""
     views = [_training_view(p, factor, crop) for p in patches]
-    regions = [v[2] for v in views]
-    return PatchSampler(
-        [v[0] for v in views], [v[1] for v in views], crop=crop, regions=None if regions == [None] * len(views) else regions
-    )
+    images, masks, regions = (list(column) for column in zip(*views, strict=True))
+    return PatchSampler(images, masks, crop=crop, regions=None if all(r is None for r in regions) else regions)
 
 
 def _training_view(patch: Pair | Annotation, factor: float, crop: int):
@@ -304,12 +302,12 @@ def finetune(
     rf = working_factor(model) if replay_factor is None else replay_factor
     memory = [(replay, rf, config.replay_share), (kept_self_labels, factor, config.self_share)]
     memory = [(patches, scale, share) for patches, scale, share in memory if patches and share > 0]
-    sampler = _sampler(annotations, factor, config.crop)
+    sampler = patch_sampler(annotations, factor, config.crop)
     if memory:
         # each memory source keeps its share and the corrections get the rest: when every pool patch is
         # annotated (no self-label left), giving the replay both shares did worse (docs/benchmarks.md)
         sampler = MixedSampler(
-            [sampler, *(_sampler(patches, scale, config.crop) for patches, scale, _ in memory)],
+            [sampler, *(patch_sampler(patches, scale, config.crop) for patches, scale, _ in memory)],
             [1 - sum(share for *_, share in memory), *(share for *_, share in memory)],
         )
     steps = train_steps(

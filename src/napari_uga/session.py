@@ -386,7 +386,7 @@ class Session:
         return np.ascontiguousarray(self.slide(box.image).read(0, box.y, box.x, box.h, box.w))
 
     def read_surroundings(self, box: Box) -> tuple[np.ndarray, tuple[int, int]]:
-        """The level-0 pixels around a patch (its side again on every side, within the slide) and where it lies in them."""
+        """The level-0 pixels around a patch (its side again each way, within the slide) and where it lies in them."""
         slide = self.slide(box.image)
         (height, width), margin = slide.shape, max(box.h, box.w)
         y0, x0 = max(0, box.y - margin), max(0, box.x - margin)
