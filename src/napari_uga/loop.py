@@ -32,7 +32,6 @@ from .models import UNet, working_factor
 from .proposals import propose, random_candidates
 from .selection import Box, Proposal, appearance_features, holds_tumour, select
 from .training import (
-    CROP_ZOOM,
     CancelToken,
     MixedSampler,
     PatchSampler,
@@ -49,18 +48,11 @@ REPLAY_DIR = Path(__file__).parent / "replay"
 
 @dataclass
 class Annotation:
-    """A corrected patch: where it is, its image crop and its 0/1 mask crop.
-
-    ``context``: a larger part of its image holding it, the patch at ``offset`` (y, x) in it. A
-    patch smaller than a training crop (a sub-patch) is trained on in these real surroundings,
-    its loss counted on the patch alone, instead of mirrored copies of itself.
-    """
+    """A corrected patch: where it is, its image crop and its 0/1 mask crop."""
 
     box: Box
     image: np.ndarray
     mask: np.ndarray
-    context: np.ndarray | None = None
-    offset: tuple[int, int] = (0, 0)
 
 
 # allowed values of the loop's choice settings (the CLI offers the same)
@@ -195,8 +187,7 @@ class Oracle:
     def annotate(self, box: Box) -> Annotation:
         """The ground truth of one patch."""
         pair = self.pairs[box.image]
-        patch = Box(box.image, box.y, box.x, box.h, box.w)
-        return Annotation(patch, patch.crop(pair.image), patch.crop(pair.mask), pair.image, (box.y, box.x))
+        return Annotation(Box(box.image, box.y, box.x, box.h, box.w), box.crop(pair.image), box.crop(pair.mask))
 
 
 def replay_pairs(folder: Path | None = None) -> list[Pair]:
@@ -205,52 +196,10 @@ def replay_pairs(folder: Path | None = None) -> list[Pair]:
     return load_pairs(folder / "images", folder / "masks")
 
 
-def patch_sampler(patches: Sequence[Pair | Annotation], factor: float, crop: int) -> PatchSampler:
-    """Random crops of image/mask patches, brought to working scale (sub-patches in their surroundings)."""
-    views = [_training_view(p, factor, crop) for p in patches]
-    images, masks, regions = (list(column) for column in zip(*views, strict=True))
-    return PatchSampler(images, masks, crop=crop, regions=None if all(r is None for r in regions) else regions)
-
-
-def _training_view(patch: Pair | Annotation, factor: float, crop: int):
-    """(image, mask, labelled region) at working scale; the region is ``None`` where the patch is all of it.
-
-    A patch narrower than the largest training crop, with context, is shown in a window of its
-    context that crop fits (as far as the context reaches), its labels only where it lies.
-    """
-    need = math.ceil(crop * math.exp(CROP_ZOOM) / factor)  # level-0 pixels of the largest crop
-    window = _surroundings(patch, need)
-    if window is None:
-        return (*to_working_scale(patch.image, patch.mask, factor), None)
-    image, (y, x) = window
-    h, w = patch.mask.shape
-    mask = np.zeros(image.shape[:2], np.uint8)
-    mask[y : y + h, x : x + w] = patch.mask > 0
-    small, mask = to_working_scale(image, mask, factor)
-    sy, sx = mask.shape[0] / image.shape[0], mask.shape[1] / image.shape[1]
-    return small, mask, (round(y * sy), round((y + h) * sy), round(x * sx), round((x + w) * sx))
-
-
-def _surroundings(patch: Pair | Annotation, need: int) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """A window of the patch's context at least ``need`` px a side around it, and where the patch lies in it.
-
-    ``None`` where the patch is that large already, has no context, or its context adds nothing.
-    """
-    context, (h, w) = getattr(patch, "context", None), patch.mask.shape
-    if context is None or min(h, w) >= need:
-        return None
-    (y, x), (ch, cw) = patch.offset, context.shape[:2]
-    y0, x0 = _window_start(y, h, need, ch), _window_start(x, w, need, cw)
-    window = context[y0 : y0 + max(h, need), x0 : x0 + max(w, need)]
-    if window.shape[:2] == (h, w):
-        return None
-    return np.ascontiguousarray(window), (y - y0, x - x0)
-
-
-def _window_start(start: int, length: int, need: int, extent: int) -> int:
-    """Where a window of ``max(length, need)`` centred on ``[start, start + length)`` begins, kept inside ``extent``."""
-    begin = start - max(0, need - length) // 2
-    return max(0, min(begin, extent - max(length, need)))
+def _sampler(patches: Sequence[Pair | Annotation], factor: float, crop: int) -> PatchSampler:
+    """Random crops of image/mask patches, brought to working scale."""
+    scaled = [to_working_scale(p.image, p.mask, factor) for p in patches]
+    return PatchSampler([s[0] for s in scaled], [s[1] for s in scaled], crop=crop)
 
 
 def self_labels(origin: UNet, crops: Sequence[tuple[Box, np.ndarray]], factor: float) -> list[Annotation]:
@@ -302,12 +251,12 @@ def finetune(
     rf = working_factor(model) if replay_factor is None else replay_factor
     memory = [(replay, rf, config.replay_share), (kept_self_labels, factor, config.self_share)]
     memory = [(patches, scale, share) for patches, scale, share in memory if patches and share > 0]
-    sampler = patch_sampler(annotations, factor, config.crop)
+    sampler = _sampler(annotations, factor, config.crop)
     if memory:
         # each memory source keeps its share and the corrections get the rest: when every pool patch is
         # annotated (no self-label left), giving the replay both shares did worse (docs/benchmarks.md)
         sampler = MixedSampler(
-            [sampler, *(patch_sampler(patches, scale, config.crop) for patches, scale, _ in memory)],
+            [sampler, *(_sampler(patches, scale, config.crop) for patches, scale, _ in memory)],
             [1 - sum(share for *_, share in memory), *(share for *_, share in memory)],
         )
     steps = train_steps(

@@ -179,15 +179,10 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     return model.to(device).eval()
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-    """Binary cross-entropy plus soft Dice over the batch (only over the pixels where ``counted`` is 1, if given)."""
-    if counted is None:
-        bce = F.binary_cross_entropy_with_logits(logits, target)
-        prob = torch.sigmoid(logits)
-    else:
-        pixels = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        bce = (pixels * counted).sum() / counted.sum().clamp_min(1)
-        prob, target = torch.sigmoid(logits) * counted, target * counted
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice over the batch."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
     inter = (prob * target).sum()
     soft_dice = (2 * inter + 1) / (prob.sum() + target.sum() + 1)
     return bce + (1 - soft_dice)

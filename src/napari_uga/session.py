@@ -385,14 +385,6 @@ class Session:
         """The level-0 pixels of a patch (read lazily from its slide)."""
         return np.ascontiguousarray(self.slide(box.image).read(0, box.y, box.x, box.h, box.w))
 
-    def read_surroundings(self, box: Box) -> tuple[np.ndarray, tuple[int, int]]:
-        """The level-0 pixels around a patch (its side again each way, within the slide) and where it lies in them."""
-        slide = self.slide(box.image)
-        (height, width), margin = slide.shape, max(box.h, box.w)
-        y0, x0 = max(0, box.y - margin), max(0, box.x - margin)
-        y1, x1 = min(height, box.y + box.h + margin), min(width, box.x + box.w + margin)
-        return np.ascontiguousarray(slide.read(0, y0, x0, y1 - y0, x1 - x0)), (box.y - y0, box.x - x0)
-
     def close(self) -> None:
         """Close the slides the session opened and release the folder's lock (another process may open it then)."""
         for slide in self.__dict__.pop("_slides", {}).values():
@@ -482,9 +474,7 @@ class Session:
             mask = read_mask(self.folder / a["file"])
             if mask.shape != (box.h, box.w):
                 raise InputError(f"{self.folder / a['file']}: mask is {mask.shape} but its patch is {(box.h, box.w)}")
-            context, offset = self.read_surroundings(box)
-            y, x = offset
-            out.append(Annotation(box, context[y : y + box.h, x : x + box.w].copy(), mask, context, offset))
+            out.append(Annotation(box, self.read_patch(box), mask))
         return out
 
     # -- rounds and checkpoints ------------------------------------------------------

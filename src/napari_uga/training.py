@@ -89,42 +89,27 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, stren
     return np.clip(rgb, 0, 1).astype(np.float32), np.ascontiguousarray(mask)
 
 
-CROP_ZOOM = 0.2  # training crops are drawn at exp(±CROP_ZOOM) times their side, then resized to it
-
-Region = tuple[int, int, int, int]  # y0, y1, x0, x1: the labelled part of a training image
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, where the loss counts
-
-
 @dataclass
 class PatchSampler:
-    """Random crops (with optional augmentation) from images already at working scale.
-
-    ``regions``: per image, the part that is labelled (``None``: all of it). An image with a region
-    is a labelled patch in its real surroundings: its crops hold the region where they can, and the
-    loss counts only the region's pixels (:meth:`batch` returns where).
-    """
+    """Random crops (with optional augmentation) from images already at working scale."""
 
     images: Sequence[np.ndarray]
     masks: Sequence[np.ndarray]
     crop: int = 128
     augment: bool = True
-    zoom: float = CROP_ZOOM
+    zoom: float = 0.2
     weights: Sequence[float] | None = None
     strength: float = 1.0
-    regions: Sequence[Region | None] | None = None
     _probs: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.images or len(self.images) != len(self.masks):
             raise InputError("training: need at least one image with a mask of the same count")
-        if self.regions is not None and len(self.regions) != len(self.images):
-            raise InputError("training: need one labelled region (or None) per image")
         weights = np.ones(len(self.images)) if self.weights is None else np.asarray(self.weights, float)
         self._probs = weights / weights.sum()
 
     def _crop(self, index: int, rng: np.random.Generator):
         image, mask = self.images[index], self.masks[index]
-        region = None if self.regions is None else self.regions[index]
         zoom = float(np.exp(rng.uniform(-self.zoom, self.zoom))) if self.augment else 1.0
         side = max(16, round(self.crop * zoom))
         h, w = mask.shape
@@ -133,14 +118,7 @@ class PatchSampler:
             image = np.pad(image, (*pad, (0, 0)), mode="reflect")
             mask = np.pad(mask, pad, mode="reflect")
             h, w = mask.shape
-        if region is None:
-            y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
-        else:
-            y = _start_holding(*region[:2], side, h, rng)
-            x = _start_holding(*region[2:], side, w, rng)
-            labelled = np.zeros((h, w), np.uint8)
-            labelled[region[0] : region[1], region[2] : region[3]] = 1
-            mask = np.stack([mask, labelled], axis=-1)
+        y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
         image, mask = image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
         if self.augment:
             rgb, mask = augment(image, mask, rng, self.strength)
@@ -148,37 +126,19 @@ class PatchSampler:
             rgb = image.astype(np.float32) / 255.0
         return rgb, mask, side
 
-    def batch(self, size: int, rng: np.random.Generator) -> Batch:
-        """Inputs N x 3 x crop x crop (float, [0, 1]), targets N x 1 x crop x crop, and where the loss counts.
-
-        The last is ``None`` (everywhere) for a sampler without regions, else N x 1 x crop x crop 0/1.
-        """
+    def batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch N x 3 x crop x crop (float, [0, 1]) with targets N x 1 x crop x crop."""
         xs, ys = [], []
         for index in rng.choice(len(self.images), size=size, p=self._probs):
             rgb, mask, side = self._crop(int(index), rng)
             x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
-            y = torch.from_numpy(mask.astype(np.float32).reshape(side, side, -1)).permute(2, 0, 1)[None]
+            y = torch.from_numpy(mask.astype(np.float32))[None, None]
             if side != self.crop:
                 x = F.interpolate(x, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
                 y = (F.interpolate(y, size=(self.crop, self.crop), mode="bilinear", align_corners=False) >= 0.5).float()
-            if self.regions is not None and y.shape[1] == 1:  # an image labelled everywhere
-                y = torch.cat([y, torch.ones_like(y)], dim=1)
             xs.append(x)
             ys.append(y)
-        targets = torch.cat(ys)
-        if self.regions is None:
-            return torch.cat(xs), targets, None
-        return torch.cat(xs), targets[:, :1], targets[:, 1:]
-
-
-def _start_holding(low: int, high: int, side: int, length: int, rng: np.random.Generator) -> int:
-    """A crop start along one axis so that the crop holds ``[low, high)`` (or lies inside it, if longer)."""
-    if side >= high - low:
-        first, last = max(0, high - side), min(low, length - side)
-    else:
-        first, last = low, high - side
-    first = min(max(first, 0), length - side)
-    return int(rng.integers(first, max(first, last) + 1))
+        return torch.cat(xs), torch.cat(ys)
 
 
 @dataclass
@@ -188,14 +148,11 @@ class MixedSampler:
     samplers: Sequence[PatchSampler]
     shares: Sequence[float]
 
-    def batch(self, size: int, rng: np.random.Generator) -> Batch:
+    def batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch split between the samplers by their shares (each gets at least one)."""
         counts = np.maximum(1, np.round(np.asarray(self.shares) / sum(self.shares) * size).astype(int))
         parts = [s.batch(int(c), rng) for s, c in zip(self.samplers, counts, strict=True)]
-        inputs, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        if all(p[2] is None for p in parts):
-            return inputs, targets, None
-        return inputs, targets, torch.cat([torch.ones_like(p[1]) if p[2] is None else p[2] for p in parts])
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def train_steps(
@@ -241,8 +198,8 @@ def train_steps(
             if cancel is not None and cancel.is_set():
                 yield progress_event(stage, step - 1, steps, "cancelled")
                 break
-            x, y, counted = sampler.batch(batch_size, rng)
-            task = dice_bce_loss(model(x.to(device)), y.to(device), None if counted is None else counted.to(device))
+            x, y = sampler.batch(batch_size, rng)
+            task = dice_bce_loss(model(x.to(device)), y.to(device))
             loss = task
             if start:
                 pull = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))

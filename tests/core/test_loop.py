@@ -13,14 +13,12 @@ from napari_uga.loop import (
     config_for,
     config_from_record,
     finetune,
-    patch_sampler,
     replay_pairs,
     self_labels,
     simulate,
 )
-from napari_uga.models import dice_bce_loss
 from napari_uga.selection import Box
-from napari_uga.training import CancelToken, PatchSampler, evaluate
+from napari_uga.training import CancelToken, evaluate
 from napari_uga.uncertainty import predict_probability
 
 
@@ -41,32 +39,6 @@ def test_finetune_trains_a_copy_and_reports_progress(tiny_model, umcu_pairs):
     assert len(result.losses) == 4 and all(np.isfinite(result.losses))
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())  # original untouched
     assert any(not torch.equal(before[k], v) for k, v in result.model.state_dict().items())
-
-
-def test_a_sub_patch_trains_in_its_real_surroundings_with_the_loss_on_the_patch_alone(umcu_pairs):
-    pair = next(p for p in umcu_pairs if 0 < p.mask.mean() < 1)
-    quarter = Oracle(umcu_pairs).annotate(Box(pair.name, 128, 64, 128, 128))
-    sampler = patch_sampler([quarter], 0.5, 96)
-    (image,), (mask,), (region,) = sampler.images, sampler.masks, sampler.regions
-    assert image.shape[:2] == (118, 118)  # the 235 px around it that the largest 96 px crop at 0.5 needs
-    y0, y1, x0, x1 = region
-    assert y1 - y0 == x1 - x0 == 64 and y1 == 118  # the patch, at working scale, at the tile's bottom
-    assert not np.delete(mask, np.s_[y0:y1], axis=0).any() and not np.delete(mask, np.s_[x0:x1], axis=1).any()
-    assert abs(int(mask.sum()) - int(quarter.mask.sum()) / 4) < 0.05 * quarter.mask.sum() / 4 + 8
-    for crop in (48, 80):  # every crop lies inside the patch or holds all of it, and the loss counts it alone
-        fixed = PatchSampler([image], [mask], crop=crop, augment=False, regions=[region])
-        for seed in range(10):
-            assert fixed.batch(1, np.random.default_rng(seed))[2].sum() == min(crop, 64) ** 2
-    whole = patch_sampler([Oracle(umcu_pairs).annotate(Box(pair.name, 0, 0, 256, 256))], 0.5, 96)
-    assert whole.regions is None and whole.batch(2, np.random.default_rng(0))[2] is None
-
-    logits, target = torch.randn(2, 1, 40, 40), (torch.rand(2, 1, 40, 40) > 0.5).float()
-    counted = torch.zeros_like(target)
-    counted[..., 5:25, 10:30] = 1
-    inside = dice_bce_loss(logits[..., 5:25, 10:30], target[..., 5:25, 10:30])
-    assert torch.isclose(dice_bce_loss(logits, target, counted), inside)
-    logits[..., :5, :] = 50.0  # what the network says outside the patch does not count
-    assert torch.isclose(dice_bce_loss(logits, target, counted), inside)
 
 
 def test_cancel_returns_none_without_weights(tiny_model, umcu_pairs):

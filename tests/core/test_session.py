@@ -19,10 +19,7 @@ def test_session_survives_reopen_and_rolls_back(tmp_path, tiny_model_path, tiny_
 
     reopened = Session.open(tmp_path / "s")
     assert reopened.pending_ids() == ids
-    (annotation,) = reopened.load_annotations()
-    assert annotation.image.shape == (128, 128, 3) and annotation.offset == (0, 0)
-    assert annotation.context.shape == (256, 256, 3)  # its side again around it, within the slide
-    assert np.array_equal(annotation.context[:128, :128], annotation.image)
+    assert reopened.load_annotations()[0].image.shape == (128, 128, 3)
     assert reopened.queue_proposals()[0].score == 0.5
 
     reopened.record_round(tiny_model, ids, loss=0.3, settings={"shift": "centre", "lr": 1e-4})
