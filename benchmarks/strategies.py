@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="patches per fine-tuning round (default: the preset's 5)")
     parser.add_argument("--diversity", help="spread of the picks (default: the preset's)")
     parser.add_argument("--subdivide", type=int, help="sub-patches per patch side (default: the preset's; organ: 2)")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps per round (default: the preset's; organ: 200)")
     parser.add_argument("--label", default="", help="appended to the results file name (keeps earlier results)")
     parser.add_argument("--time-proposals", action="store_true", help="only time one proposal round per strategy")
     args = parser.parse_args()
@@ -185,7 +186,9 @@ def main() -> None:
     half = "report" if args.dataset == "umcu" else args.half
     config = config_for("centre" if args.dataset == "umcu" else "organ")
     overrides = {
-        k: getattr(args, k) for k in ("patch", "batch", "diversity", "subdivide") if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in ("patch", "batch", "diversity", "subdivide", "steps")
+        if getattr(args, k) is not None
     }
     config = replace(config, **overrides)
     tag = "".join(f"_{k}{v}" for k, v in overrides.items())
