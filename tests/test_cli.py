@@ -261,14 +261,14 @@ def test_explicit_loop_options_override_the_shift_preset():
     parser = argparse.ArgumentParser()
     add_loop_options(parser)
     organ = loop_config(parser.parse_args(["--shift", "organ"]), 256)
-    assert (organ.steps, organ.replay_share, organ.freeze_norm, organ.anchor) == (200, 0.0, False, 0.0)
+    assert (organ.steps, organ.replay_share, organ.freeze_norm, organ.anchor) == (400, 0.0, False, 0.0)
     mixed = loop_config(parser.parse_args(["--shift", "organ", "--steps", "7", "--replay-share", "0.3",
                                            "--norm", "frozen", "--anchor", "0.5"]), 128)  # fmt: skip
     assert (mixed.steps, mixed.replay_share, mixed.freeze_norm, mixed.anchor, mixed.patch) == (7, 0.3, True, 0.5, 128)
     assert loop_config(parser.parse_args(["--shift", "organ", "--self-share", "0.2"]), 256).self_share == 0.2
     assert (organ.subdivide, organ.diversity) == (2, "clusters")  # quarter patches over appearance clusters
     whole = loop_config(parser.parse_args(["--shift", "organ", "--subdivide", "1", "--diversity", "none"]), 256)
-    assert (whole.subdivide, whole.diversity, whole.steps) == (1, "none", 200)
+    assert (whole.subdivide, whole.diversity, whole.steps) == (1, "none", 400)
     assert loop_config(parser.parse_args(["--shift", "centre"]), 256).subdivide == 1
     with pytest.raises(InputError, match="--anchor"):
         loop_config(parser.parse_args(["--anchor", "-1"]), 256)

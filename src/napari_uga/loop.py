@@ -115,11 +115,11 @@ SHIFTS: dict[str, dict] = {
     # L2 pull towards the starting model keep a few patches from swinging it
     "centre": {},
     # new organ or tissue: batch-norm statistics must follow the new tissue, lymph-node replay and the
-    # starting model's labels contradict its truth, and more steps are needed to learn it; each patch of
-    # the budget is proposed as 4 quarter-area sub-patches spread over appearance clusters, so one batch
-    # covers more kinds of tissue (docs/benchmarks.md, stop 23)
+    # starting model's labels contradict its truth, and more steps are needed to learn it (400 per round
+    # since stop 25); each patch of the budget is proposed as 4 quarter-area sub-patches spread over
+    # appearance clusters, so one batch covers more kinds of tissue (docs/benchmarks.md, stops 23 and 25)
     "organ": {
-        "steps": 200,
+        "steps": 400,
         "replay_share": 0.0,
         "self_share": 0.0,
         "freeze_norm": False,

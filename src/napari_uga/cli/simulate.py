@@ -48,7 +48,7 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="what differs from the training data: centre (scanner, stain; gentle fine-tuning with replay, the "
         "starting model's own labels on unlabelled patches and an L2 pull towards it), "
-        "organ (tissue; batch norm adapts, 200 steps, no replay), or auto (the default: centre where the "
+        "organ (tissue; batch norm adapts, 400 steps, no replay), or auto (the default: centre where the "
         "starting model scores Dice >= 0.8 on the first batch of corrections, else organ); "
         "explicit options below override it",
     )
