@@ -173,7 +173,7 @@ def test_domain_shift_preset_sets_the_fine_tuning(dock):
     dock.shift_combo.setCurrentIndex(2)  # new organ / tissue
     assert not dock.config.freeze_norm and dock.config.replay_share == 0 and dock.config.self_share == 0
     assert dock._self_label_boxes() == []
-    assert dock.steps_spin.value() == dock.config.steps == 200
+    assert dock.steps_spin.value() == dock.config.steps == 400
     dock.shift_combo.setCurrentIndex(1)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40
 
