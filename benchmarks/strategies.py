@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="patches per fine-tuning round (default: the preset's 5)")
     parser.add_argument("--diversity", help="spread of the picks (default: the preset's)")
     parser.add_argument("--subdivide", type=int, help="sub-patches per patch side (default: the preset's; organ: 2)")
-    parser.add_argument("--steps", type=int, help="fine-tuning steps per round (default: the preset's; organ: 200)")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps per round (default: the preset's; organ: 400)")
     parser.add_argument("--label", default="", help="appended to the results file name (keeps earlier results)")
     parser.add_argument("--time-proposals", action="store_true", help="only time one proposal round per strategy")
     args = parser.parse_args()
