@@ -47,7 +47,7 @@ from napari_uga.training import evaluate
 CACHE = Path(__file__).resolve().parent / ".cache" / "strategies"
 EBHI_MPP = 0.243  # working-scale factor 0.5, as in benchmarks/loop.py
 # first EBHI split seed of each half
-HALF_START = {"dev": 0, "report": 100, "report2": 200, "report3": 300, "report4": 400, "report5": 500}
+HALF_START = {"dev": 0, "report": 100, "report2": 200, "report3": 300, "report4": 400, "report5": 500, "report6": 600}
 
 
 def ebhi_splits(half: str, n: int, skip: int = 0) -> list[tuple[str, list, list, float]]:
@@ -118,6 +118,16 @@ def summarise(table: dict[str, dict[str, list[list[float]]]], budgets: list[int]
     return {"budgets": budgets, "strategies": out}
 
 
+def merged_with_earlier_parts(path: Path, config: dict, table: dict) -> dict:
+    """``table`` with the splits an earlier part (``--skip``) wrote to ``path`` with the same settings."""
+    if not path.exists():
+        return table
+    earlier = json.loads(path.read_text())
+    if earlier.get("config") != config:
+        return table
+    return dict(sorted((earlier["per_split"] | table).items()))
+
+
 def print_summary(title: str, summary: dict) -> None:
     """The summary as one line per strategy."""
     print(title, flush=True)
@@ -164,7 +174,12 @@ def main() -> None:
     parser.add_argument("--dataset", choices=("ebhi", "umcu"), default="ebhi")
     parser.add_argument("--half", choices=tuple(HALF_START), default="dev", help="EBHI only; UMCU is report only")
     parser.add_argument("--splits", type=int, default=4, help="EBHI splits in the half")
-    parser.add_argument("--skip", type=int, default=0, help="leave out the half's first splits (run parts in parallel)")
+    parser.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="leave out the half's first splits (parts run in parallel add to one results file)",
+    )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--strategies", default="typical,random,uncertainty")
     parser.add_argument("--budgets", default="5,10,20")
@@ -210,6 +225,10 @@ def main() -> None:
                 + f"   ({sum(r['seconds'] for r in records):.0f} s)",
                 flush=True,
             )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    label = f"_{args.label}" if args.label else ""
+    path = RESULTS / f"strategies_{args.dataset}_{half}_{args.strategies.replace(',', '+')}{label}.json"
+    table = merged_with_earlier_parts(path, vars(config), table)
     results = {"dataset": args.dataset, "half": half, "config": vars(config), "per_split": table}
     if args.dataset == "umcu":
         results["summary"] = {name: summarise({name: t}, budgets) for name, t in table.items()}
@@ -218,10 +237,7 @@ def main() -> None:
     else:
         results["summary"] = summarise(table, budgets)
         print_summary(f"EBHI {half} splits", results["summary"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    label = f"_{args.label}" if args.label else ""
-    name = f"strategies_{args.dataset}_{half}_{args.strategies.replace(',', '+')}{label}.json"
-    (RESULTS / name).write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ ICML 2022): ``typical`` is TypiClust (cluster labelled and unlabelled patches in
 labels, largest first), ``weighted`` is k-means++ seeding weighted by uncertainty (BADGE-like),
 ``coverage`` is ``typical`` until :data:`COVERAGE_SWITCH` patches are labelled, then
 ``uncertainty``, and ``mixed`` fills half of each batch (rounded up) with ``typical`` picks and
-the rest with the most uncertain patches. ``expected_error`` ranks by the chance that the
+the rest with the most uncertain patches. ``random_first`` draws the first batch (nothing
+labelled yet) uniformly at random from the tissue, an unbiased cover of it, and ranks by
+uncertainty from then on: before any correction the starting model's entropy says least about a
+new organ, whose errors are mostly confident misses. ``expected_error`` ranks by the chance that the
 network's call on a patch (tumour or not) is wrong, as a texture classifier fitted on the
 session's own corrections sees it: under a large shift most errors are confident misses, which
 entropy cannot see (until the corrections hold tumour and tumour-free patches, uncertainty
@@ -144,7 +147,7 @@ def score_candidates(
     return out
 
 
-STRATEGIES = ("uncertainty", "random", "typical", "weighted", "coverage", "mixed", "expected_error")
+STRATEGIES = ("uncertainty", "random", "typical", "weighted", "coverage", "mixed", "expected_error", "random_first")
 TUMOUR_SHARE = 0.05  # a patch holds tumour when at least this share of it is marked (predicted or corrected)
 APPEARANCE = slice(0, 12)  # the columns of Candidate.features that come from the image alone
 COVERAGE_SWITCH = 10  # labelled patches after which ``coverage`` ranks by uncertainty
@@ -165,10 +168,11 @@ def select(
     Parameters
     ----------
     strategy : one of :data:`STRATEGIES`: ``uncertainty`` (highest score first), ``random``,
-        ``typical``, ``weighted`` or ``coverage`` (see the module docstring).
-    diversity : for ``uncertainty`` and ``random`` only: ``none``; ``clusters`` (round-robin over
-        k appearance clusters, most uncertain first in each); ``balanced`` (alternate predicted
-        tumour / non-tumour); or ``clusters+balanced``.
+        ``typical``, ``weighted``, ``coverage``, ``mixed``, ``expected_error`` or ``random_first``
+        (see the module docstring).
+    diversity : for ``uncertainty`` (and ``random_first`` once something is labelled) only:
+        ``none``; ``clusters`` (round-robin over k appearance clusters, most uncertain first in
+        each); ``balanced`` (alternate predicted tumour / non-tumour); or ``clusters+balanced``.
     known : for ``expected_error``: per corrected patch, its :func:`appearance_features` and
         whether the correction holds tumour (:func:`holds_tumour`).
     """
@@ -180,6 +184,9 @@ def select(
     if strategy == "coverage":
         strategy = "typical" if len(exclude) < COVERAGE_SWITCH else "uncertainty"
         tag = f"coverage ({strategy} below / from {COVERAGE_SWITCH} labelled): "
+    elif strategy == "random_first":
+        strategy, diversity = ("uncertainty", diversity) if exclude else ("random", "none")
+        tag = "random_first (random while nothing is labelled, then uncertainty): "
     else:
         tag = ""
     if strategy == "typical":

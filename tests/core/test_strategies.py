@@ -76,6 +76,19 @@ def test_typical_covers_clusters_and_coverage_switches_to_uncertainty(candidates
     assert typicality(np.array([[0.0], [0.1], [0.2], [5.0]]), 2).argmin() == 3  # the outlier is least typical
 
 
+def test_random_first_draws_the_first_batch_at_random_then_ranks_by_uncertainty(candidates):
+    first = select(candidates, 4, [], "random_first", np.random.default_rng(7), diversity="clusters")
+    drawn = select(candidates, 4, [], "random", np.random.default_rng(7))
+    assert [p.box for p in first] == [p.box for p in drawn]  # nothing labelled: uniform draws, clusters ignored
+    assert [p.box for p in first] != [p.box for p in select(candidates, 4)]
+    assert all(p.reason.startswith("random_first (random while nothing is labelled") for p in first)
+    done = [p.box for p in first]
+    later = select(candidates, 3, done, "random_first", np.random.default_rng(0), diversity="clusters")
+    ranked = select(candidates, 3, done, "uncertainty", np.random.default_rng(0), diversity="clusters")
+    assert [p.box for p in later] == [p.box for p in ranked]
+    assert all("uncertainty:" in p.reason for p in later)
+
+
 def test_candidate_cache_repeats_candidates_and_leaves_torch_draws_alone(net, pool, tmp_path):
     use_cache(tmp_path)
     try:

@@ -209,7 +209,8 @@ class AnnotateWidget(WorkerDock):
         self.strategy_combo.setToolTip(
             "How patches are proposed: uncertainty (the most uncertain first), expected_error (where a texture model "
             "of your corrections says the network's call is wrong), random, or the low-budget coverage rules "
-            "(typical, weighted, coverage, mixed). Each queued patch says why it was proposed."
+            "(typical, weighted, coverage, mixed, random_first: a random first batch, then uncertainty). "
+            "Each queued patch says why it was proposed."
         )
         self.steps_spin = _spin(1, 2000, self.config.steps, "Fine-tuning steps per round")
         self.audit_spin = QDoubleSpinBox()

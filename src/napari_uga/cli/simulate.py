@@ -25,8 +25,9 @@ def register(sub) -> None:
         default="uncertainty",
         help="how patches are proposed: uncertainty (the default), random, or the low-budget rules typical "
         "(TypiClust), weighted (uncertainty-weighted k-means++), coverage (typical, then uncertainty), mixed, "
-        "expected_error (a texture model of the corrections); with --shift organ each patch is proposed as "
-        "four quarter patches (--subdivide; docs/benchmarks.md)",
+        "expected_error (a texture model of the corrections), random_first (a random first batch, then "
+        "uncertainty); with --shift organ each patch is proposed as four quarter patches (--subdivide; "
+        "docs/benchmarks.md)",
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (random choice and training noise)")
     p.add_argument(
