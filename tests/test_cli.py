@@ -160,6 +160,22 @@ def test_simulate_json_contract(tmp_path, sample_dir, tiny_model_path, capsys):
     assert out["shift"] == ["organ", "organ"]  # given, not chosen
 
 
+def test_simulate_proposes_with_the_presets_rule_unless_told(tmp_path, sample_dir, tiny_model_path, capsys):
+    pool = _subset(sample_dir, tmp_path / "pool", 4, stride=8)
+    test = _subset(sample_dir, tmp_path / "test", 1, stride=16)
+    data = ["--pool-images", str(pool / "images"), "--pool-masks", str(pool / "masks"),
+            "--test-images", str(test / "images"), "--test-masks", str(test / "masks")]  # fmt: skip
+    quick = ["--budgets", "0,1", "--seeds", "1", "--model", str(tiny_model_path), "--patch-size", "128",
+             "--steps", "1", "--samples", "2", "--mpp", "0.243", "--audit-share", "0", "--json"]  # fmt: skip
+    for shift, strategy in (("organ", "random_first"), ("centre", "uncertainty")):
+        assert main(["simulate", *data, *quick, "--shift", shift]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["strategy"] == strategy
+        reasons = [p["reason"] for p in out["picks"][0][0]]
+        assert reasons and all(r.startswith(f"{strategy} (random while" if shift == "organ" else "uncertainty")
+                                for r in reasons)  # fmt: skip
+
+
 def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
     proc = _run(
         [

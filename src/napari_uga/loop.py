@@ -130,6 +130,18 @@ SHIFTS: dict[str, dict] = {
 }
 
 
+# The proposal rule a preset starts with (``--strategy`` and the dock's Proposals box override it). On a
+# new organ the first batch is drawn at random from the tissue, then ranked by uncertainty
+# (docs/benchmarks.md, stop 26); ``auto`` proposes its first batch as ``centre`` does, and once it
+# has chosen ``organ`` a batch is labelled, so ``random_first`` would rank by uncertainty there too.
+PRESET_STRATEGY = {"centre": "uncertainty", "organ": "random_first"}
+
+
+def default_strategy(shift: str) -> str:
+    """The proposal rule of a preset (``auto``: ``centre``'s)."""
+    return PRESET_STRATEGY.get(shift, "uncertainty")
+
+
 def config_for(shift: str = "centre", **overrides) -> LoopConfig:
     """The :class:`LoopConfig` of a kind of domain shift (:data:`SHIFTS`), with explicit overrides."""
     if shift not in SHIFTS:

@@ -174,8 +174,10 @@ def test_domain_shift_preset_sets_the_fine_tuning(dock):
     assert not dock.config.freeze_norm and dock.config.replay_share == 0 and dock.config.self_share == 0
     assert dock._self_label_boxes() == []
     assert dock.steps_spin.value() == dock.config.steps == 400
+    assert dock.strategy_combo.currentText() == "random_first"  # the preset's proposal rule
     dock.shift_combo.setCurrentIndex(1)
     assert dock.config.freeze_norm and dock.steps_spin.value() == 40
+    assert dock.strategy_combo.currentText() == "uncertainty"
 
 
 def test_new_organ_proposes_four_quarter_patches_per_patch_each_with_its_reason(qtbot, wait_idle, dock):
@@ -188,11 +190,16 @@ def test_new_organ_proposes_four_quarter_patches_per_patch_each_with_its_reason(
     picks = dock.proposals
     assert len(picks) == 8 and sum(p.audit for p in picks) == 2  # 2 patches' worth, a fifth of them audits
     assert not any(a.overlaps(b) for i, a in enumerate(picks) for b in picks[i + 1 :])
-    assert all(p.reason.startswith("audit" if p.audit else "uncertainty") for p in picks)
-    assert all("of appearance cluster" in p.reason for p in picks if not p.audit)  # the rule, and the spread
+    first = "random_first (random while nothing is labelled, then uncertainty): random"
+    assert all(p.reason.startswith("audit" if p.audit else first) for p in picks)  # nothing labelled yet
     for i, patch in enumerate(picks):  # walking the queue says why each patch is there
         dock.go_to(i, zoom=False)
         assert patch.reason in dock.status.text()
+    dock.strategy_combo.setCurrentText("uncertainty")
+    qtbot.mouseClick(dock.propose_button, Qt.MouseButton.LeftButton)
+    ranked = [p for p in dock.proposals if not p.audit]
+    assert ranked and all(p.reason.startswith("uncertainty") for p in ranked)
+    assert all("of appearance cluster" in p.reason for p in ranked)  # the rule, and the spread
     assert dock.k_spin.suffix() == " × 4 sub-patches"
 
     dock.shift_combo.setCurrentIndex(1)  # new centre now: round 0's quarter-patch maps are kept, not recomputed

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 from .._sample_data import TRUTH_NAME
 from ..audit import HARM_MARGIN, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
-from ..loop import SHIFTS, audit_count, config_for, config_from_record
+from ..loop import SHIFTS, audit_count, config_for, config_from_record, default_strategy
 from ..metrics import dice
 from ..selection import STRATEGIES, Box, Proposal, diversity_for, holds_tumour, nearest_candidate, select
 from ..session import Session, SessionWriteError, SlideMissingError
@@ -203,7 +203,7 @@ class AnnotateWidget(WorkerDock):
             "training tiles and of the starting model's own labels elsewhere on this slide. "
             "New organ: batch-norm statistics adapt, more steps, no replay."
         )
-        self.shift_combo.currentIndexChanged.connect(self._shift_changed)
+        self.shift_combo.currentIndexChanged.connect(self._shift_picked)
         self.strategy_combo = QComboBox()
         self.strategy_combo.addItems(list(STRATEGIES))
         self.strategy_combo.setToolTip(
@@ -763,6 +763,11 @@ class AnnotateWidget(WorkerDock):
         chosen = {"chosen_shift": self.chosen_shift} if self._shift() == "auto" else {}
         strategy = {"strategy": self.strategy_combo.currentText()}
         return {**vars(self.config), **boxes, **measure, **strategy, "shift": self._shift(), **chosen}
+
+    def _shift_picked(self) -> None:
+        """A domain shift picked in the box: its preset's settings and proposal rule (change either after)."""
+        self._shift_changed()
+        self.strategy_combo.setCurrentText(default_strategy(self._shift()))
 
     def _shift_changed(self) -> None:
         """Apply the preset of the chosen domain shift (the steps box shows its steps; edit it after)."""

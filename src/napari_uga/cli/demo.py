@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> dict | None:
 def run_headless(args: argparse.Namespace) -> dict:
     """Uncertainty -> proposals -> oracle annotation -> fine-tune, a few rounds; report + plots."""
     from ..io import load_pairs
-    from ..loop import replay_pairs, simulate
+    from ..loop import default_strategy, replay_pairs, simulate
     from ..models import working_factor
     from ..splits import position_split
 
@@ -62,8 +62,9 @@ def run_headless(args: argparse.Namespace) -> dict:
         if event["stage"] in ("evaluate", "audit"):
             bar.write(event["message"])
 
+    strategy = default_strategy(args.shift)
     trajectory = simulate(
-        model, pool, test, budgets, "uncertainty", args.seed, factor, config, replay_pairs(), on_event=on_event,
+        model, pool, test, budgets, strategy, args.seed, factor, config, replay_pairs(), on_event=on_event,
         audit_share=args.audit_share, no_harm=args.no_harm == "on", presets=presets, target=target,
         stop=not args.no_stop, closing_batch=True,
     )  # fmt: skip

@@ -22,8 +22,9 @@ def register(sub) -> None:
     p.add_argument(
         "--strategy",
         choices=STRATEGIES,
-        default="uncertainty",
-        help="how patches are proposed: uncertainty (the default), random, or the low-budget rules typical "
+        default=None,
+        help="how patches are proposed (default: the preset's, random_first with --shift organ, else "
+        "uncertainty): uncertainty, random, or the low-budget rules typical "
         "(TypiClust), weighted (uncertainty-weighted k-means++), coverage (typical, then uncertainty), mixed, "
         "expected_error (a texture model of the corrections), random_first (a random first batch, then "
         "uncertainty); with --shift organ each patch is proposed as four quarter patches (--subdivide; "
@@ -187,19 +188,20 @@ def run(args: argparse.Namespace) -> dict:
     """Run the loop for every seed and print the Dice-vs-budget curve."""
 
     from ..io import InputError, load_pairs
-    from ..loop import replay_pairs, simulate
+    from ..loop import default_strategy, replay_pairs, simulate
     from ..models import working_factor
 
     budgets = parse_budgets(args.budgets)
     if args.seeds < 1:
         raise InputError("--seeds must be at least 1")
     config, presets = loop_configs(args, args.patch_size)
+    strategy = args.strategy or default_strategy(args.shift)
     pool = load_pairs(args.pool_images, args.pool_masks)
     test = load_pairs(args.test_images, args.test_masks)
     model = load_model_from_args(args)
     factor = working_factor(model, args.mpp)
     replay = replay_pairs() if config.replay_share > 0 else []
-    bar = progress_bar(args.seeds * len(budgets), f"simulate {args.strategy}", args.json)
+    bar = progress_bar(args.seeds * len(budgets), f"simulate {strategy}", args.json)
     runs = []
     for seed in range(args.seeds):
 
@@ -213,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
                 pool,
                 test,
                 budgets,
-                args.strategy,
+                strategy,
                 seed,
                 factor,
                 config,
@@ -228,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     bar.close()
     curve = [_curve_entry(budget, i, runs) for i, budget in enumerate(budgets)]
     payload = {
-        "strategy": args.strategy,
+        "strategy": strategy,
         "curve": curve,
         "picks": [r.picks for r in runs],
         "shift": [r.shift or args.shift for r in runs],
