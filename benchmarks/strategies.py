@@ -118,13 +118,16 @@ def summarise(table: dict[str, dict[str, list[list[float]]]], budgets: list[int]
     return {"budgets": budgets, "strategies": out}
 
 
-def merged_with_earlier_parts(path: Path, config: dict, table: dict) -> dict:
-    """``table`` with the splits an earlier part (``--skip``) wrote to ``path`` with the same settings."""
+def merged_with_earlier_parts(path: Path, config: dict, budgets: list[int], table: dict) -> dict:
+    """``table`` with the splits an earlier part (``--skip``) wrote to ``path`` with the same settings and budgets."""
     if not path.exists():
         return table
     earlier = json.loads(path.read_text())
-    if earlier.get("config") != config:
+    if earlier.get("config") != config or earlier.get("summary", {}).get("budgets") != budgets:
         return table
+    added = sorted(set(earlier["per_split"]) - set(table))
+    if added:
+        print(f"with the earlier parts' {', '.join(added)} from {path.name}", flush=True)
     return dict(sorted((earlier["per_split"] | table).items()))
 
 
@@ -228,7 +231,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     label = f"_{args.label}" if args.label else ""
     path = RESULTS / f"strategies_{args.dataset}_{half}_{args.strategies.replace(',', '+')}{label}.json"
-    table = merged_with_earlier_parts(path, vars(config), table)
+    table = merged_with_earlier_parts(path, vars(config), budgets, table)
     results = {"dataset": args.dataset, "half": half, "config": vars(config), "per_split": table}
     if args.dataset == "umcu":
         results["summary"] = {name: summarise({name: t}, budgets) for name, t in table.items()}

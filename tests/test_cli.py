@@ -172,8 +172,8 @@ def test_simulate_proposes_with_the_presets_rule_unless_told(tmp_path, sample_di
         out = json.loads(capsys.readouterr().out)
         assert out["strategy"] == strategy
         reasons = [p["reason"] for p in out["picks"][0][0]]
-        assert reasons and all(r.startswith(f"{strategy} (random while" if shift == "organ" else "uncertainty")
-                                for r in reasons)  # fmt: skip
+        first = "random_first (random while nothing is labelled, then uncertainty): random: drawn at random"
+        assert reasons and all(r.startswith(first if shift == "organ" else "uncertainty: ") for r in reasons)
 
 
 def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
@@ -200,6 +200,7 @@ def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
     assert [c["budget"] for c in report["curve"]] == [0, 2]
     assert not set(report["pool"]) & set(report["test"])
     assert report["shift"] in ("centre", "organ")  # --shift auto (the default) chose from the first batch
+    assert report["strategy"] == "uncertainty"  # auto proposes its first batch as centre does
     assert {"estimated_dice", "estimate_interval", "estimate_audits", "round_in_use"} <= set(report["curve"][1])
     assert report["handed_over"]["round"] in (0, 1) and 0 <= report["handed_over"]["dice_global"] <= 1
     for name in ("overlay.png", "dice_vs_round.png"):

@@ -162,6 +162,7 @@ def select(
     rng: np.random.Generator | None = None,
     diversity: str = "none",
     known: Sequence[tuple[np.ndarray, bool]] = (),
+    annotated: int | None = None,
 ) -> list[Proposal]:
     """Pick ``k`` non-overlapping patches, ranked; ``exclude`` holds already annotated boxes.
 
@@ -175,17 +176,20 @@ def select(
         each); ``balanced`` (alternate predicted tumour / non-tumour); or ``clusters+balanced``.
     known : for ``expected_error``: per corrected patch, its :func:`appearance_features` and
         whether the correction holds tumour (:func:`holds_tumour`).
+    annotated : patches annotated so far, for the rules that switch on it (``coverage``,
+        ``random_first``); default ``len(exclude)`` (pass it where ``exclude`` also holds queued boxes).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} ({', '.join(STRATEGIES)})")
     rng = rng if rng is not None else np.random.default_rng(0)
     labelled = [c for c in candidates if any(c.box.overlaps(e) for e in exclude)]
     pool = [c for c in candidates if not any(c.box.overlaps(e) for e in exclude)]
+    annotated = len(exclude) if annotated is None else annotated
     if strategy == "coverage":
-        strategy = "typical" if len(exclude) < COVERAGE_SWITCH else "uncertainty"
+        strategy = "typical" if annotated < COVERAGE_SWITCH else "uncertainty"
         tag = f"coverage ({strategy} below / from {COVERAGE_SWITCH} labelled): "
     elif strategy == "random_first":
-        strategy, diversity = ("uncertainty", diversity) if exclude else ("random", "none")
+        strategy, diversity = ("uncertainty", diversity) if annotated else ("random", "none")
         tag = "random_first (random while nothing is labelled, then uncertainty): "
     else:
         tag = ""

@@ -87,6 +87,8 @@ def test_random_first_draws_the_first_batch_at_random_then_ranks_by_uncertainty(
     ranked = select(candidates, 3, done, "uncertainty", np.random.default_rng(0), diversity="clusters")
     assert [p.box for p in later] == [p.box for p in ranked]
     assert all("uncertainty:" in p.reason for p in later)
+    queued = select(candidates, 3, done, "random_first", np.random.default_rng(0), annotated=0)  # queued, not labelled
+    assert all(p.reason.endswith("random: drawn at random") for p in queued)
 
 
 def test_candidate_cache_repeats_candidates_and_leaves_torch_draws_alone(net, pool, tmp_path):

@@ -192,6 +192,9 @@ def test_new_organ_proposes_four_quarter_patches_per_patch_each_with_its_reason(
     assert not any(a.overlaps(b) for i, a in enumerate(picks) for b in picks[i + 1 :])
     first = "random_first (random while nothing is labelled, then uncertainty): random"
     assert all(p.reason.startswith("audit" if p.audit else first) for p in picks)  # nothing labelled yet
+    dock._rerank()  # new tiles re-rank the unopened patches: still nothing corrected, still random draws
+    assert all(p.reason.startswith("audit" if p.audit else first) for p in dock.proposals)
+    picks = dock.proposals
     for i, patch in enumerate(picks):  # walking the queue says why each patch is there
         dock.go_to(i, zoom=False)
         assert patch.reason in dock.status.text()

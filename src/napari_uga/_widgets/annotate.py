@@ -580,6 +580,7 @@ class AnnotateWidget(WorkerDock):
             np.random.default_rng(seed),
             diversity_for(strategy, self.config.diversity),
             self._known() if strategy == "expected_error" else (),
+            annotated=len(done),  # the queue's kept patches are not corrections yet
         )
         if audits_wanted <= 0:
             return picks

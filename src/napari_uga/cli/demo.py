@@ -74,6 +74,7 @@ def run_headless(args: argparse.Namespace) -> dict:
         "data": str(SAMPLE_DIR),
         "pool": [p.name for p in pool],
         "test": [p.name for p in test],
+        "strategy": strategy,
         "curve": _curve(trajectory),
         "shift": trajectory.shift,
         "rollbacks": trajectory.rollbacks,
