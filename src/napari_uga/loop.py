@@ -139,7 +139,7 @@ PRESET_STRATEGY = {"centre": "uncertainty", "organ": "random_first"}
 
 def default_strategy(shift: str) -> str:
     """The proposal rule of a preset (``auto``: ``centre``'s)."""
-    return PRESET_STRATEGY.get(shift, "uncertainty")
+    return PRESET_STRATEGY.get(shift, PRESET_STRATEGY["centre"])
 
 
 def config_for(shift: str = "centre", **overrides) -> LoopConfig:
