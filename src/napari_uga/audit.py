@@ -11,7 +11,7 @@ it says how well that round does there, with no ground truth beyond the correcti
 - :func:`compare_rounds`: the paired difference of two rounds on the same fresh patches, which
   drives the do-no-harm rule (:func:`worse_than`) and the stop signal (:func:`stop_signal`);
 - :func:`choose_shift`: the ``auto`` preset, from the starting model's score on the first batch and
-  whether its tissue is new to the model (:func:`tissue_is_new`).
+  whether the slide's tissue is new to the model (:func:`tissue_is_new`, on a sample of the tissue).
 
 Pooled Dice (``2 ΣTP / (Σpredicted + Σtrue)``) is what ``dice_global`` computes over test
 images, so an audit estimate compares with it directly.
@@ -19,7 +19,7 @@ images, so an audit estimate compares with it directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ HARM_MARGIN = 0.01  # a round this much worse than its predecessor on fresh corr
 GOOD_DICE = 0.8  # the product's bar for a good segmentation (QC's cut): below it, the tissue is new to the model
 STEADY = 0.01  # the estimate moved less than this over the last rounds: more rounds are unlikely to help
 FEWEST = 3  # fewer patches than this give the interval [0, 1]: two patches can agree by chance
+GATE_PATCHES = 64  # tissue patches the gate of ``auto`` reads (a cost cap: about 0.1 s a patch on one core)
 
 
 @dataclass(frozen=True)
@@ -255,30 +256,33 @@ def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN) -> bo
     return comparison is not None and comparison.delta < -margin
 
 
-def choose_shift(first_batch: Sequence[PatchScore], new_tissue: bool | None = None) -> str:
+def choose_shift(first_batch: Sequence[PatchScore], new_tissue: Callable[[], bool | None] | None = None) -> str:
     """The ``auto`` preset: ``organ`` when the starting model fails the first batch *and* the tissue is new to it.
 
     Where the starting model is already good on the new tissue (a new centre or scanner), the
     cautious ``centre`` fine-tuning keeps it; where it fails the product's own bar
     (:data:`GOOD_DICE`) on tissue unlike its training tissue (``new_tissue``, from
-    :func:`tissue_is_new`: a new organ), the ``organ`` preset lets fine-tuning follow the new
-    tissue. Hard lymph-node tissue at a new centre fails the bar too, but is not new tissue, and
-    ``organ`` fine-tuning there forgets what the model knew. ``new_tissue=None`` (no gate): the
-    bar alone. Neither the bar nor the gate's level is tuned here.
+    :func:`tissue_is_new`, asked only where the bar fails: a new organ), the ``organ`` preset lets
+    fine-tuning follow the new tissue. Hard lymph-node tissue at a new centre fails the bar too, but
+    is not new tissue, and ``organ`` fine-tuning there forgets what the model knew.
+    ``new_tissue=None`` (no gate): the bar alone. Neither the bar nor the gate's level is tuned here.
     """
     estimate = pooled_estimate(first_batch)
     if estimate is None or estimate.dice >= GOOD_DICE:  # nothing says the model is wrong
         return "centre"
-    return "centre" if new_tissue is False else "organ"
+    return "centre" if new_tissue is not None and new_tissue() is False else "organ"
 
 
 def tissue_is_new(model, images: Sequence[np.ndarray], factor: float) -> bool | None:
-    """Whether a batch's tissue is unlike the model's training tissue: the QC exchangeability gate.
+    """Whether a session's tissue is unlike the model's training tissue: the QC exchangeability gate.
 
-    The gate (:mod:`napari_uga.quality.domain`, calibrated on the training centre's tiles) gives
-    each patch a conformal p-value; they are merged (:func:`~napari_uga.quality.merge_p_values`)
-    and the tissue is new when the merged p is at most the gate's level. ``None`` where the gate
-    cannot say (turned off, no patch, no shared features).
+    ``images``: up to :data:`GATE_PATCHES` tissue patches drawn without regard to the model (the
+    boxes audits come from), not the proposed batch: uncertainty proposes the atypical patches, a
+    sample biased towards "new" (it sent 2 of 5 UMCU sessions to ``organ``; docs/benchmarks.md,
+    stop 27). The gate (:mod:`napari_uga.quality.domain`, calibrated on the training centre's
+    tiles) gives each patch a conformal p-value; they are merged
+    (:func:`~napari_uga.quality.merge_p_values`) and the tissue is new when the merged p is at most
+    the gate's level. ``None`` where the gate cannot say (turned off, no patch, no shared features).
     """
     from .quality import default_qc_model, merge_p_values
     from .quality.domain import domain_row

@@ -10,12 +10,14 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .audit import (
+    GATE_PATCHES,
     PatchScore,
     Proxies,
     choose_shift,
@@ -30,7 +32,7 @@ from .audit import (
 from .io import InputError, Pair, load_pairs
 from .models import UNet, working_factor
 from .proposals import propose, random_candidates
-from .selection import Box, Proposal, appearance_features, holds_tumour, select
+from .selection import Box, Proposal, appearance_features, holds_tumour, select, spread
 from .training import (
     CancelToken,
     MixedSampler,
@@ -345,6 +347,11 @@ class _Ledger:
         self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
         return len(self.rounds) - 1
 
+    def tissue_sample(self, n: int) -> list[np.ndarray]:
+        """Up to ``n`` of the tissue patches, spread over the pool (what the ``auto`` gate reads)."""
+        images = {p.name: p.image for p in self.pool}
+        return [box.crop(images[box.image]) for box in spread(self.tissue, n)]
+
     def retile(self, tissue: list[Box]) -> None:
         """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them.
 
@@ -450,8 +457,8 @@ def simulate(
             spent += len(batch) / config.pieces
             result.picks.append([p.as_dict() for p in picks])
             if presets and result.shift is None:
-                new_tissue = tissue_is_new(model, [a.image for a in batch], factor)
-                result.shift = choose_shift([s[0] for s in fresh], new_tissue)
+                gate = partial(tissue_is_new, model, ledger.tissue_sample(GATE_PATCHES), factor)
+                result.shift = choose_shift([s[0] for s in fresh], gate)
                 geometry = (config.patch, config.subdivide)
                 config = presets[result.shift]
                 if (config.patch, config.subdivide) != geometry:  # the audits are drawn from other boxes now

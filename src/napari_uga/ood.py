@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .models import UNet, working_factor
+from .selection import spread
 
 OOD_TILE = 512  # working-scale pixels per encoder pass
 OOD_MAX_TILES = 16  # larger images are scored on this many evenly spread tiles
@@ -38,8 +39,7 @@ def _tiles(height: int, width: int) -> list[tuple[int, int]]:
     ys = range(0, max(1, height - OOD_TILE + 1), OOD_TILE) if height > OOD_TILE else [0]
     xs = range(0, max(1, width - OOD_TILE + 1), OOD_TILE) if width > OOD_TILE else [0]
     corners = [(y, x) for y in ys for x in xs]
-    keep = np.linspace(0, len(corners) - 1, min(len(corners), OOD_MAX_TILES)).round().astype(int)
-    return [corners[i] for i in np.unique(keep)]
+    return spread(corners, OOD_MAX_TILES)
 
 
 @torch.no_grad()

@@ -33,6 +33,14 @@ import numpy as np
 from .uncertainty import patch_score
 
 
+def spread(items: Sequence, n: int) -> list:
+    """Up to ``n`` items evenly spaced along ``items`` (all of them where there are no more than ``n``)."""
+    if n <= 0 or not items:
+        return []
+    keep = np.unique(np.linspace(0, len(items) - 1, min(len(items), n)).round().astype(int))
+    return [items[i] for i in keep]
+
+
 @dataclass(frozen=True)
 class Box:
     """A patch of one image, in full-resolution pixel coordinates."""

@@ -95,10 +95,12 @@ def test_do_no_harm_compares_rounds_on_the_same_fresh_patches(shipped, tiny_mode
 def test_auto_preset_reads_the_first_batch(shipped, umcu_pairs):
     ebhi = load_pairs(EBHI / "images", EBHI / "masks")
     assert choose_shift(_scores(shipped, ebhi[:5], factor=0.97 / 0.486)) == "organ"  # colon, not lymph node
-    assert choose_shift([PatchScore(90, 100, 100, 0.05)]) == "centre"  # right on the new tissue: keep it
-    assert choose_shift([PatchScore(0, 0, 0, 0.0)]) == "centre"  # nothing says the model is wrong
-    assert choose_shift([PatchScore(10, 100, 100, 0.5)], new_tissue=False) == "centre"  # hard, but not new tissue
-    assert choose_shift([PatchScore(10, 100, 100, 0.5)], new_tissue=True) == "organ"
+    never = lambda: 1 / 0  # noqa: E731 - a gate that must not be asked
+    assert choose_shift([PatchScore(90, 100, 100, 0.05)], never) == "centre"  # right on the new tissue: keep it
+    assert choose_shift([PatchScore(0, 0, 0, 0.0)], never) == "centre"  # nothing says the model is wrong
+    hard = [PatchScore(10, 100, 100, 0.5)]
+    assert choose_shift(hard, lambda: False) == "centre"  # hard, but not new tissue
+    assert choose_shift(hard, lambda: True) == "organ" and choose_shift(hard) == "organ"
 
 
 def test_the_gate_tells_new_tissue_from_the_training_tissue(shipped, umcu_pairs):
@@ -109,6 +111,22 @@ def test_the_gate_tells_new_tissue_from_the_training_tissue(shipped, umcu_pairs)
     assert tissue_is_new(shipped, [p.image for p in ebhi[:5]], 0.97 / 0.486) is True
     assert tissue_is_new(shipped, [p.image[:256, :256] for p in replay_pairs()[:5]], 0.5) is False
     assert tissue_is_new(shipped, [], 0.5) is None
+
+
+def test_auto_reads_the_pool_tissue_not_the_uncertain_batch(shipped, umcu_pairs):
+    """UMCU lymph node at a new centre: its most uncertain patches look new to the gate, its tissue does not."""
+    from napari_uga.loop import config_for
+    from napari_uga.models import working_factor
+    from napari_uga.splits import position_split
+
+    left, right = position_split(umcu_pairs)
+    factor = working_factor(shipped, 0.226)
+    presets = {s: config_for(s, steps=1) for s in ("centre", "organ")}
+    run = simulate(shipped, left, right[:2], [0, 5], "uncertainty", 3, factor, presets=presets, audit_share=0.2)
+    batch = Oracle(left)
+    uncertain = [batch.annotate(Box(**{k: p[k] for k in ("image", "y", "x", "h", "w")})).image for p in run.picks[0]]
+    assert tissue_is_new(shipped, uncertain, factor) is True  # the first batch alone says "new"
+    assert run.shift == "centre"  # the gate read the pool's tissue: lymph node, like the training tissue
 
 
 def test_stop_signal_speaks_on_a_cleared_target_or_a_steady_estimate(shipped, umcu_pairs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt
 
 from napari_uga._widgets._layers import ANNOTATION, PREDICTION, PROBABILITY, PROPOSALS, UNCERTAINTY
@@ -43,13 +44,22 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert dock.counter.text() == "patch 2 / 3 · 2 to submit"
 
     before = np.asarray(viewer.layers[PROBABILITY].data[0]).copy()
-    qtbot.mouseClick(dock.submit_button, Qt.MouseButton.LeftButton)
-    folder = dock.session.folder
-    assert sorted(p.name for p in (folder / "labels").iterdir()) == ["00001.png", "00002.png"]  # saved before training
-    assert not dock.submit_button.isEnabled() and not dock.compute_button.isEnabled()
-    with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
-        pass
-    wait_idle(dock)
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        qtbot.mouseClick(dock.submit_button, Qt.MouseButton.LeftButton)
+        folder = dock.session.folder
+        assert sorted(p.name for p in (folder / "labels").iterdir()) == ["00001.png", "00002.png"]  # before training
+        assert not dock.submit_button.isEnabled() and not dock.compute_button.isEnabled()
+        with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
+            pass
+        wait_idle(dock)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    (said,) = [n.message for n in seen if n.message.startswith("Domain shift:")]  # auto chose, and says why
+    first_dice = float(said.split("scored Dice ")[1].split(" ")[0])
+    assert ("the slide's tissue is" in said) == (first_dice < 0.8), said  # the gate is asked only where the bar fails
+    assert "unlike" in said or dock.chosen_shift == "centre"
 
     assert dock.session.current_round == 1
     assert (folder / "checkpoints" / "round_001.safetensors").is_file()
@@ -146,8 +156,6 @@ def test_demo_opens_the_dock_through_the_manifest(make_napari_viewer, tmp_path):
 
 
 def test_worker_error_is_a_notification_and_the_session_stays_usable(qtbot, wait_idle, dock):
-    from napari.utils.notifications import notification_manager
-
     _compute_and_propose(qtbot, wait_idle, dock)
     dock.config.crop = 20  # not a multiple of the tiny U-Net's 8: the network fails inside the worker
     seen = []

@@ -127,6 +127,7 @@ class SubmitOutcome:
     comparison: Comparison | None  # round in use minus the round before it, on this batch
     rolled_back: bool
     shift: str | None  # the preset chosen from this batch (``auto``, first batch only)
+    new_tissue: bool | None  # what ``auto``'s gate said of the slide's tissue (``None``: not asked, or no answer)
     start: UNet  # the model the fine-tune started from
     result: FinetuneResult | None
 
@@ -140,12 +141,15 @@ def submit_events(
     configs: dict[str, LoopConfig],
     factor: float,
     tune: Callable[[UNet, LoopConfig], Iterator[ProgressEvent]],
+    read_tissue: Callable[[], Sequence[np.ndarray]],
 ) -> Iterator[ProgressEvent]:
     """Test-then-train: score the new corrections against the rounds, apply do-no-harm, then fine-tune.
 
     ``configs``: the loop settings, one entry (the preset in use) or ``centre`` and ``organ``
     when ``auto`` still has to choose from this batch. ``tune(start, config=...)``: the fine-tune
-    (:func:`finetune_events` with the session's annotations bound). Returns a :class:`SubmitOutcome`.
+    (:func:`finetune_events` with the session's annotations bound). ``read_tissue()``: the tissue
+    patches ``auto``'s gate reads (:func:`~napari_uga.audit.tissue_is_new`), read only when it
+    chooses. Returns a :class:`SubmitOutcome`.
     """
     yield progress_event("scoring", 0, len(models), f"scoring {len(batch)} corrections against {len(models)} rounds")
     try:
@@ -154,13 +158,22 @@ def submit_events(
         raise WorkerError(f"scoring the corrections failed: {exc}") from exc
     comparison = None if previous is None else compare_rounds(scores[current], scores[previous])
     rolled_back = auto_rollback and worse_than(comparison)
-    shift = None
-    if len(configs) > 1:  # auto: the starting model's score on this first batch, and whether its tissue is new
-        shift = choose_shift(scores[0], tissue_is_new(models[0], [a.image for a in batch], factor))
+    shift, gate = None, {}
+    if len(configs) > 1:  # auto: the starting model's score on this first batch, and whether the tissue is new
+        yield progress_event("gate", 0, 1, "choosing the domain shift from the first batch")
+
+        def new_tissue() -> bool | None:
+            gate["new"] = tissue_is_new(models[0], read_tissue(), factor)
+            return gate["new"]
+
+        try:
+            shift = choose_shift(scores[0], new_tissue)
+        except RuntimeError as exc:
+            raise WorkerError(f"reading the tissue for the domain-shift choice failed: {exc}") from exc
     config = configs[shift] if shift is not None else next(iter(configs.values()))
     start = models[previous] if rolled_back else models[current]
     result = yield from tune(start, config=config)
-    return SubmitOutcome(scores, comparison, rolled_back, shift, start, result)
+    return SubmitOutcome(scores, comparison, rolled_back, shift, gate.get("new"), start, result)
 
 
 def submit_worker(*args) -> GeneratorWorker:

@@ -43,11 +43,11 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
-from ..audit import HARM_MARGIN, worse_than
+from ..audit import GATE_PATCHES, HARM_MARGIN, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import SHIFTS, audit_count, config_for, config_from_record, default_strategy
 from ..metrics import dice
-from ..selection import STRATEGIES, Box, Proposal, diversity_for, holds_tumour, nearest_candidate, select
+from ..selection import STRATEGIES, Box, Proposal, diversity_for, holds_tumour, nearest_candidate, select, spread
 from ..session import Session, SessionWriteError, SlideMissingError
 from ..tiles import (
     MapPlan,
@@ -829,8 +829,9 @@ class AnnotateWidget(WorkerDock):
             self_label_boxes=self._self_label_boxes(), read_patch=self.session.read_patch,
         )  # fmt: skip
         worker = submit_worker(
-            batch, models, current, previous, self.rollback_check.isChecked(), configs, self._factor(), tune
-        )
+            batch, models, current, previous, self.rollback_check.isChecked(), configs, self._factor(), tune,
+            partial(self._read_patches, self._gate_boxes() if len(configs) > 1 else []),
+        )  # fmt: skip
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda outcome: self._submitted(outcome, new_ids, current, previous))
         shares = {"replay": self.config.replay_share, "self-labels": self.config.self_share}
@@ -868,10 +869,16 @@ class AnnotateWidget(WorkerDock):
         """Up to ``SELF_LABEL_PATCHES`` scored tissue patches spread over the slide (for the self-labels)."""
         if self.store is None or self.config.self_share <= 0:
             return []
-        boxes = list(dict.fromkeys(c.box for c in self.store.candidates))
-        boxes.sort(key=lambda b: (b.y, b.x))
-        spread = np.linspace(0, len(boxes) - 1, min(len(boxes), SELF_LABEL_PATCHES)).round().astype(int)
-        return [boxes[i] for i in np.unique(spread)]
+        boxes = sorted(dict.fromkeys(c.box for c in self.store.candidates), key=lambda b: (b.y, b.x))
+        return spread(boxes, SELF_LABEL_PATCHES)
+
+    def _gate_boxes(self) -> list[Box]:
+        """Up to ``GATE_PATCHES`` patches drawn at random from the slide's tissue: what ``auto``'s gate reads."""
+        return random_tissue_boxes(self.slide, self.plan, GATE_PATCHES, seed=0)
+
+    def _read_patches(self, boxes: list[Box]) -> list[np.ndarray]:
+        """The slide's pixels of ``boxes`` (run in a worker)."""
+        return [self.session.read_patch(box) for box in boxes]
 
     def _submitted(self, outcome: SubmitOutcome, new_ids: list[int], current: int, previous: int | None) -> None:
         """Store the batch's scores, apply the do-no-harm verdict and ``auto``'s choice, then record the round."""
@@ -884,9 +891,11 @@ class AnnotateWidget(WorkerDock):
             self._shift_changed()  # the preset ``auto`` chose, from now on (steps the user set stay)
             if edited is not None:
                 self.steps_spin.setValue(edited)
+            tissue = {True: "unlike", False: "like"}.get(outcome.new_tissue)
+            gate = "" if tissue is None else f"; the slide's tissue is {tissue} the model's training tissue"
             show_info(
                 f"Domain shift: {SHIFT_LABELS[outcome.shift]} (round 0 scored Dice {batch_dice(outcome)} on your "
-                "first batch); its preset trains this round."
+                f"first batch{gate}); its preset trains this round."
             )
         self.session.config["loop"] = self._loop_record()
         if not self._save(lambda: self.session.record_scores(by_id)):
