@@ -22,6 +22,7 @@ same domain.
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/in_session.py --first-batch
+    nice -n 10 .venv/bin/python benchmarks/in_session.py --gate
     nice -n 10 .venv/bin/python benchmarks/in_session.py --seeds 5 --variants default,harm_off,no_audit
 """
 
@@ -35,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from loop import DATA, RESULTS
-from strategies import ebhi_splits, umcu_splits
+from strategies import HALF_START, ebhi_splits, umcu_splits
 
-from napari_uga.audit import pooled_estimate, score_patch
+from napari_uga.audit import pooled_estimate, score_patch, tissue_p_value
 from napari_uga.io import load_pairs
-from napari_uga.loop import Oracle, config_for, draw_audits, replay_pairs, simulate
+from napari_uga.loop import Oracle, config_for, draw_audits, replay_pairs, simulate, tissue_sample
 from napari_uga.models import load_model, working_factor
-from napari_uga.proposals import propose
+from napari_uga.proposals import propose, random_candidates
+from napari_uga.quality import default_qc_model
 from napari_uga.uncertainty import predict_probability
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "in_session"
@@ -53,6 +55,7 @@ VARIANTS = {
 assert {**VARIANTS["harm_off"], "no_harm": True} == VARIANTS["default"]  # _load's reuse of default runs relies on it
 BUDGETS = [0, 5, 10, 20]
 OUT = RESULTS / "in_session.json"
+GATE_OUT = RESULTS / "in_session_gate.json"
 
 
 def rumc_split() -> tuple[str, list, list, float]:
@@ -116,6 +119,20 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
     return record
 
 
+def gate_verdicts(model) -> None:
+    """The ``auto`` gate on each split's pool (the sample ``simulate`` reads): merged p-value and verdict."""
+    level = default_qc_model().domain_level
+    splits = [rumc_split(), *umcu_splits(), *(s for half in HALF_START for s in ebhi_splits(half, 4))]
+    verdicts = {}
+    for name, pool, _, mpp in splits:
+        images = tissue_sample(pool, [c.box for c in random_candidates(pool, config_for("centre"))])
+        p = tissue_p_value(model, images, working_factor(model, mpp))
+        verdicts[name] = {"p": p, "patches": len(images), "new": p is not None and p <= level}
+        verdict = "new" if verdicts[name]["new"] else "not new"
+        print(f"{name:18} {len(images):3} patches: merged p {_f(p)}, {verdict}", flush=True)
+    GATE_OUT.write_text(json.dumps({"level": level, "splits": verdicts}, indent=1))
+
+
 def _cached(name: str, variant: str, seed: int) -> Path:
     return CACHE / f"{name.replace(' ', '_').replace('->', '_to_')}_{variant}_seed{seed}.json"
 
@@ -176,6 +193,7 @@ def _f(value) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-batch", action="store_true", help="the DEV scan that sets the auto cut")
+    parser.add_argument("--gate", action="store_true", help="only the tissue gate's verdict on every split's pool")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--variants", default="default,harm_off,no_audit")
     parser.add_argument("--only", default="", help="run only the splits whose name contains this")
@@ -188,6 +206,9 @@ def main() -> None:
         for split in [rumc_split(), *ebhi_splits("dev", 4)]:
             values = [first_batch(model, split, seed) for seed in range(3)]
             print(f"{split[0]:14} first-batch Dice of the starting model: {values}", flush=True)
+        return
+    if args.gate:
+        gate_verdicts(model)
         return
     replay = replay_pairs()
     splits = [*umcu_splits(), *ebhi_splits("report", 1)]

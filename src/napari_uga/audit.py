@@ -284,6 +284,14 @@ def tissue_is_new(model, images: Sequence[np.ndarray], factor: float) -> bool | 
     (:func:`~napari_uga.quality.merge_p_values`) and the tissue is new when the merged p is at most
     the gate's level. ``None`` where the gate cannot say (turned off, no patch, no shared features).
     """
+    from .quality import default_qc_model
+
+    merged = tissue_p_value(model, images, factor)
+    return None if merged is None else bool(merged <= default_qc_model().domain_level)
+
+
+def tissue_p_value(model, images: Sequence[np.ndarray], factor: float) -> float | None:
+    """The gate's merged p-value for ``images`` (small: unlike the training tissue); ``None`` where it cannot say."""
     from .quality import default_qc_model, merge_p_values
     from .quality.domain import domain_row
 
@@ -291,7 +299,7 @@ def tissue_is_new(model, images: Sequence[np.ndarray], factor: float) -> bool | 
     if qc.domain_level <= 0 or not images:
         return None
     merged = merge_p_values(qc.domain_p([domain_row(model, image, factor) for image in images]))
-    return None if not np.isfinite(merged) else bool(merged <= qc.domain_level)
+    return float(merged) if np.isfinite(merged) else None
 
 
 def stop_signal(

@@ -204,6 +204,12 @@ class Oracle:
         return Annotation(Box(box.image, box.y, box.x, box.h, box.w), box.crop(pair.image), box.crop(pair.mask))
 
 
+def tissue_sample(pool: Sequence[Pair], boxes: Sequence[Box], n: int = GATE_PATCHES) -> list[np.ndarray]:
+    """Up to ``n`` of the pool's tissue patches ``boxes``, spread over it: what the ``auto`` gate reads."""
+    images = {p.name: p.image for p in pool}
+    return [box.crop(images[box.image]) for box in spread(boxes, n)]
+
+
 def replay_pairs(folder: Path | None = None) -> list[Pair]:
     """The small sample of the original training data shipped for replay."""
     folder = REPLAY_DIR if folder is None else Path(folder)
@@ -347,11 +353,6 @@ class _Ledger:
         self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
         return len(self.rounds) - 1
 
-    def tissue_sample(self, n: int) -> list[np.ndarray]:
-        """Up to ``n`` of the tissue patches, spread over the pool (what the ``auto`` gate reads)."""
-        images = {p.name: p.image for p in self.pool}
-        return [box.crop(images[box.image]) for box in spread(self.tissue, n)]
-
     def retile(self, tissue: list[Box]) -> None:
         """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them.
 
@@ -457,7 +458,7 @@ def simulate(
             spent += len(batch) / config.pieces
             result.picks.append([p.as_dict() for p in picks])
             if presets and result.shift is None:
-                gate = partial(tissue_is_new, model, ledger.tissue_sample(GATE_PATCHES), factor)
+                gate = partial(tissue_is_new, model, tissue_sample(pool, ledger.tissue), factor)
                 result.shift = choose_shift([s[0] for s in fresh], gate)
                 geometry = (config.patch, config.subdivide)
                 config = presets[result.shift]
