@@ -27,6 +27,7 @@ Prints mean ± sd over splits x seeds (and the paired difference to random where
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import replace
@@ -38,7 +39,7 @@ from loop import DATA, RESULTS, ebhi_patient_split
 
 from napari_uga.io import load_pairs
 from napari_uga.loop import config_for, replay_pairs, simulate
-from napari_uga.models import load_model, working_factor
+from napari_uga.models import UNet, load_model, working_factor
 from napari_uga.proposals import propose, use_cache
 from napari_uga.selection import STRATEGIES, appearance_features, holds_tumour
 from napari_uga.splits import position_split
@@ -47,7 +48,17 @@ from napari_uga.training import evaluate
 CACHE = Path(__file__).resolve().parent / ".cache" / "strategies"
 EBHI_MPP = 0.243  # working-scale factor 0.5, as in benchmarks/loop.py
 # first EBHI split seed of each half
-HALF_START = {"dev": 0, "report": 100, "report2": 200, "report3": 300, "report4": 400, "report5": 500, "report6": 600}
+HALF_START = {
+    "dev": 0,
+    "report": 100,
+    "report2": 200,
+    "report3": 300,
+    "report4": 400,
+    "report5": 500,
+    "report6": 600,
+    "report7": 700,
+}
+PREDICTORS = ("flips", "pair", "soup", "soup+flips")  # stop 28's screen (predictor_dice)
 
 
 def ebhi_splits(half: str, n: int, skip: int = 0) -> list[tuple[str, list, list, float]]:
@@ -86,7 +97,7 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
     if path.exists():
         record = json.loads(path.read_text())
         settings = {"subdivide": 1} | record["config"]  # runs from before sub-patches had whole patches
-        if set(budgets) <= set(record["budgets"]) and settings == vars(config):
+        if set(budgets) <= set(record["budgets"]) and settings == vars(config) and "dice_by_predictor" in record:
             return record
     started = time.perf_counter()
     factor = working_factor(model, mpp)
@@ -94,6 +105,7 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
     record = {
         "budgets": trajectory.budgets,
         "dice": trajectory.dice_global,
+        "dice_by_predictor": predictor_dice(trajectory, test, factor),
         "picks": trajectory.picks,
         "seconds": round(time.perf_counter() - started, 1),
         "config": vars(config),
@@ -103,14 +115,48 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
     return record
 
 
+def _soup(models: list) -> UNet:
+    """One network whose weights are the mean of ``models``' (batch-norm counters from the first)."""
+    soup = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    averaged = {
+        k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v for k, v in states[0].items()
+    }
+    soup.load_state_dict(averaged)
+    return soup.eval()
+
+
+def predictor_dice(trajectory, test, factor: float) -> dict[str, list[float]]:
+    """Test Dice per budget of other ways to predict with the round in use (stop 28's screen).
+
+    ``flips``: the mean over 4 flips (test-time augmentation); ``pair``: the mean probability of
+    the round in use and the round it was tuned from, ``soup``: one network with their mean
+    weights (the pair is the round alone where it was tuned from the starting model).
+    """
+    out: dict[str, list[float]] = {name: [] for name in PREDICTORS}
+    for index in trajectory.round_in_use:
+        parent = trajectory.tuned_from[index]
+        pair = [trajectory.rounds[index]] + ([trajectory.rounds[parent]] if parent else [])
+        soup = _soup(pair)
+        for name, (models, tta) in {
+            "flips": (trajectory.rounds[index], "flips"),
+            "pair": (pair, "none"),
+            "soup": (soup, "none"),
+            "soup+flips": (soup, "flips"),
+        }.items():
+            out[name].append(evaluate(models, test, factor, tta=tta)["dice_global"])
+    return out
+
+
 def summarise(table: dict[str, dict[str, list[list[float]]]], budgets: list[int]) -> dict:
     """Mean ± sd over every (split, seed) run per strategy, and the paired difference to random."""
     out = {}
     for strategy in next(iter(table.values())):
         rows = np.array([r for split in table.values() for r in split[strategy]])
         entry = {"n": len(rows), "mean": rows.mean(0).tolist(), "sd": rows.std(0).tolist()}
-        if strategy != "random" and all("random" in split for split in table.values()):
-            base = np.array([r for split in table.values() for r in split["random"]])
+        random = "random" + strategy[strategy.index("@") :] if "@" in strategy else "random"  # predicted alike
+        if strategy != random and all(random in split for split in table.values()):
+            base = np.array([r for split in table.values() for r in split[random]])
             if base.shape == rows.shape:
                 diff = rows - base
                 entry |= {"minus_random_mean": diff.mean(0).tolist(), "minus_random_sd": diff.std(0).tolist()}
@@ -220,6 +266,10 @@ def main() -> None:
         for strategy in args.strategies.split(","):
             records = [run(model, split, strategy, seed, budgets, config, replay, tag) for seed in range(args.seeds)]
             table[name][strategy] = [[r["dice"][r["budgets"].index(b)] for b in budgets] for r in records]
+            for predictor in PREDICTORS:  # the same runs' rounds, predicted otherwise
+                table[name][f"{strategy}@{predictor}"] = [
+                    [r["dice_by_predictor"][predictor][r["budgets"].index(b)] for b in budgets] for r in records
+                ]
             print(
                 f"{name:18} {strategy:12} zero-shot {base:.3f}  "
                 + "  ".join(

@@ -324,6 +324,8 @@ class Trajectory:
     pool_dice: list[float | None] = field(default_factory=list)  # on the pool tiles not annotated yet (benchmarks)
     handed_over: int | None = None  # the round the session ends with (after the closing batch's check)
     handed_over_dice: float | None = None
+    rounds: list[UNet] = field(default_factory=list)  # every round's model, round 0 the starting one
+    tuned_from: list[int | None] = field(default_factory=list)  # the round each was fine-tuned from
 
 
 @dataclass
@@ -516,6 +518,7 @@ def simulate(
         else evaluate(ledger.rounds[in_use], test, factor)["dice_global"]
     )
     result.model = ledger.rounds[in_use]
+    result.rounds, result.tuned_from = ledger.rounds, ledger.tuned_from
     return result
 
 

@@ -215,8 +215,9 @@ def train_steps(
     return losses
 
 
-def evaluate(model: UNet, pairs, factor: float) -> dict:
-    """Dice of the deterministic prediction over image/mask pairs.
+def evaluate(model: UNet | Sequence[UNet], pairs, factor: float, tta: str = "none") -> dict:
+    """Dice of the deterministic prediction (of one network or an ensemble, ``tta`` as in
+    :func:`~napari_uga.uncertainty.compute_uncertainty`) over image/mask pairs.
 
     Returns ``{"dice_global", "dice_mean", "n_images", "per_image": [{"name", "dice"}]}``;
     ``dice_global`` pools all pixels of the set.
@@ -224,7 +225,7 @@ def evaluate(model: UNet, pairs, factor: float) -> dict:
     from .metrics import dice, dice_global
     from .uncertainty import predict_probability
 
-    preds = [predict_probability(model, p.image, factor=factor) >= 0.5 for p in pairs]
+    preds = [predict_probability(model, p.image, factor=factor, tta=tta) >= 0.5 for p in pairs]
     per_image = [{"name": p.name, "dice": dice(pred, p.mask)} for p, pred in zip(pairs, preds, strict=True)]
     return {
         "dice_global": dice_global(preds, [p.mask for p in pairs]),
