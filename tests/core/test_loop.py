@@ -17,6 +17,7 @@ from napari_uga.loop import (
     self_labels,
     simulate,
 )
+from napari_uga.metrics import dice_global
 from napari_uga.selection import Box
 from napari_uga.training import CancelToken, evaluate
 from napari_uga.uncertainty import predict_probability
@@ -68,6 +69,8 @@ def test_oracle_loop_on_a_tiny_budget(tiny_model, umcu_pairs):
     assert len(set(picked)) == 3  # never the same patch twice
     assert traj.dice_global[0] == evaluate(tiny_model, test, 0.5)["dice_global"]
     assert all(0 <= d <= 1 for d in traj.dice_global)
+    assert traj.tuned_from == [None, 0, 1] and traj.rounds[0] is tiny_model  # each round tuned from the one before
+    assert traj.dice_global[-1] == evaluate(traj.rounds[traj.round_in_use[-1]], test, 0.5)["dice_global"]
     torch.rand(3)  # whatever ran before, a seed repeats its run
     again = simulate(tiny_model, pool, test, [0, 2], "uncertainty", 0, 0.5, config)
     assert again.picks[0] == traj.picks[0] and again.dice_global == traj.dice_global[:2]
@@ -186,3 +189,17 @@ def test_saved_loop_settings_come_back_whole_and_bad_ones_fail_in_one_line():
     for bad in bad_records:
         with pytest.raises(InputError, match="saved loop settings"):
             config_from_record(bad)
+
+
+def test_evaluate_predicts_with_an_ensemble_or_flips(tiny_model, umcu_pairs):
+    pairs = umcu_pairs[:2]
+    plain = evaluate(tiny_model, pairs, 0.5)
+    assert evaluate([tiny_model, tiny_model], pairs, 0.5)["dice_global"] == pytest.approx(plain["dice_global"])
+    flips = [(), (0,), (1,), (0, 1)]  # the mean over the image flipped each way, flipped back
+
+    def by_hand(image):
+        runs = [np.flip(predict_probability(tiny_model, np.flip(image, a).copy(), factor=0.5), a) for a in flips]
+        return np.mean(runs, axis=0) >= 0.5
+
+    expected = dice_global([by_hand(p.image) for p in pairs], [p.mask for p in pairs])
+    assert evaluate(tiny_model, pairs, 0.5, tta="flips")["dice_global"] == pytest.approx(expected, abs=0.01)
