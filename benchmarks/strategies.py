@@ -27,7 +27,6 @@ Prints mean ± sd over splits x seeds (and the paired difference to random where
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from dataclasses import replace
@@ -39,7 +38,7 @@ from loop import DATA, RESULTS, ebhi_patient_split
 
 from napari_uga.io import load_pairs
 from napari_uga.loop import config_for, replay_pairs, simulate
-from napari_uga.models import UNet, load_model, working_factor
+from napari_uga.models import average_weights, load_model, working_factor
 from napari_uga.proposals import propose, use_cache
 from napari_uga.selection import STRATEGIES, appearance_features, holds_tumour
 from napari_uga.splits import position_split
@@ -96,7 +95,8 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
     path = CACHE / "runs" / f"{_slug(name)}_{strategy}{tag}_seed{seed}.json"
     if path.exists():
         record = json.loads(path.read_text())
-        settings = {"subdivide": 1} | record["config"]  # runs from before sub-patches had whole patches
+        # runs from before sub-patches had whole patches, and from before stop 29 predicted plainly
+        settings = {"subdivide": 1, "predictor": "plain"} | record["config"]
         if set(budgets) <= set(record["budgets"]) and settings == vars(config) and "dice_by_predictor" in record:
             return record
     started = time.perf_counter()
@@ -115,17 +115,6 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
     return record
 
 
-def _soup(models: list) -> UNet:
-    """One network whose weights are the mean of ``models``' (batch-norm counters from the first)."""
-    soup = copy.deepcopy(models[0])
-    states = [m.state_dict() for m in models]
-    averaged = {
-        k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v for k, v in states[0].items()
-    }
-    soup.load_state_dict(averaged)
-    return soup.eval()
-
-
 def predictor_dice(trajectory, test, factor: float) -> dict[str, list[float]]:
     """Test Dice per budget of other ways to predict with the round in use (stop 28's screen).
 
@@ -137,7 +126,7 @@ def predictor_dice(trajectory, test, factor: float) -> dict[str, list[float]]:
     for index in trajectory.round_in_use:
         parent = trajectory.tuned_from[index]
         pair = [trajectory.rounds[index]] + ([trajectory.rounds[parent]] if parent else [])
-        soup = _soup(pair)
+        soup = average_weights(pair)
         for name, (models, tta) in {
             "flips": (trajectory.rounds[index], "flips"),
             "pair": (pair, "none"),

@@ -90,13 +90,17 @@ def score_patch(probability: np.ndarray, correction: np.ndarray) -> PatchScore:
     )
 
 
-def score_rounds(models: dict, patches: Sequence[np.ndarray], masks: Sequence[np.ndarray], factor: float) -> dict:
-    """Test-then-train: ``{round: [PatchScore per patch]}`` for each round's model (none trained on these)."""
+def score_rounds(
+    models: dict, patches: Sequence[np.ndarray], masks: Sequence[np.ndarray], factor: float, tta: str = "none"
+) -> dict:
+    """Test-then-train: ``{round: [PatchScore per patch]}`` for each round's network (none trained on these),
+    predicting under ``tta``."""
     from .uncertainty import predict_probability
 
     return {
         index: [
-            score_patch(predict_probability(model, p, factor=factor), m) for p, m in zip(patches, masks, strict=True)
+            score_patch(predict_probability(model, p, factor=factor, tta=tta), m)
+            for p, m in zip(patches, masks, strict=True)
         ]
         for index, model in models.items()
     }

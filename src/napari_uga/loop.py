@@ -30,7 +30,7 @@ from .audit import (
     worse_than,
 )
 from .io import InputError, Pair, load_pairs
-from .models import UNet, working_factor
+from .models import UNet, average_weights, working_factor
 from .proposals import propose, random_candidates
 from .selection import Box, Proposal, appearance_features, holds_tumour, select, spread
 from .training import (
@@ -63,6 +63,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "measure": ("entropy", "mutual_information", "variance"),
     "aggregate": ("mean", "topk"),
     "diversity": ("none", "clusters", "balanced", "clusters+balanced"),
+    "predictor": ("plain", "flips", "soup", "soup+flips"),
 }
 COUNTS = ("patch", "subdivide", "samples", "steps", "batch_size", "crop", "batch")  # whole numbers >= 1
 
@@ -87,6 +88,7 @@ class LoopConfig:
     freeze_norm: bool = True
     anchor: float = 1.0  # L2-SP weight towards the session's starting model
     self_share: float = 0.35  # share of each batch from unlabelled target patches labelled by the starting model
+    predictor: str = "plain"  # how a round predicts (:func:`predicting_network`, :func:`prediction_tta`)
 
     def __post_init__(self) -> None:
         if not (0 <= self.replay_share and 0 <= self.self_share and self.replay_share + self.self_share < 1):
@@ -128,6 +130,9 @@ SHIFTS: dict[str, dict] = {
         "anchor": 0.0,
         "subdivide": 2,
         "diversity": "clusters",
+        # a round predicts with the mean weights of it and the round it was tuned from, under 4 flips
+        # (chosen on REPORT-4 in stop 28, +0.034 mean Dice over plain; docs/benchmarks.md)
+        "predictor": "soup+flips",
     },
 }
 
@@ -182,6 +187,28 @@ def config_from_record(record: dict) -> LoopConfig:
         return config_for(shift, **overrides)
     except ValueError as exc:
         raise InputError(f"saved loop settings: {exc}") from None
+
+
+def predicting_network(model: UNet, parent: UNet | None, predictor: str) -> UNet:
+    """The network a round predicts with: ``model`` itself, or with ``soup`` the mean of its weights
+    and its ``parent``'s, the tuned round it was tuned from (``None`` when it was tuned from the
+    starting model, whose weights on a new organ would pull it half-way back). Training always
+    continues from ``model`` itself."""
+    return average_weights([model, parent]) if "soup" in predictor and parent is not None else model
+
+
+def prediction_tta(predictor: str) -> str:
+    """The test-time augmentation of a round's prediction: 4 flips with ``flips``, else none."""
+    return "flips" if "flips" in predictor else "none"
+
+
+def map_sampling(samples: int, tta: str, predictor: str) -> tuple[int, str]:
+    """MC-dropout samples and TTA of a round's maps: with a flipping predictor and no TTA of the
+    maps' own, the samples are spread over the 4 flips (the same number of passes in all)."""
+    if tta != "none" or prediction_tta(predictor) == "none":
+        return samples, tta
+    flips = prediction_tta(predictor)
+    return max(1, math.ceil(samples / TTA_MODES[flips])), flips
 
 
 @dataclass
@@ -310,7 +337,8 @@ class Trajectory:
     budgets: list[int] = field(default_factory=list)
     dice_global: list[float] = field(default_factory=list)
     picks: list[list[dict]] = field(default_factory=list)
-    model: UNet | None = None  # the model after the last round
+    model: UNet | None = None  # the network the handed-over round predicts with
+    prediction_tta: str = "none"  # and its test-time augmentation
     estimated_dice: list[float | None] = field(default_factory=list)
     estimate_interval: list[tuple[float, float] | None] = field(default_factory=list)
     estimate_audits: list[int] = field(default_factory=list)  # how many audit patches each estimate rests on
@@ -324,7 +352,7 @@ class Trajectory:
     pool_dice: list[float | None] = field(default_factory=list)  # on the pool tiles not annotated yet (benchmarks)
     handed_over: int | None = None  # the round the session ends with (after the closing batch's check)
     handed_over_dice: float | None = None
-    rounds: list[UNet] = field(default_factory=list)  # every round's model, round 0 the starting one
+    rounds: list[UNet] = field(default_factory=list)  # every round's model as trained, round 0 the starting one
     tuned_from: list[int | None] = field(default_factory=list)  # the round each was fine-tuned from
 
 
@@ -341,19 +369,31 @@ class _Ledger:
     factor: float
     rounds: list[UNet] = field(default_factory=list)
     tuned_from: list[int | None] = field(default_factory=list)
+    predictors: list[tuple[UNet, str]] = field(default_factory=list)  # each round's network and TTA to predict with
     maps: list[dict[str, np.ndarray]] = field(default_factory=list)
     proxies: list[Proxies] = field(default_factory=list)
     scores: list[tuple[bool, dict[int, PatchScore]]] = field(default_factory=list)
     changes: list[float] = field(default_factory=list)
 
-    def add_round(self, model: UNet, parent: int | None) -> int:
-        """A new round: its probability map of every pool image and the proxies of the tissue patches."""
-        maps = {p.name: predict_probability(model, p.image, factor=self.factor).astype(np.float16) for p in self.pool}
+    def add_round(self, model: UNet, parent: int | None, predictor: str = "plain") -> int:
+        """A new round: its prediction (``predictor``) of every pool image and the proxies of the tissue patches."""
         self.rounds.append(model)
         self.tuned_from.append(parent)
+        network = predicting_network(model, self.rounds[parent] if parent else None, predictor)
+        tta = prediction_tta(predictor)
+        self.predictors.append((network, tta))
+        maps = {
+            p.name: predict_probability(network, p.image, factor=self.factor, tta=tta).astype(np.float16)
+            for p in self.pool
+        }
         self.maps.append(maps)
         self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
         return len(self.rounds) - 1
+
+    def evaluate(self, index: int, pairs: Sequence[Pair]) -> float:
+        """Pooled Dice of round ``index``'s prediction on image/mask pairs."""
+        network, tta = self.predictors[index]
+        return evaluate(network, pairs, self.factor, tta=tta)["dice_global"]
 
     def retile(self, tissue: list[Box]) -> None:
         """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them.
@@ -443,7 +483,7 @@ def simulate(
     oracle = Oracle(pool)
     result = Trajectory()
     ledger = _Ledger(pool, [c.box for c in random_candidates(pool, config)], factor)
-    in_use = ledger.add_round(model, None)
+    in_use = ledger.add_round(model, None, config.predictor)
     annotations: list[Annotation] = []
     fresh: list[dict[int, PatchScore]] = []  # the last batch's scores, before training on it
     self_labelled: list[Annotation] | None = None
@@ -487,17 +527,17 @@ def simulate(
                 origin=model,
                 self_labelled=self_labelled,
             )
-            in_use = ledger.add_round(_drain(run, on_event).model, in_use)
+            in_use = ledger.add_round(_drain(run, on_event).model, in_use, config.predictor)
         if stop and result.stop_budget is not None and budget > spent + 1e-9:
             break  # the session stopped before this budget
         result.budgets.append(budget)
         result.round_in_use.append(in_use)
         result.rollbacks_by_budget.append(result.rollbacks)
-        result.dice_global.append(evaluate(ledger.rounds[in_use], test, factor)["dice_global"])
+        result.dice_global.append(ledger.evaluate(in_use, test))
         if pool_truth:
             annotated = {a.box.image for a in annotations}
             unseen = [p for p in pool if p.name not in annotated]
-            result.pool_dice.append(evaluate(ledger.rounds[in_use], unseen, factor)["dice_global"] if unseen else None)
+            result.pool_dice.append(ledger.evaluate(in_use, unseen) if unseen else None)
         _say(on_event, f"budget {budget}: Dice {result.dice_global[-1]:.3f}", "evaluate", budget, max(budgets))
     if closing_batch:
         k = config.batch * config.pieces
@@ -515,9 +555,9 @@ def simulate(
     result.handed_over_dice = (
         result.dice_global[result.round_in_use.index(in_use)]
         if in_use in result.round_in_use
-        else evaluate(ledger.rounds[in_use], test, factor)["dice_global"]
+        else ledger.evaluate(in_use, test)
     )
-    result.model = ledger.rounds[in_use]
+    result.model, result.prediction_tta = ledger.predictors[in_use]
     result.rounds, result.tuned_from = ledger.rounds, ledger.tuned_from
     return result
 

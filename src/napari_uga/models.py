@@ -7,6 +7,7 @@ Weights are stored as safetensors with the model configuration in the metadata.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -125,6 +126,19 @@ class UNet(nn.Module):
     def sample_naive(self, x: torch.Tensor, samples: int) -> torch.Tensor:
         """Reference MC-dropout: ``samples`` full forward passes (for benchmarks and tests)."""
         return torch.stack([torch.sigmoid(self.head(self.trunk(x), True))[:, 0] for _ in range(samples)])
+
+
+def average_weights(models: list[UNet]) -> UNet:
+    """One network whose weights are the mean of ``models``' (weight averaging along one fine-tuning
+    path, as in SWA and model soups); integer buffers (batch-norm counters) from the first."""
+    states = [m.state_dict() for m in models]
+    averaged = {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
+    soup = copy.deepcopy(models[0])
+    soup.load_state_dict(averaged)
+    return soup.eval()
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -13,11 +13,13 @@ from napari_uga.loop import (
     config_for,
     config_from_record,
     finetune,
+    map_sampling,
     replay_pairs,
     self_labels,
     simulate,
 )
 from napari_uga.metrics import dice_global
+from napari_uga.models import average_weights
 from napari_uga.selection import Box
 from napari_uga.training import CancelToken, evaluate
 from napari_uga.uncertainty import predict_probability
@@ -203,3 +205,43 @@ def test_evaluate_predicts_with_an_ensemble_or_flips(tiny_model, umcu_pairs):
 
     expected = dice_global([by_hand(p.image) for p in pairs], [p.mask for p in pairs])
     assert evaluate(tiny_model, pairs, 0.5, tta="flips")["dice_global"] == pytest.approx(expected, abs=0.01)
+
+
+def test_average_weights_is_the_mean_of_every_weight(tiny_model):
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p += 1.0
+    soup = average_weights([tiny_model, other])
+    for name, value in soup.state_dict().items():
+        a, b = tiny_model.state_dict()[name], other.state_dict()[name]
+        expected = (a + b) / 2 if value.is_floating_point() else a
+        assert torch.allclose(value, expected), name
+    assert soup is not tiny_model and not soup.training
+
+
+def test_a_round_predicts_with_its_soup_under_flips_and_trains_on_from_itself(tiny_model, umcu_pairs):
+    pool, test = umcu_pairs[::4][:5], umcu_pairs[1::8][:2]
+    config = LoopConfig(steps=3, batch=2, batch_size=4, samples=2, replay_share=0, self_share=0, predictor="soup+flips")
+    traj = simulate(tiny_model, pool, test, [0, 2, 4], "uncertainty", 0, 0.5, config)
+    assert traj.tuned_from == [None, 0, 1] and traj.round_in_use == [0, 1, 2]
+    round_one = evaluate(traj.rounds[1], test, 0.5, tta="flips")["dice_global"]  # tuned from the starting model: alone
+    soup = average_weights([traj.rounds[2], traj.rounds[1]])
+    assert traj.dice_global[1:] == [round_one, evaluate(soup, test, 0.5, tta="flips")["dice_global"]]
+    assert traj.prediction_tta == "flips"
+    for handed, expected in zip(traj.model.parameters(), soup.parameters(), strict=True):
+        assert torch.allclose(handed, expected)
+    oracle = Oracle(pool)
+    annotations = [
+        oracle.annotate(Box(**{k: p[k] for k in ("image", "y", "x", "h", "w")})) for b in traj.picks[:2] for p in b
+    ]
+    again = _last(finetune(traj.rounds[1], annotations, [], 0.5, config, 4, origin=tiny_model)).model
+    for retrained, kept in zip(again.parameters(), traj.rounds[2].parameters(), strict=True):
+        assert torch.equal(retrained, kept)  # round 2 was trained from round 1 itself, not from its soup
+
+
+def test_maps_spread_their_samples_over_the_flips_of_a_flipping_predictor():
+    assert map_sampling(8, "none", "soup+flips") == (2, "flips")
+    assert map_sampling(3, "none", "flips") == (1, "flips")
+    assert map_sampling(8, "none", "soup") == (8, "none")
+    assert map_sampling(8, "d4", "soup+flips") == (8, "d4")  # the maps' own TTA is kept

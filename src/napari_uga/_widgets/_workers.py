@@ -142,6 +142,8 @@ def submit_events(
     factor: float,
     tune: Callable[[UNet, LoopConfig], Iterator[ProgressEvent]],
     read_tissue: Callable[[], Sequence[np.ndarray]],
+    predictors: dict[int, UNet] | None = None,
+    tta: str = "none",
 ) -> Iterator[ProgressEvent]:
     """Test-then-train: score the new corrections against the rounds, apply do-no-harm, then fine-tune.
 
@@ -149,11 +151,12 @@ def submit_events(
     when ``auto`` still has to choose from this batch. ``tune(start, config=...)``: the fine-tune
     (:func:`finetune_events` with the session's annotations bound). ``read_tissue()``: the tissue
     patches ``auto``'s gate reads (:func:`~napari_uga.audit.tissue_is_new`), read only when it
-    chooses. Returns a :class:`SubmitOutcome`.
+    chooses. ``predictors``: the network each round predicts with (default ``models``), under
+    ``tta``; ``models`` are what training starts from. Returns a :class:`SubmitOutcome`.
     """
     yield progress_event("scoring", 0, len(models), f"scoring {len(batch)} corrections against {len(models)} rounds")
     try:
-        scores = score_rounds(models, [a.image for a in batch], [a.mask for a in batch], factor)
+        scores = score_rounds(predictors or models, [a.image for a in batch], [a.mask for a in batch], factor, tta)
     except RuntimeError as exc:
         raise WorkerError(f"scoring the corrections failed: {exc}") from exc
     comparison = None if previous is None else compare_rounds(scores[current], scores[previous])

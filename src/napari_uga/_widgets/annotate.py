@@ -45,7 +45,16 @@ from qtpy.QtWidgets import (
 from .._sample_data import TRUTH_NAME
 from ..audit import GATE_PATCHES, HARM_MARGIN, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
-from ..loop import SHIFTS, audit_count, config_for, config_from_record, default_strategy
+from ..loop import (
+    SHIFTS,
+    audit_count,
+    config_for,
+    config_from_record,
+    default_strategy,
+    map_sampling,
+    predicting_network,
+    prediction_tta,
+)
 from ..metrics import dice
 from ..selection import STRATEGIES, Box, Proposal, diversity_for, holds_tumour, nearest_candidate, select, spread
 from ..session import Session, SessionWriteError, SlideMissingError
@@ -426,7 +435,8 @@ class AnnotateWidget(WorkerDock):
             self._maps_complete()
             return
         self.maps_token = CancelToken()
-        mapper = TileMapper(self.model, self.slide, self.plan, self.samples_spin.value(), self.config.tta)
+        samples, tta = map_sampling(self.samples_spin.value(), self.config.tta, self.config.predictor)
+        mapper = TileMapper(self._predicting(round_index, self.model), self.slide, self.plan, samples, tta)
         worker = maps_worker(mapper, store, self.queue, self.maps_token, TRAIN_THREADS)
         worker.yielded.connect(self._on_tile)
         worker.errored.connect(self._failed)
@@ -817,6 +827,7 @@ class AnnotateWidget(WorkerDock):
         models = {current: self.model, 0: self.origin}
         if previous is not None:
             models[previous] = self.session.load_model(previous, device=self.device_combo.currentText())
+        predictors = {index: self._predicting(index, model) for index, model in models.items()}
         if self._shift() == "auto" and self.chosen_shift is None:
             steps = self._edited_steps()
             edited = {} if steps is None else {"steps": steps}
@@ -831,6 +842,7 @@ class AnnotateWidget(WorkerDock):
         worker = submit_worker(
             batch, models, current, previous, self.rollback_check.isChecked(), configs, self._factor(), tune,
             partial(self._read_patches, self._gate_boxes() if len(configs) > 1 else []),
+            predictors, prediction_tta(self.config.predictor),
         )  # fmt: skip
         worker.yielded.connect(self.training.on_event)
         worker.returned.connect(lambda outcome: self._submitted(outcome, new_ids, current, previous))
@@ -864,6 +876,12 @@ class AnnotateWidget(WorkerDock):
         show_error(f"UGA: {exc}")
         self.training.end(f"Failed: {exc}")
         self._set_status(f"Failed: {exc}. The session is unchanged.")
+
+    def _predicting(self, index: int, model):
+        """The network round ``index`` (whose model is ``model``) predicts with, by the preset's predictor."""
+        tuned_parent = index >= 2 and "soup" in self.config.predictor  # a round's parent is the round before it
+        parent = self.session.load_model(index - 1, device=self.device_combo.currentText()) if tuned_parent else None
+        return predicting_network(model, parent, self.config.predictor)
 
     def _self_label_boxes(self) -> list[Box]:
         """Up to ``SELF_LABEL_PATCHES`` scored tissue patches spread over the slide (for the self-labels)."""

@@ -118,6 +118,13 @@ def add_loop_options(p: argparse.ArgumentParser) -> None:
         help="batch-norm statistics while fine-tuning (centre: frozen, organ: adapted)",
     )
     p.add_argument("--batch", type=int, default=d.batch, help="patches annotated per round (x N² sub-patches)")
+    p.add_argument(
+        "--predictor",
+        choices=CHOICES["predictor"],
+        default=None,
+        help="how a round predicts: plain, flips (mean over 4 flips), soup (the mean weights of the round and the "
+        "round it was tuned from), soup+flips (centre: plain, organ: soup+flips)",
+    )
 
 
 def loop_configs(args: argparse.Namespace, patch: int) -> tuple[object, dict | None]:
@@ -147,6 +154,7 @@ def loop_config(args: argparse.Namespace, patch: int, shift: str | None = None):
         "anchor": args.anchor,
         "diversity": args.diversity,
         "subdivide": args.subdivide,
+        "predictor": args.predictor,
     }
     if args.norm is not None:
         explicit["freeze_norm"] = args.norm == "frozen"
