@@ -8,7 +8,9 @@ position-split directions; nothing is chosen on them (report only).
 Each (split, strategy, training seed) run is ``napari_uga.loop.simulate`` from the shipped model,
 kept as JSON under ``benchmarks/.cache/strategies/runs`` (git-ignored) so an interrupted benchmark
 resumes; the starting model's candidates of every tile and each split's zero-shot Dice are cached
-too. Runs on one torch thread.
+too. Runs on one torch thread. A strategy's row is the Dice of the preset's own way to predict
+(``organ``: ``soup+flips`` since stop 29); its ``@plain``, ``@flips``, ``@pair``, ``@soup`` and
+``@soup+flips`` rows predict the same runs' rounds otherwise.
 
 Usage::
 
@@ -57,7 +59,7 @@ HALF_START = {
     "report6": 600,
     "report7": 700,
 }
-PREDICTORS = ("flips", "pair", "soup", "soup+flips")  # stop 28's screen (predictor_dice)
+PREDICTORS = ("plain", "flips", "pair", "soup", "soup+flips")  # stop 28's screen (predictor_dice)
 
 
 def ebhi_splits(half: str, n: int, skip: int = 0) -> list[tuple[str, list, list, float]]:
@@ -97,7 +99,7 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
         record = json.loads(path.read_text())
         # runs from before sub-patches had whole patches, and from before stop 29 predicted plainly
         settings = {"subdivide": 1, "predictor": "plain"} | record["config"]
-        if set(budgets) <= set(record["budgets"]) and settings == vars(config) and "dice_by_predictor" in record:
+        if set(budgets) <= set(record["budgets"]) and settings == vars(config) and _predicted_every_way(record):
             return record
     started = time.perf_counter()
     factor = working_factor(model, mpp)
@@ -115,12 +117,18 @@ def run(model, split, strategy: str, seed: int, budgets: list[int], config, repl
     return record
 
 
-def predictor_dice(trajectory, test, factor: float) -> dict[str, list[float]]:
-    """Test Dice per budget of other ways to predict with the round in use (stop 28's screen).
+def _predicted_every_way(record: dict) -> bool:
+    """Whether a cached run has every way to predict (runs before stop 29 lack ``plain``)."""
+    return set(PREDICTORS) <= set(record.get("dice_by_predictor", {}))
 
-    ``flips``: the mean over 4 flips (test-time augmentation); ``pair``: the mean probability of
-    the round in use and the round it was tuned from, ``soup``: one network with their mean
-    weights (the pair is the round alone where it was tuned from the starting model).
+
+def predictor_dice(trajectory, test, factor: float) -> dict[str, list[float]]:
+    """Test Dice per budget of every way to predict with the round in use (stop 28's screen).
+
+    ``plain``: the round alone, one pass; ``flips``: the mean over 4 flips (test-time
+    augmentation); ``pair``: the mean probability of the round in use and the round it was tuned
+    from, ``soup``: one network with their mean weights (the pair is the round alone where it
+    was tuned from the starting model).
     """
     out: dict[str, list[float]] = {name: [] for name in PREDICTORS}
     for index in trajectory.round_in_use:
@@ -128,6 +136,7 @@ def predictor_dice(trajectory, test, factor: float) -> dict[str, list[float]]:
         pair = [trajectory.rounds[index]] + ([trajectory.rounds[parent]] if parent else [])
         soup = average_weights(pair)
         for name, (models, tta) in {
+            "plain": (trajectory.rounds[index], "none"),
             "flips": (trajectory.rounds[index], "flips"),
             "pair": (pair, "none"),
             "soup": (soup, "none"),
