@@ -276,3 +276,35 @@ def test_full_disk_at_submit_keeps_the_corrections_for_a_retry(qtbot, wait_idle,
     assert first.box not in dock.drafts  # submitted: no longer a draft
     wait_idle(dock)
     assert dock.session.current_round == 1
+
+
+def test_new_organ_rounds_predict_with_their_soup_under_flips(qtbot, wait_idle, dock):
+    import torch
+
+    from napari_uga.audit import score_patch
+    from napari_uga.models import average_weights
+    from napari_uga.uncertainty import predict_probability
+
+    dock.shift_combo.setCurrentIndex(2)  # new organ / tissue: the soup+flips predictor
+    dock.steps_spin.setValue(2)
+    dock.k_spin.setValue(1)
+    assert dock.config.predictor == "soup+flips"
+    qtbot.mouseClick(dock.compute_button, Qt.MouseButton.LeftButton)
+    wait_idle(dock)
+    for _ in range(3):  # round 2 meets the third batch before it trains on it
+        qtbot.mouseClick(dock.propose_button, Qt.MouseButton.LeftButton)
+        for i in range(len(dock.proposals)):
+            dock.go_to(i)
+        dock.submit()
+        with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
+            pass
+        wait_idle(dock)
+    session = dock.session
+    assert session.current_round == 3
+    soup = average_weights([session.load_model(2, "cpu"), session.load_model(1, "cpu")])
+    predicting = dock._predicting(2, session.load_model(2, "cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(predicting.parameters(), soup.parameters(), strict=True))
+    third = session.annotations[-4:]
+    for record, annotation in zip(third, session.load_annotations([a["id"] for a in third]), strict=True):
+        probability = predict_probability(soup, annotation.image, factor=dock._factor(), tta="flips")
+        assert record["scores"]["2"] == score_patch(probability, annotation.mask).as_dict()  # scored as it predicts
