@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from qtpy.QtCore import Qt
 
 from napari_uga._widgets.annotate import AnnotateWidget
 
-WAIT_MS = 120_000
+WAIT_MS = 180_000
 
 
 @pytest.fixture()
@@ -47,3 +48,19 @@ def wait_idle(qtbot):
         qtbot.waitUntil(lambda: widget.worker is None and widget.maps_worker is None, timeout=WAIT_MS)
 
     return wait
+
+
+@pytest.fixture()
+def submit_batch(qtbot, wait_idle):
+    """Propose a batch, open every queued patch (its prediction is the correction), submit and wait for the round."""
+
+    def submit(widget: AnnotateWidget) -> None:
+        qtbot.mouseClick(widget.propose_button, Qt.MouseButton.LeftButton)
+        for i in range(len(widget.proposals)):
+            widget.go_to(i)
+        widget.submit()
+        with qtbot.waitSignal(widget.worker.finished, timeout=WAIT_MS):
+            pass
+        wait_idle(widget)
+
+    return submit

@@ -278,7 +278,7 @@ def test_full_disk_at_submit_keeps_the_corrections_for_a_retry(qtbot, wait_idle,
     assert dock.session.current_round == 1
 
 
-def test_new_organ_rounds_predict_with_their_soup_under_flips(qtbot, wait_idle, dock):
+def test_new_organ_rounds_predict_with_their_soup_under_flips(qtbot, wait_idle, submit_batch, dock):
     import torch
 
     from napari_uga.audit import score_patch
@@ -292,13 +292,7 @@ def test_new_organ_rounds_predict_with_their_soup_under_flips(qtbot, wait_idle, 
     qtbot.mouseClick(dock.compute_button, Qt.MouseButton.LeftButton)
     wait_idle(dock)
     for _ in range(3):  # round 2 meets the third batch before it trains on it
-        qtbot.mouseClick(dock.propose_button, Qt.MouseButton.LeftButton)
-        for i in range(len(dock.proposals)):
-            dock.go_to(i)
-        dock.submit()
-        with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
-            pass
-        wait_idle(dock)
+        submit_batch(dock)
     session = dock.session
     assert session.current_round == 3
     soup = average_weights([session.load_model(2, "cpu"), session.load_model(1, "cpu")])

@@ -10,22 +10,9 @@ from napari_uga._widgets._layers import PROPOSALS
 from napari_uga._widgets.annotate import SHIFT_LABELS, AnnotateWidget
 from napari_uga.session import audit_pairs
 
-WAIT_MS = 180_000
-
-
-def _correct_all_and_submit(qtbot, wait_idle, dock) -> None:
-    """Open every queued patch (its prediction is the correction) and submit."""
-    qtbot.mouseClick(dock.propose_button, Qt.MouseButton.LeftButton)
-    for i in range(len(dock.proposals)):
-        dock.go_to(i)
-    dock.submit()
-    with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
-        pass
-    wait_idle(dock)
-
 
 def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_back(
-    qtbot, wait_idle, make_dock, make_napari_viewer
+    qtbot, wait_idle, submit_batch, make_dock, make_napari_viewer
 ):
     dock = make_dock()
     dock.model_edit.setText("")  # the shipped model: right on the demo slide
@@ -34,7 +21,7 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
     qtbot.mouseClick(dock.compute_button, Qt.MouseButton.LeftButton)
     wait_idle(dock)
 
-    _correct_all_and_submit(qtbot, wait_idle, dock)
+    submit_batch(dock)
     session = dock.session
     assert [a["audit"] for a in session.annotations].count(True) == 1
     assert "audit" in list(dock.viewer.layers[PROPOSALS].features["why"])
@@ -44,15 +31,15 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
     said = dock.measure_label.text()
     assert said.startswith("Round 0:") and "1 audit patches" in said and "on all 3 corrections" in said
 
-    _correct_all_and_submit(qtbot, wait_idle, dock)  # round 1 is checked against round 0 on this batch
+    submit_batch(dock)  # round 1 is checked against round 0 on this batch
     assert not dock.notice and session.current_round == 2 and len(session.config["changes"]) == 1
     assert "Against round 0 on the same 3 corrections: " in dock.measure_label.text()  # did round 1 help?
 
-    _correct_all_and_submit(qtbot, wait_idle, dock)
+    submit_batch(dock)
     assert session.current_round == 3
     with torch.no_grad():  # fault injected: round 3 goes wrong, it marks tumour everywhere
         dock.model.head_out.bias += 50.0
-    _correct_all_and_submit(qtbot, wait_idle, dock)  # the wrong round 3 meets fresh corrections
+    submit_batch(dock)  # the wrong round 3 meets fresh corrections
     assert dock.notice.startswith("Do no harm: round 3 scored") and "rolled back to round 2" in dock.notice
     assert session.config["changes"][-1] < -0.01
     assert session.current_round == 3 and session.rounds[3].annotation_ids  # retrained from round 2
