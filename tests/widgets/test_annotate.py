@@ -295,8 +295,9 @@ def test_new_organ_rounds_predict_with_their_soup_under_flips(qtbot, wait_idle, 
         submit_batch(dock)
     session = dock.session
     assert session.current_round == 3
-    soup = average_weights([session.load_model(2, "cpu"), session.load_model(1, "cpu")])
-    predicting = dock._predicting(2, session.load_model(2, "cpu"))
+    round_2 = session.load_model(2, "cpu")
+    soup = average_weights([round_2, session.load_model(1, "cpu")])
+    predicting = dock._predicting(2, round_2)
     assert all(torch.equal(a, b) for a, b in zip(predicting.parameters(), soup.parameters(), strict=True))
     third = session.annotations[-4:]
     for record, annotation in zip(third, session.load_annotations([a["id"] for a in third]), strict=True):
