@@ -3,7 +3,7 @@
 Two parts:
 
 ``--first-batch``: the starting model's pooled Dice on the first batch of corrections (4
-uncertainty-ranked patches + 1 audit), on the DEV splits only: RUMC (the training centre, where
+uncertainty-ranked patches + 4 quarter-patch audits), on the DEV splits only: RUMC (the training centre, where
 the model is right) and the EBHI DEV patient splits (seeds 0..; a new organ). The cut of
 ``--shift auto`` (``napari_uga.audit.GOOD_DICE``) is chosen from these numbers; UMCU and the
 EBHI REPORT splits (seeds 100..) are never looked at for it.
@@ -40,7 +40,7 @@ from strategies import HALF_START, ebhi_splits, umcu_splits
 
 from napari_uga.audit import pooled_estimate, score_patch, tissue_p_value
 from napari_uga.io import load_pairs
-from napari_uga.loop import Oracle, config_for, draw_audits, replay_pairs, simulate, tissue_sample
+from napari_uga.loop import Oracle, batch_split, config_for, draw_audits, replay_pairs, simulate, tissue_sample
 from napari_uga.models import load_model, working_factor
 from napari_uga.proposals import propose, random_candidates
 from napari_uga.quality import default_qc_model
@@ -68,14 +68,15 @@ def rumc_split() -> tuple[str, list, list, float]:
 
 
 def first_batch(model, split, seed: int) -> float | None:
-    """The starting model's pooled Dice on a first batch (4 proposed + 1 audit), as ``--shift auto`` sees it."""
+    """The starting model's pooled Dice on a first batch (4 proposed, 4 quarter audits), as ``--shift auto`` sees it."""
     name, pool, _, mpp = split
     factor = working_factor(model, mpp)
     config = config_for("centre")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    picks = propose(model, pool, 4, factor, config, [], "uncertainty", rng)
-    picks += draw_audits(pool, 1, config, [p.box for p in picks], rng)
+    n_proposed, n_audit = batch_split(5, 0.2, config.subdivide)
+    picks = propose(model, pool, n_proposed, factor, config, [], "uncertainty", rng)
+    picks += draw_audits(pool, n_audit, config, [p.box for p in picks], rng)
     oracle = Oracle(pool)
     scores = []
     for p in picks:

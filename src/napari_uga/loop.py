@@ -46,6 +46,9 @@ from .training import (
 from .uncertainty import TTA_MODES, predict_probability
 
 REPLAY_DIR = Path(__file__).parent / "replay"
+# audits are quarter patches (or the proposals' sub-patches where smaller): four audits for the area of one
+# whole patch, so the estimate of a round rests on four fresh patches per batch, not one (issue 14)
+AUDIT_SUBDIVIDE = 2
 
 
 @dataclass
@@ -396,7 +399,7 @@ class _Ledger:
         return evaluate(network, pairs, self.factor, tta=tta)["dice_global"]
 
     def retile(self, tissue: list[Box]) -> None:
-        """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them.
+        """New tissue patches (the audit geometry changed): every round's proxies recomputed on them.
 
         The audits so far were drawn from the old boxes, no sample of the new ones: they stay in the
         pooled estimate of all corrections and leave the audit estimate.
@@ -428,13 +431,31 @@ class _Ledger:
 
 
 def audit_count(k: int, share: float) -> int:
-    """How many of a batch of ``k`` are audit patches: ``share`` of it, at least one when the share is > 0."""
+    """How many of a batch of ``k`` are given to audits: ``share`` of it, at least one when the share is > 0."""
     return 0 if share <= 0 or k <= 0 else min(k, max(1, round(k * share)))
 
 
+def audit_subdivide(subdivide: int) -> int:
+    """The side divisor of audit patches: quarter patches at least (:data:`AUDIT_SUBDIVIDE`), else the proposals'."""
+    return max(AUDIT_SUBDIVIDE, subdivide)
+
+
+def batch_split(k: int, share: float, subdivide: int) -> tuple[int, int]:
+    """A batch of ``k`` patches of side 1/``subdivide``: how many are proposed, and how many audit patches
+    (of side 1/:func:`audit_subdivide`) fill the area of the rest (:func:`audit_count`)."""
+    given = audit_count(k, share)
+    return k - given, given * (audit_subdivide(subdivide) // subdivide) ** 2
+
+
+def audit_config(config: LoopConfig) -> LoopConfig:
+    """The settings audits are drawn with: ``config`` with the audits' side (:func:`audit_subdivide`)."""
+    return replace(config, subdivide=audit_subdivide(config.subdivide))
+
+
 def draw_audits(pool: Sequence[Pair], n: int, config: LoopConfig, exclude: Sequence[Box], rng) -> list[Proposal]:
-    """``n`` tissue patches drawn uniformly at random (an unbiased sample of the pool's tissue), marked as audits."""
-    picks = select(random_candidates(pool, config), n, exclude, "random", rng)
+    """``n`` audit patches (:func:`audit_config`) drawn uniformly at random from the pool's tissue (an unbiased
+    sample of it), marked as audits."""
+    picks = select(random_candidates(pool, audit_config(config)), n, exclude, "random", rng)
     return [replace(p, audit=True) for p in picks]
 
 
@@ -482,7 +503,7 @@ def simulate(
     torch.manual_seed(seed)
     oracle = Oracle(pool)
     result = Trajectory()
-    ledger = _Ledger(pool, [c.box for c in random_candidates(pool, config)], factor)
+    ledger = _Ledger(pool, _audit_boxes(pool, config), factor)
     in_use = ledger.add_round(model, None, config.predictor)
     annotations: list[Annotation] = []
     fresh: list[dict[int, PatchScore]] = []  # the last batch's scores, before training on it
@@ -497,15 +518,16 @@ def simulate(
             batch = [oracle.annotate(p) for p in picks]
             fresh = ledger.score(batch, [p.audit for p in picks])
             annotations += batch
-            spent += len(batch) / config.pieces
+            spent += _area(picks, config)
             result.picks.append([p.as_dict() for p in picks])
             if presets and result.shift is None:
-                gate = partial(tissue_is_new, model, tissue_sample(pool, ledger.tissue), factor)
+                proposable = [c.box for c in random_candidates(pool, config)]  # the gate reads proposal patches
+                gate = partial(tissue_is_new, model, tissue_sample(pool, proposable), factor)
                 result.shift = choose_shift([s[0] for s in fresh], gate)
-                geometry = (config.patch, config.subdivide)
+                geometry = _audit_geometry(config)
                 config = presets[result.shift]
-                if (config.patch, config.subdivide) != geometry:  # the audits are drawn from other boxes now
-                    ledger.retile([c.box for c in random_candidates(pool, config)])
+                if _audit_geometry(config) != geometry:  # the audits are drawn from other boxes now
+                    ledger.retile(_audit_boxes(pool, config))
             in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
             signal = stop_signal(ledger.estimate(in_use), ledger.changes, target, ledger.estimate(in_use, False))
             if signal is not None and result.stop_budget is None:
@@ -562,6 +584,22 @@ def simulate(
     return result
 
 
+def _audit_boxes(pool: Sequence[Pair], config: LoopConfig) -> list[Box]:
+    """The tissue patches audits are drawn from (the boxes the audit estimate is about)."""
+    return [c.box for c in random_candidates(pool, audit_config(config))]
+
+
+def _audit_geometry(config: LoopConfig) -> tuple[int, int]:
+    """Patch side and divisor of the audits: where they are equal, so are the boxes they are drawn from."""
+    return config.patch, audit_subdivide(config.subdivide)
+
+
+def _area(picks: Sequence[Proposal], config: LoopConfig) -> float:
+    """The budget a batch uses, in whole patches: a proposal is 1 / ``config.pieces`` of one, an audit its share."""
+    audit_pieces = audit_config(config).pieces
+    return sum(1 / (audit_pieces if p.audit else config.pieces) for p in picks)
+
+
 def _patches(spent: float) -> int | float:
     """The budget used, as a whole number of patches where it is one."""
     return round(spent) if abs(spent - round(spent)) < 1e-9 else round(spent, 3)
@@ -570,9 +608,9 @@ def _patches(spent: float) -> int | float:
 def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, factor) -> list[Proposal]:
     """The next ``k`` patches: ``audit_share`` of them audits, the rest proposed by ``strategy``."""
     done = [a.box for a in annotations]
-    n_audit = audit_count(k, audit_share)
+    n_proposed, n_audit = batch_split(k, audit_share, config.subdivide)
     known = [(appearance_features(a.image), holds_tumour(a.mask)) for a in annotations]
-    picks = propose(model, pool, k - n_audit, factor, config, done, strategy, rng, known)
+    picks = propose(model, pool, n_proposed, factor, config, done, strategy, rng, known)
     return picks + draw_audits(pool, n_audit, config, [*done, *(p.box for p in picks)], rng)
 
 

@@ -154,7 +154,9 @@ def test_simulate_scores_before_training_and_rolls_back_a_harmful_round(shipped,
     off = simulate(shipped, pool, test, [0, 2, 4], "uncertainty", 0, 0.5, harmful, audit_share=0.5, no_harm=False)
     assert on.rollbacks == 1 and on.rollbacks_by_budget == [0, 0, 1] and off.rollbacks == 0
     assert on.round_in_use == [0, 1, 2] and on.picks == off.picks[:1] + on.picks[1:]
-    assert [sum(p["audit"] for p in batch) for batch in on.picks] == [1, 1]
+    # each batch of 2: 1 proposed patch, and the other patch's area as 4 quarter-patch audits
+    assert [sum(p["audit"] for p in batch) for batch in on.picks] == [4, 4]
+    assert {(p["h"], p["w"], p["audit"]) for batch in on.picks for p in batch} == {(256, 256, False), (128, 128, True)}
     # round 0 was scored on both batches before any training: its estimate uses both audits
     assert on.estimated_dice[0] is not None and on.estimated_dice[2] is None  # nothing scored the last round yet
     assert on.hard_dice[1] is not None and on.hard_dice[1] < on.hard_dice[0] - 0.1  # the wrecked round, measured
