@@ -375,13 +375,18 @@ class _Ledger:
     predictors: list[tuple[UNet, str]] = field(default_factory=list)  # each round's network and TTA to predict with
     maps: list[dict[str, np.ndarray]] = field(default_factory=list)
     proxies: list[Proxies] = field(default_factory=list)
+    trained_on: list[list[Box]] = field(default_factory=list)  # per round, the annotated boxes it was tuned on
     scores: list[tuple[bool, dict[int, PatchScore]]] = field(default_factory=list)
     changes: list[float] = field(default_factory=list)
 
-    def add_round(self, model: UNet, parent: int | None, predictor: str = "plain") -> int:
-        """A new round: its prediction (``predictor``) of every pool image and the proxies of the tissue patches."""
+    def add_round(
+        self, model: UNet, parent: int | None, predictor: str = "plain", trained_on: Sequence[Box] = ()
+    ) -> int:
+        """A new round tuned on the boxes ``trained_on``: its prediction (``predictor``) of every pool image
+        and the proxies of the tissue patches."""
         self.rounds.append(model)
         self.tuned_from.append(parent)
+        self.trained_on.append(list(trained_on))
         network = predicting_network(model, self.rounds[parent] if parent else None, predictor)
         tta = prediction_tta(predictor)
         self.predictors.append((network, tta))
@@ -390,8 +395,14 @@ class _Ledger:
             for p in self.pool
         }
         self.maps.append(maps)
-        self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
+        self.proxies.append(self._proxies(len(self.maps) - 1))
         return len(self.rounds) - 1
+
+    def _proxies(self, index: int) -> Proxies:
+        """Round ``index``'s proxies on the tissue patches it was not tuned on (audits are drawn from those)."""
+        maps, trained = self.maps[index], self.trained_on[index]
+        unseen = [box for box in self.tissue if not any(box.overlaps(done) for done in trained)]
+        return Proxies.of(box.crop(maps[box.image]) for box in unseen)
 
     def evaluate(self, index: int, pairs: Sequence[Pair]) -> float:
         """Pooled Dice of round ``index``'s prediction on image/mask pairs."""
@@ -406,7 +417,7 @@ class _Ledger:
         """
         self.tissue = tissue
         self.scores = [(False, by_round) for _, by_round in self.scores]
-        self.proxies = [Proxies.of(box.crop(maps[box.image]) for box in tissue) for maps in self.maps]
+        self.proxies = [self._proxies(index) for index in range(len(self.maps))]
 
     def score(self, batch: Sequence[Annotation], audits: Sequence[bool]) -> list[dict[int, PatchScore]]:
         """Test-then-train: every round so far against each correction of a fresh batch."""
@@ -549,7 +560,8 @@ def simulate(
                 origin=model,
                 self_labelled=self_labelled,
             )
-            in_use = ledger.add_round(_drain(run, on_event).model, in_use, config.predictor)
+            tuned = _drain(run, on_event).model
+            in_use = ledger.add_round(tuned, in_use, config.predictor, [a.box for a in annotations])
         if stop and result.stop_budget is not None and budget > spent + 1e-9:
             break  # the session stopped before this budget
         result.budgets.append(budget)
