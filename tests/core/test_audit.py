@@ -189,3 +189,17 @@ def test_a_round_that_does_not_match_the_starting_model_is_not_handed_over(shipp
     assert _hand_over(ledger, 1, fresh, True, None) == 0  # the blind round is replaced by the starting model
     assert _hand_over(ledger, 1, fresh, False, None) == 1  # without the rule it is handed over as it is
     assert _hand_over(ledger, same, fresh, True, None) == same  # a tie keeps the round: it is no worse
+
+
+def test_a_rounds_proxies_leave_out_the_tissue_it_was_tuned_on(shipped, umcu_pairs):
+    """Audits come from tissue not annotated yet, so PPI's proxies of a round must not cover its training patches."""
+    pool = umcu_pairs[:2]
+    tissue = [Box(p.name, y, x, 64, 64) for p in pool for y in (0, 64) for x in (0, 64)]
+    ledger = _Ledger(pool, tissue, 0.5)
+    ledger.add_round(shipped, None)
+    ledger.add_round(copy.deepcopy(shipped), 0, trained_on=[Box(pool[0].name, 0, 0, 100, 100)])
+    assert len(ledger.proxies[0].predicted) == 8  # round 0 was tuned on nothing
+    assert len(ledger.proxies[1].predicted) == 4  # the four boxes of the annotated tile are left out
+    np.testing.assert_allclose(ledger.proxies[1].expected_tp, ledger.proxies[0].expected_tp[4:], rtol=1e-6)
+    ledger.retile(tissue[4:])  # a new geometry keeps each round's exclusion
+    assert [len(p.predicted) for p in ledger.proxies] == [4, 4]

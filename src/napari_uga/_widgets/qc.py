@@ -540,5 +540,5 @@ def _with_context(box: Box, shape: tuple[int, int]) -> Box:
         return start_out, size_out
 
     (y, h), (x, w) = grown(box.y, box.h, shape[0]), grown(box.x, box.w, shape[1])
-    return Box(box.name, y, x, h, w)
+    return Box(box.image, y, x, h, w)
 
