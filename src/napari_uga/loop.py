@@ -352,7 +352,7 @@ class Trajectory:
     shift: str | None = None  # the preset ``auto`` chose from the first batch (``None`` when one was given)
     stop_budget: int | float | None = None  # the budget (in patches) at which the stop signal first spoke
     stop_reason: str | None = None
-    pool_dice: list[float | None] = field(default_factory=list)  # on the pool tiles not annotated yet (benchmarks)
+    pool_dice: list[float | None] = field(default_factory=list)  # on the tissue patches not annotated yet (benchmarks)
     handed_over: int | None = None  # the round the session ends with (after the closing batch's check)
     handed_over_dice: float | None = None
     rounds: list[UNet] = field(default_factory=list)  # every round's model as trained, round 0 the starting one
@@ -408,6 +408,14 @@ class _Ledger:
         """Pooled Dice of round ``index``'s prediction on image/mask pairs."""
         network, tta = self.predictors[index]
         return evaluate(network, pairs, self.factor, tta=tta)["dice_global"]
+
+    def tissue_truth(self, index: int, annotated: Sequence[Box], oracle: Oracle) -> float | None:
+        """Round ``index``'s pooled Dice against the truth on the tissue patches not annotated yet: the audit
+        estimate's target (benchmarks); ``None`` where none is left or none holds tumour."""
+        unseen = [box for box in self.tissue if not any(box.overlaps(done) for done in annotated)]
+        maps = self.maps[index]
+        found = pooled_estimate([score_patch(box.crop(maps[box.image]), oracle.annotate(box).mask) for box in unseen])
+        return None if found is None else found.dice
 
     def retile(self, tissue: list[Box]) -> None:
         """New tissue patches (the audit geometry changed): every round's proxies recomputed on them.
@@ -503,7 +511,7 @@ def simulate(
     last round has an in-session estimate and a do-no-harm check before the session hands it
     over (``handed_over``; with ``no_harm``, only if it scores at least as well as the starting
     model on that batch, :func:`_hand_over`); it costs one batch more. ``pool_truth``: also measure each budget's
-    model on the pool tiles not annotated yet (the tissue the in-session estimate is about).
+    model on the pool's tissue patches not annotated yet (what the in-session estimate is about).
 
     The model is fine-tuned (continuing from the round in use) on all annotations so far.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
@@ -569,9 +577,7 @@ def simulate(
         result.rollbacks_by_budget.append(result.rollbacks)
         result.dice_global.append(ledger.evaluate(in_use, test))
         if pool_truth:
-            annotated = {a.box.image for a in annotations}
-            unseen = [p for p in pool if p.name not in annotated]
-            result.pool_dice.append(ledger.evaluate(in_use, unseen) if unseen else None)
+            result.pool_dice.append(ledger.tissue_truth(in_use, [a.box for a in annotations], oracle))
         _say(on_event, f"budget {budget}: Dice {result.dice_global[-1]:.3f}", "evaluate", budget, max(budgets))
     if closing_batch:
         k = config.batch * config.pieces
