@@ -541,4 +541,3 @@ def _with_context(box: Box, shape: tuple[int, int]) -> Box:
 
     (y, h), (x, w) = grown(box.y, box.h, shape[0]), grown(box.x, box.w, shape[1])
     return Box(box.image, y, x, h, w)
-
