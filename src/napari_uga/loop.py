@@ -647,20 +647,29 @@ def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, 
 
 
 def _hand_over(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, on_event) -> int:
-    """The round to hand over: a tuned round must score at least as well as the starting model on ``fresh``.
+    """The round to hand over: a tuned round only where it clearly beats the starting model on ``fresh``.
 
-    At the end of a session the burden of proof is on the change: a round that scores below the
-    starting model on the last fresh corrections, by however little, is not handed over in its
-    place (a round never scored on them, or an exact tie, is).
+    At the end of a session the burden of proof is on the change: the tuned round is handed over
+    only where its paired gain over round 0 on the last fresh corrections has an interval above
+    zero (:func:`~napari_uga.audit.compare_rounds`, one-sided at 5 %); a gain within noise, a tie
+    or a loss hands over round 0. A round never scored on them is handed over as it is.
     """
     if not no_harm or in_use == 0:
         return in_use
     scored = [s for s in fresh if in_use in s]
     comparison = compare_rounds([s[in_use] for s in scored], [s[0] for s in scored])
-    if comparison is None or comparison.delta >= 0:
+    if comparison is None:
         return in_use
-    _say(on_event, f"round {in_use} scored {comparison.delta:+.3f} against the starting model: handing over round 0")
+    if comparison.low > 0:
+        _say(on_event, f"round {in_use} scored {_compared(comparison)} against the starting model: handed over")
+        return in_use
+    _say(on_event, f"round {in_use} scored {_compared(comparison)} against the starting model: handing over round 0")
     return 0
+
+
+def _compared(comparison) -> str:
+    """``+0.004 [-0.020, +0.031] dice`` (a :class:`~napari_uga.audit.Comparison`)."""
+    return f"{comparison.delta:+.3f} [{comparison.low:+.3f}, {comparison.high:+.3f}] {comparison.measure}"
 
 
 def _fill_estimates(result: Trajectory, ledger: _Ledger) -> None:
