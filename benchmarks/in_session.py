@@ -112,7 +112,7 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "stop": t.stop_budget,
         "handed_over": t.handed_over,
         "handed_over_dice": t.handed_over_dice,
-        "handover_rule": "start",  # handed over only if at least as good as the starting model on the closing batch
+        "handover_rule": "start",  # handed over only if it clearly beats the starting model on the closing batch
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +170,11 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
     out["rollbacks"] = int(sum(r["rollbacks"][-1] for r in runs))
     ruled = [r for r in runs if r.get("handover_rule") == "start"]  # runs cached before the rule lack it
     # the worst seed's drop of the model the session ends with, below zero-shot
-    out["handed_over_drop"] = min((r["handed_over_dice"] - r["dice"][0] for r in ruled), default=None)
+    gains = [r["handed_over_dice"] - r["dice"][0] for r in ruled]
+    out["handed_over_drop"] = min(gains, default=None)
     out["handed_over_runs"] = len(ruled)
+    out["handed_over_gain_mean"] = float(np.mean(gains)) if gains else None
+    out["handed_over_round_0"] = sum(r["handed_over"] == 0 for r in ruled)
     means = "  ".join(
         f"{b}: {m:.3f}±{s:.3f}" for b, m, s in zip(BUDGETS, out["dice_mean"], out["dice_sd"], strict=True)
     )
@@ -180,7 +183,8 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
         f"{_f(out['error_vs_dice'])} cover {_f(out['coverage_vs_dice'])}, vs pool {_f(out['error_vs_pool_dice'])} "
         f"cover {_f(out['coverage_vs_pool_dice'])} | worst drop {out['worst_drop']:+.3f}, "
         f"harmed {out['harmed_runs']}/{len(runs)}, "
-        f"rollbacks {out['rollbacks']} | handed over (n {len(ruled)}): worst drop {_f(out['handed_over_drop'])} "
+        f"rollbacks {out['rollbacks']} | handed over (n {len(ruled)}): worst drop {_f(out['handed_over_drop'])}, "
+        f"mean gain {_f(out['handed_over_gain_mean'])}, round 0 in {out['handed_over_round_0']} "
         f"| shift {out['shift']}",
         flush=True,
     )
