@@ -3,7 +3,7 @@
 Two parts:
 
 ``--first-batch``: the starting model's pooled Dice on the first batch of corrections (4
-uncertainty-ranked patches + 1 audit), on the DEV splits only: RUMC (the training centre, where
+uncertainty-ranked patches + 4 quarter-patch audits), on the DEV splits only: RUMC (the training centre, where
 the model is right) and the EBHI DEV patient splits (seeds 0..; a new organ). The cut of
 ``--shift auto`` (``napari_uga.audit.GOOD_DICE``) is chosen from these numbers; UMCU and the
 EBHI REPORT splits (seeds 100..) are never looked at for it.
@@ -40,7 +40,7 @@ from strategies import HALF_START, ebhi_splits, umcu_splits
 
 from napari_uga.audit import pooled_estimate, score_patch, tissue_p_value
 from napari_uga.io import load_pairs
-from napari_uga.loop import Oracle, config_for, draw_audits, replay_pairs, simulate, tissue_sample
+from napari_uga.loop import Oracle, batch_split, config_for, draw_audits, replay_pairs, simulate, tissue_sample
 from napari_uga.models import load_model, working_factor
 from napari_uga.proposals import propose, random_candidates
 from napari_uga.quality import default_qc_model
@@ -68,14 +68,15 @@ def rumc_split() -> tuple[str, list, list, float]:
 
 
 def first_batch(model, split, seed: int) -> float | None:
-    """The starting model's pooled Dice on a first batch (4 proposed + 1 audit), as ``--shift auto`` sees it."""
+    """The starting model's pooled Dice on a first batch (4 proposed, 4 quarter audits), as ``--shift auto`` sees it."""
     name, pool, _, mpp = split
     factor = working_factor(model, mpp)
     config = config_for("centre")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    picks = propose(model, pool, 4, factor, config, [], "uncertainty", rng)
-    picks += draw_audits(pool, 1, config, [p.box for p in picks], rng)
+    n_proposed, n_audit = batch_split(5, 0.2, config.subdivide)
+    picks = propose(model, pool, n_proposed, factor, config, [], "uncertainty", rng)
+    picks += draw_audits(pool, n_audit, config, [p.box for p in picks], rng)
     oracle = Oracle(pool)
     scores = []
     for p in picks:
@@ -111,7 +112,7 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "stop": t.stop_budget,
         "handed_over": t.handed_over,
         "handed_over_dice": t.handed_over_dice,
-        "handover_rule": "start",  # handed over only if at least as good as the starting model on the closing batch
+        "handover_rule": "start",  # handed over only if it clearly beats the starting model on the closing batch
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +170,11 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
     out["rollbacks"] = int(sum(r["rollbacks"][-1] for r in runs))
     ruled = [r for r in runs if r.get("handover_rule") == "start"]  # runs cached before the rule lack it
     # the worst seed's drop of the model the session ends with, below zero-shot
-    out["handed_over_drop"] = min((r["handed_over_dice"] - r["dice"][0] for r in ruled), default=None)
+    gains = [r["handed_over_dice"] - r["dice"][0] for r in ruled]
+    out["handed_over_drop"] = min(gains, default=None)
     out["handed_over_runs"] = len(ruled)
+    out["handed_over_gain_mean"] = float(np.mean(gains)) if gains else None
+    out["handed_over_round_0"] = sum(r["handed_over"] == 0 for r in ruled)
     means = "  ".join(
         f"{b}: {m:.3f}±{s:.3f}" for b, m, s in zip(BUDGETS, out["dice_mean"], out["dice_sd"], strict=True)
     )
@@ -179,7 +183,8 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
         f"{_f(out['error_vs_dice'])} cover {_f(out['coverage_vs_dice'])}, vs pool {_f(out['error_vs_pool_dice'])} "
         f"cover {_f(out['coverage_vs_pool_dice'])} | worst drop {out['worst_drop']:+.3f}, "
         f"harmed {out['harmed_runs']}/{len(runs)}, "
-        f"rollbacks {out['rollbacks']} | handed over (n {len(ruled)}): worst drop {_f(out['handed_over_drop'])} "
+        f"rollbacks {out['rollbacks']} | handed over (n {len(ruled)}): worst drop {_f(out['handed_over_drop'])}, "
+        f"mean gain {_f(out['handed_over_gain_mean'])}, round 0 in {out['handed_over_round_0']} "
         f"| shift {out['shift']}",
         flush=True,
     )

@@ -46,6 +46,9 @@ from .training import (
 from .uncertainty import TTA_MODES, predict_probability
 
 REPLAY_DIR = Path(__file__).parent / "replay"
+# audits are quarter patches (or the proposals' sub-patches where smaller): four audits for the area of one
+# whole patch, so the estimate of a round rests on four fresh patches per batch, not one (issue 14)
+AUDIT_SUBDIVIDE = 2
 
 
 @dataclass
@@ -349,7 +352,7 @@ class Trajectory:
     shift: str | None = None  # the preset ``auto`` chose from the first batch (``None`` when one was given)
     stop_budget: int | float | None = None  # the budget (in patches) at which the stop signal first spoke
     stop_reason: str | None = None
-    pool_dice: list[float | None] = field(default_factory=list)  # on the pool tiles not annotated yet (benchmarks)
+    pool_dice: list[float | None] = field(default_factory=list)  # on the tissue patches not annotated yet (benchmarks)
     handed_over: int | None = None  # the round the session ends with (after the closing batch's check)
     handed_over_dice: float | None = None
     rounds: list[UNet] = field(default_factory=list)  # every round's model as trained, round 0 the starting one
@@ -372,13 +375,18 @@ class _Ledger:
     predictors: list[tuple[UNet, str]] = field(default_factory=list)  # each round's network and TTA to predict with
     maps: list[dict[str, np.ndarray]] = field(default_factory=list)
     proxies: list[Proxies] = field(default_factory=list)
+    trained_on: list[list[Box]] = field(default_factory=list)  # per round, the annotated boxes it was tuned on
     scores: list[tuple[bool, dict[int, PatchScore]]] = field(default_factory=list)
     changes: list[float] = field(default_factory=list)
 
-    def add_round(self, model: UNet, parent: int | None, predictor: str = "plain") -> int:
-        """A new round: its prediction (``predictor``) of every pool image and the proxies of the tissue patches."""
+    def add_round(
+        self, model: UNet, parent: int | None, predictor: str = "plain", trained_on: Sequence[Box] = ()
+    ) -> int:
+        """A new round tuned on the boxes ``trained_on``: its prediction (``predictor``) of every pool image
+        and the proxies of the tissue patches."""
         self.rounds.append(model)
         self.tuned_from.append(parent)
+        self.trained_on.append(list(trained_on))
         network = predicting_network(model, self.rounds[parent] if parent else None, predictor)
         tta = prediction_tta(predictor)
         self.predictors.append((network, tta))
@@ -387,23 +395,37 @@ class _Ledger:
             for p in self.pool
         }
         self.maps.append(maps)
-        self.proxies.append(Proxies.of(box.crop(maps[box.image]) for box in self.tissue))
+        self.proxies.append(self._proxies(len(self.maps) - 1))
         return len(self.rounds) - 1
+
+    def _proxies(self, index: int) -> Proxies:
+        """Round ``index``'s proxies on the tissue patches it was not tuned on (audits are drawn from those)."""
+        maps, trained = self.maps[index], self.trained_on[index]
+        unseen = [box for box in self.tissue if not any(box.overlaps(done) for done in trained)]
+        return Proxies.of(box.crop(maps[box.image]) for box in unseen)
 
     def evaluate(self, index: int, pairs: Sequence[Pair]) -> float:
         """Pooled Dice of round ``index``'s prediction on image/mask pairs."""
         network, tta = self.predictors[index]
         return evaluate(network, pairs, self.factor, tta=tta)["dice_global"]
 
+    def tissue_truth(self, index: int, annotated: Sequence[Box], oracle: Oracle) -> float | None:
+        """Round ``index``'s pooled Dice against the truth on the tissue patches not annotated yet: the audit
+        estimate's target (benchmarks); ``None`` where none is left or none holds tumour."""
+        unseen = [box for box in self.tissue if not any(box.overlaps(done) for done in annotated)]
+        maps = self.maps[index]
+        found = pooled_estimate([score_patch(box.crop(maps[box.image]), oracle.annotate(box).mask) for box in unseen])
+        return None if found is None else found.dice
+
     def retile(self, tissue: list[Box]) -> None:
-        """New tissue patches (the proposal geometry changed): every round's proxies recomputed on them.
+        """New tissue patches (the audit geometry changed): every round's proxies recomputed on them.
 
         The audits so far were drawn from the old boxes, no sample of the new ones: they stay in the
         pooled estimate of all corrections and leave the audit estimate.
         """
         self.tissue = tissue
         self.scores = [(False, by_round) for _, by_round in self.scores]
-        self.proxies = [Proxies.of(box.crop(maps[box.image]) for box in tissue) for maps in self.maps]
+        self.proxies = [self._proxies(index) for index in range(len(self.maps))]
 
     def score(self, batch: Sequence[Annotation], audits: Sequence[bool]) -> list[dict[int, PatchScore]]:
         """Test-then-train: every round so far against each correction of a fresh batch."""
@@ -428,13 +450,31 @@ class _Ledger:
 
 
 def audit_count(k: int, share: float) -> int:
-    """How many of a batch of ``k`` are audit patches: ``share`` of it, at least one when the share is > 0."""
+    """How many of a batch of ``k`` are given to audits: ``share`` of it, at least one when the share is > 0."""
     return 0 if share <= 0 or k <= 0 else min(k, max(1, round(k * share)))
 
 
+def audit_subdivide(subdivide: int) -> int:
+    """The side divisor of audit patches: quarter patches at least (:data:`AUDIT_SUBDIVIDE`), else the proposals'."""
+    return max(AUDIT_SUBDIVIDE, subdivide)
+
+
+def batch_split(k: int, share: float, subdivide: int) -> tuple[int, int]:
+    """A batch of ``k`` patches of side 1/``subdivide``: how many are proposed, and how many audit patches
+    (of side 1/:func:`audit_subdivide`) fill the area of the rest (:func:`audit_count`)."""
+    given = audit_count(k, share)
+    return k - given, given * (audit_subdivide(subdivide) // subdivide) ** 2
+
+
+def audit_config(config: LoopConfig) -> LoopConfig:
+    """The settings audits are drawn with: ``config`` with the audits' side (:func:`audit_subdivide`)."""
+    return replace(config, subdivide=audit_subdivide(config.subdivide))
+
+
 def draw_audits(pool: Sequence[Pair], n: int, config: LoopConfig, exclude: Sequence[Box], rng) -> list[Proposal]:
-    """``n`` tissue patches drawn uniformly at random (an unbiased sample of the pool's tissue), marked as audits."""
-    picks = select(random_candidates(pool, config), n, exclude, "random", rng)
+    """``n`` audit patches (:func:`audit_config`) drawn uniformly at random from the pool's tissue (an unbiased
+    sample of it), marked as audits."""
+    picks = select(random_candidates(pool, audit_config(config)), n, exclude, "random", rng)
     return [replace(p, audit=True) for p in picks]
 
 
@@ -471,7 +511,7 @@ def simulate(
     last round has an in-session estimate and a do-no-harm check before the session hands it
     over (``handed_over``; with ``no_harm``, only if it scores at least as well as the starting
     model on that batch, :func:`_hand_over`); it costs one batch more. ``pool_truth``: also measure each budget's
-    model on the pool tiles not annotated yet (the tissue the in-session estimate is about).
+    model on the pool's tissue patches not annotated yet (what the in-session estimate is about).
 
     The model is fine-tuned (continuing from the round in use) on all annotations so far.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
@@ -482,7 +522,7 @@ def simulate(
     torch.manual_seed(seed)
     oracle = Oracle(pool)
     result = Trajectory()
-    ledger = _Ledger(pool, [c.box for c in random_candidates(pool, config)], factor)
+    ledger = _Ledger(pool, _audit_boxes(pool, config), factor)
     in_use = ledger.add_round(model, None, config.predictor)
     annotations: list[Annotation] = []
     fresh: list[dict[int, PatchScore]] = []  # the last batch's scores, before training on it
@@ -497,15 +537,16 @@ def simulate(
             batch = [oracle.annotate(p) for p in picks]
             fresh = ledger.score(batch, [p.audit for p in picks])
             annotations += batch
-            spent += len(batch) / config.pieces
+            spent += _area(picks, config)
             result.picks.append([p.as_dict() for p in picks])
             if presets and result.shift is None:
-                gate = partial(tissue_is_new, model, tissue_sample(pool, ledger.tissue), factor)
+                proposable = [c.box for c in random_candidates(pool, config)]  # the gate reads proposal patches
+                gate = partial(tissue_is_new, model, tissue_sample(pool, proposable), factor)
                 result.shift = choose_shift([s[0] for s in fresh], gate)
-                geometry = (config.patch, config.subdivide)
+                geometry = _audit_geometry(config)
                 config = presets[result.shift]
-                if (config.patch, config.subdivide) != geometry:  # the audits are drawn from other boxes now
-                    ledger.retile([c.box for c in random_candidates(pool, config)])
+                if _audit_geometry(config) != geometry:  # the audits are drawn from other boxes now
+                    ledger.retile(_audit_boxes(pool, config))
             in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
             signal = stop_signal(ledger.estimate(in_use), ledger.changes, target, ledger.estimate(in_use, False))
             if signal is not None and result.stop_budget is None:
@@ -527,7 +568,8 @@ def simulate(
                 origin=model,
                 self_labelled=self_labelled,
             )
-            in_use = ledger.add_round(_drain(run, on_event).model, in_use, config.predictor)
+            tuned = _drain(run, on_event).model
+            in_use = ledger.add_round(tuned, in_use, config.predictor, [a.box for a in annotations])
         if stop and result.stop_budget is not None and budget > spent + 1e-9:
             break  # the session stopped before this budget
         result.budgets.append(budget)
@@ -535,9 +577,7 @@ def simulate(
         result.rollbacks_by_budget.append(result.rollbacks)
         result.dice_global.append(ledger.evaluate(in_use, test))
         if pool_truth:
-            annotated = {a.box.image for a in annotations}
-            unseen = [p for p in pool if p.name not in annotated]
-            result.pool_dice.append(ledger.evaluate(in_use, unseen) if unseen else None)
+            result.pool_dice.append(ledger.tissue_truth(in_use, [a.box for a in annotations], oracle))
         _say(on_event, f"budget {budget}: Dice {result.dice_global[-1]:.3f}", "evaluate", budget, max(budgets))
     if closing_batch:
         k = config.batch * config.pieces
@@ -562,6 +602,22 @@ def simulate(
     return result
 
 
+def _audit_boxes(pool: Sequence[Pair], config: LoopConfig) -> list[Box]:
+    """The tissue patches audits are drawn from (the boxes the audit estimate is about)."""
+    return [c.box for c in random_candidates(pool, audit_config(config))]
+
+
+def _audit_geometry(config: LoopConfig) -> tuple[int, int]:
+    """Patch side and divisor of the audits: where they are equal, so are the boxes they are drawn from."""
+    return config.patch, audit_subdivide(config.subdivide)
+
+
+def _area(picks: Sequence[Proposal], config: LoopConfig) -> float:
+    """The budget a batch uses, in whole patches: a proposal is 1 / ``config.pieces`` of one, an audit its share."""
+    audit_pieces = audit_config(config).pieces
+    return sum(1 / (audit_pieces if p.audit else config.pieces) for p in picks)
+
+
 def _patches(spent: float) -> int | float:
     """The budget used, as a whole number of patches where it is one."""
     return round(spent) if abs(spent - round(spent)) < 1e-9 else round(spent, 3)
@@ -570,9 +626,9 @@ def _patches(spent: float) -> int | float:
 def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, factor) -> list[Proposal]:
     """The next ``k`` patches: ``audit_share`` of them audits, the rest proposed by ``strategy``."""
     done = [a.box for a in annotations]
-    n_audit = audit_count(k, audit_share)
+    n_proposed, n_audit = batch_split(k, audit_share, config.subdivide)
     known = [(appearance_features(a.image), holds_tumour(a.mask)) for a in annotations]
-    picks = propose(model, pool, k - n_audit, factor, config, done, strategy, rng, known)
+    picks = propose(model, pool, n_proposed, factor, config, done, strategy, rng, known)
     return picks + draw_audits(pool, n_audit, config, [*done, *(p.box for p in picks)], rng)
 
 
@@ -591,20 +647,29 @@ def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, 
 
 
 def _hand_over(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, on_event) -> int:
-    """The round to hand over: a tuned round must score at least as well as the starting model on ``fresh``.
+    """The round to hand over: a tuned round only where it clearly beats the starting model on ``fresh``.
 
-    At the end of a session the burden of proof is on the change: a round that scores below the
-    starting model on the last fresh corrections, by however little, is not handed over in its
-    place (a round never scored on them, or an exact tie, is).
+    At the end of a session the burden of proof is on the change: the tuned round is handed over
+    only where its paired gain over round 0 on the last fresh corrections has an interval above
+    zero (:func:`~napari_uga.audit.compare_rounds`, one-sided at 5 %); a gain within noise, a tie
+    or a loss hands over round 0. A round never scored on them is handed over as it is.
     """
     if not no_harm or in_use == 0:
         return in_use
     scored = [s for s in fresh if in_use in s]
     comparison = compare_rounds([s[in_use] for s in scored], [s[0] for s in scored])
-    if comparison is None or comparison.delta >= 0:
+    if comparison is None:
         return in_use
-    _say(on_event, f"round {in_use} scored {comparison.delta:+.3f} against the starting model: handing over round 0")
+    if comparison.low > 0:
+        _say(on_event, f"round {in_use} scored {_compared(comparison)} against the starting model: handed over")
+        return in_use
+    _say(on_event, f"round {in_use} scored {_compared(comparison)} against the starting model: handing over round 0")
     return 0
+
+
+def _compared(comparison) -> str:
+    """``+0.004 [-0.020, +0.031] dice`` (a :class:`~napari_uga.audit.Comparison`)."""
+    return f"{comparison.delta:+.3f} [{comparison.low:+.3f}, {comparison.high:+.3f}] {comparison.measure}"
 
 
 def _fill_estimates(result: Trajectory, ledger: _Ledger) -> None:

@@ -450,22 +450,27 @@ def survey_boxes(slide: Slide, plan: MapPlan, n: int = SURVEY_PATCHES, seed: int
     return random_tissue_boxes(slide, plan, n, seed)
 
 
-def random_tissue_boxes(slide: Slide, plan: MapPlan, n: int, seed: int = 0, exclude: Sequence[Box] = ()) -> list[Box]:
-    """``n`` patches (level-0 boxes) drawn uniformly at random over the tissue, none overlapping ``exclude``."""
+def random_tissue_boxes(
+    slide: Slide, plan: MapPlan, n: int, seed: int = 0, exclude: Sequence[Box] = (), side: int | None = None
+) -> list[Box]:
+    """``n`` patches (level-0 boxes) of ``side`` working px (default the plan's patch) drawn uniformly at
+    random over the tissue, none overlapping ``exclude``."""
+    side = plan.patch if side is None else side
+    if not 1 <= side <= plan.patch:
+        raise ValueError(f"audit patch side {side} must be between 1 and the plan's patch {plan.patch}")
     tissue, ds = slide.tissue()
-    side = plan.patch * plan.scale / ds  # patch side in tissue-mask px
-    step = max(1, int(side))
+    step = max(1, int(side * plan.scale / ds))  # patch side in tissue-mask px
     ys, xs = np.nonzero(tissue[::step, ::step])
     rng = np.random.default_rng(seed)
     picked: list[Box] = []
     for i in rng.permutation(len(ys)):
         y, x = ys[i] * step * ds, xs[i] * step * ds
         wy, wx = int(y / plan.scale), int(x / plan.scale)
-        if wy + plan.patch > plan.shape[0] or wx + plan.patch > plan.shape[1]:
+        if wy + side > plan.shape[0] or wx + side > plan.shape[1]:
             continue
-        if tissue_crop(tissue, plan.scale / ds, (wy, wx, plan.patch, plan.patch)).mean() < MIN_TISSUE:
+        if tissue_crop(tissue, plan.scale / ds, (wy, wx, side, side)).mean() < MIN_TISSUE:
             continue
-        box = plan.to_level0(wy, wx, plan.patch, plan.patch, slide.name)
+        box = plan.to_level0(wy, wx, side, side, slide.name)
         if not any(box.overlaps(p) for p in [*picked, *exclude]):
             picked.append(box)
         if len(picked) == n:

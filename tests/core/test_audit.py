@@ -154,7 +154,9 @@ def test_simulate_scores_before_training_and_rolls_back_a_harmful_round(shipped,
     off = simulate(shipped, pool, test, [0, 2, 4], "uncertainty", 0, 0.5, harmful, audit_share=0.5, no_harm=False)
     assert on.rollbacks == 1 and on.rollbacks_by_budget == [0, 0, 1] and off.rollbacks == 0
     assert on.round_in_use == [0, 1, 2] and on.picks == off.picks[:1] + on.picks[1:]
-    assert [sum(p["audit"] for p in batch) for batch in on.picks] == [1, 1]
+    # each batch of 2: 1 proposed patch, and the other patch's area as 4 quarter-patch audits
+    assert [sum(p["audit"] for p in batch) for batch in on.picks] == [4, 4]
+    assert {(p["h"], p["w"], p["audit"]) for batch in on.picks for p in batch} == {(256, 256, False), (128, 128, True)}
     # round 0 was scored on both batches before any training: its estimate uses both audits
     assert on.estimated_dice[0] is not None and on.estimated_dice[2] is None  # nothing scored the last round yet
     assert on.hard_dice[1] is not None and on.hard_dice[1] < on.hard_dice[0] - 0.1  # the wrecked round, measured
@@ -172,18 +174,42 @@ def test_auto_shift_and_stop_end_a_session_that_is_already_right(shipped, umcu_p
     assert run.dice_global[1] == run.dice_global[0]
 
 
-def test_a_round_that_does_not_match_the_starting_model_is_not_handed_over(shipped, umcu_pairs):
-    """At the end the burden of proof is on the change: a tuned round that scores below round 0 is not handed over."""
+def test_only_a_round_that_clearly_beats_the_starting_model_is_handed_over(shipped, umcu_pairs):
+    """At the end the burden of proof is on the change: a tuned round must beat round 0 beyond noise."""
     pool = [p for p in umcu_pairs if p.mask.any()][:4]
     blind = copy.deepcopy(shipped)
     with torch.no_grad():
         blind.head_out.bias.fill_(-20.0)  # an injected fault: the round marks no tumour anywhere
-    ledger = _Ledger(pool, [], 0.5)
-    ledger.add_round(shipped, None)
-    ledger.add_round(blind, 0)
-    same = ledger.add_round(copy.deepcopy(shipped), 0)
+    worse = _Ledger(pool, [], 0.5)
+    worse.add_round(shipped, None)
+    worse.add_round(blind, 0)
+    same = worse.add_round(copy.deepcopy(shipped), 0)
+    better = _Ledger(pool, [], 0.5)
+    better.add_round(blind, None)  # a session that starts from the broken model
+    better.add_round(shipped, 0)
     oracle = Oracle(pool)
-    fresh = ledger.score([oracle.annotate(Box(p.name, 0, 0, *p.image.shape[:2])) for p in pool], [True] * len(pool))
-    assert _hand_over(ledger, 1, fresh, True, None) == 0  # the blind round is replaced by the starting model
-    assert _hand_over(ledger, 1, fresh, False, None) == 1  # without the rule it is handed over as it is
-    assert _hand_over(ledger, same, fresh, True, None) == same  # a tie keeps the round: it is no worse
+    patches = [oracle.annotate(Box(p.name, 0, 0, *p.image.shape[:2])) for p in pool]
+    fresh = worse.score(patches, [True] * len(pool))
+    assert _hand_over(worse, 1, fresh, True, None) == 0  # the blind round is replaced by the starting model
+    assert _hand_over(worse, 1, fresh, False, None) == 1  # without the rule it is handed over as it is
+    assert _hand_over(worse, same, fresh, True, None) == 0  # a tie proves nothing: round 0 stays
+    assert _hand_over(better, 1, better.score(patches, [True] * len(pool)), True, None) == 1  # a clear gain
+
+
+def test_a_rounds_proxies_and_the_tissue_truth_leave_out_the_tissue_it_was_tuned_on(shipped, umcu_pairs):
+    """Audits come from tissue not annotated yet, so PPI's proxies of a round must not cover its training patches."""
+    pool = umcu_pairs[:2]
+    tissue = [Box(p.name, y, x, 64, 64) for p in pool for y in (0, 64) for x in (0, 64)]
+    ledger = _Ledger(pool, tissue, 0.5)
+    ledger.add_round(shipped, None)
+    ledger.add_round(copy.deepcopy(shipped), 0, trained_on=[Box(pool[0].name, 0, 0, 100, 100)])
+    assert len(ledger.proxies[0].predicted) == 8  # round 0 was tuned on nothing
+    assert len(ledger.proxies[1].predicted) == 4  # the four boxes of the annotated tile are left out
+    np.testing.assert_allclose(ledger.proxies[1].expected_tp, ledger.proxies[0].expected_tp[4:], rtol=1e-6)
+    ledger.retile(tissue[4:])  # a new geometry keeps each round's exclusion
+    assert [len(p.predicted) for p in ledger.proxies] == [4, 4]
+    oracle = Oracle(pool)
+    assert ledger.tissue_truth(0, tissue, oracle) is None  # nothing left unannotated
+    left = [score_patch(b.crop(ledger.maps[0][b.image]), oracle.annotate(b).mask) for b in tissue[4:]]
+    expected = pooled_estimate(left)
+    assert ledger.tissue_truth(0, tissue[:4], oracle) == (None if expected is None else expected.dice)

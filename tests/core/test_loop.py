@@ -89,18 +89,21 @@ def test_sub_patches_spend_the_budget_in_quarters(tiny_model, umcu_pairs):
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
-def test_auto_switching_to_quarter_patches_keeps_the_budget_and_the_audit_estimate(tiny_model, umcu_pairs):
-    pool, test = umcu_pairs[::4][:4], umcu_pairs[1::8][:1]
-    whole = LoopConfig(steps=2, batch=1, batch_size=4, samples=2)
-    quarters = config_for("organ", steps=2, batch=1, batch_size=4, samples=2)
+def test_audits_are_quarter_patches_so_switching_to_quarters_keeps_every_audit(tiny_model, umcu_pairs):
+    pool, test = umcu_pairs[::2][:8], umcu_pairs[1::8][:1]
+    whole = LoopConfig(steps=2, batch=2, batch_size=4, samples=2)
+    quarters = config_for("organ", steps=2, batch=2, batch_size=4, samples=2)
     traj = simulate(
-        tiny_model, pool, test, [0, 1, 2], "uncertainty", 0, 0.5, whole, audit_share=0.5,
+        tiny_model, pool, test, [0, 2, 4], "uncertainty", 0, 0.5, whole, audit_share=0.5,
         presets={"centre": quarters, "organ": quarters},  # whatever auto chooses, proposals become quarters
     )  # fmt: skip
-    assert [len(b) for b in traj.picks] == [1, 4]  # one whole patch, then one patch's worth of quarters
-    assert [sum(p["audit"] for p in b) for b in traj.picks] == [1, 2]
-    assert traj.estimated_dice[1] is not None and traj.estimate_audits[1] == 2  # round 1, on the quarter audits
-    assert traj.estimate_audits[0] == 2  # round 0's whole-patch audit is no sample of the quarters: left out
+    assert traj.budgets == [0, 2, 4]
+    # one whole patch and the other's area as 4 quarter audits; then two patches' worth of quarters, half audits
+    assert [len(b) for b in traj.picks] == [5, 8] and [sum(p["audit"] for p in b) for b in traj.picks] == [4, 4]
+    side = min(whole.patch, pool[0].image.shape[0]) // 2
+    assert {(p["h"], p["w"]) for b in traj.picks for p in b if p["audit"]} == {(side, side)}
+    # the first batch's audits are a sample of the same quarter boxes as the second's: round 0 keeps all 8
+    assert traj.estimate_audits == [8, 4, 0] and traj.estimated_dice[1] is not None
 
 
 def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):

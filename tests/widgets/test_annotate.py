@@ -26,8 +26,11 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     for name in (PROBABILITY, UNCERTAINTY, PREDICTION, PROPOSALS, ANNOTATION):
         assert name in viewer.layers
     assert viewer.layers[UNCERTAINTY].colormap.name == "uga inferno"
-    assert len(viewer.layers[PROPOSALS].data) == 3
-    assert dock.counter.text() == "patch 1 / 3 · 1 to submit"
+    # 3 patches' worth: 2 proposed, and the third's area as 4 quarter-patch audits drawn at random
+    assert len(viewer.layers[PROPOSALS].data) == 6 and sum(p.audit for p in dock.proposals) == 4
+    assert {dock.plan.to_working(p)[2:] for p in dock.proposals if p.audit} == {(dock.plan.patch // 2,) * 2}
+    assert dock.counter.text() == "patch 1 / 6 · 1 to submit"
+    submitted_audits = [p.audit for p in dock.proposals[:2]]
     self_label_boxes = dock._self_label_boxes()  # what the starting model labels for the self-label share
     assert 0 < len(self_label_boxes) <= SELF_LABEL_PATCHES and len(set(self_label_boxes)) == len(self_label_boxes)
 
@@ -41,7 +44,7 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     annotation.paint((first.h // 2, first.w // 2), 1)  # a brush correction
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key.Key_N)
     assert dock.session.queue_position == 1
-    assert dock.counter.text() == "patch 2 / 3 · 2 to submit"
+    assert dock.counter.text() == "patch 2 / 6 · 2 to submit"
 
     before = np.asarray(viewer.layers[PROBABILITY].data[0]).copy()
     seen = []
@@ -69,7 +72,7 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert dock.history.item(1, 1).text() == "2"
     assert dock.history.item(1, 4).text() != "—"  # Dice against the loaded ground truth
     assert dock.measure_label.text().startswith("Round 0:")  # measured on the corrections before training
-    assert [a["audit"] for a in dock.session.annotations].count(True) <= 1
+    assert [a["audit"] for a in dock.session.annotations] == submitted_audits
     assert all(set(a["scores"]) == {"0"} for a in dock.session.annotations)  # scored before round 1 trained
     assert dock.chosen_shift in ("centre", "organ") and dock.steps_spin.value() == 3
     assert len(dock.training.losses) == 3
@@ -122,7 +125,7 @@ def test_reopen_restores_the_session(qtbot, wait_idle, dock, make_napari_viewer)
     wait_idle(reopened)
     assert reopened.session.current_round == 1
     assert reopened.session.queue_position == 2
-    assert len(viewer.layers[PROPOSALS].data) == 3
+    assert len(viewer.layers[PROPOSALS].data) == 6  # the queue as proposed: 2 patches and 4 quarter-patch audits
     reopened.go_to(0)
     restored = viewer.layers[ANNOTATION].data
     np.testing.assert_array_equal(restored[:40, :40], 1)
@@ -215,7 +218,7 @@ def test_new_organ_proposes_four_quarter_patches_per_patch_each_with_its_reason(
 
     dock.shift_combo.setCurrentIndex(1)  # new centre now: round 0's quarter-patch maps are kept, not recomputed
     qtbot.mouseClick(dock.compute_button, Qt.MouseButton.LeftButton)
-    assert dock.maps_worker is None and dock.store.complete() and dock.pieces == 4
+    assert dock.maps_worker is None and dock.store.complete() and dock.subdivide == 2
 
 
 def test_cancel_during_self_labelling_returns_before_any_step(tiny_model, umcu_pairs):

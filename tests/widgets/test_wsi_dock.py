@@ -78,7 +78,7 @@ def test_big_pyramid_view_first_propose_correct_finetune_reopen(
     ), (moved, far)
 
     dock.propose()  # before the slide is done: the survey of candidates across the tissue feeds the queue
-    qtbot.waitUntil(lambda: len(dock.proposals) == 3, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: len(dock.proposals) == 6, timeout=WAIT_MS)
     assert PROPOSALS in viewer.layers and UNCERTAINTY in viewer.layers
     maps = viewer.layers[UNCERTAINTY]
     assert maps.multiscale and maps.data[0].shape == plan.shape  # working scale, placed on the slide by scale
@@ -107,7 +107,7 @@ def test_big_pyramid_view_first_propose_correct_finetune_reopen(
     docks.append(reopened)
     other.window.add_dock_widget(reopened)
     reopened.open_session(folder)
-    assert reopened.session.current_round == 1 and len(reopened.proposals) == 3
+    assert reopened.session.current_round == 1 and len(reopened.proposals) == 6
     assert reopened.store.done.any() and other.layers[reopened.image_name].multiscale
 
 
@@ -136,7 +136,7 @@ def test_vendor_slide_opens_and_the_dock_maps_and_proposes(
     qtbot.waitUntil(lambda: dock.maps_worker is None, timeout=WAIT_MS)
     assert dock.store.complete() and dock.slide.mpp == pytest.approx(mpp or 0.25, abs=1e-3)
     dock.propose()
-    assert len(dock.proposals) == 3 and PREDICTION in viewer.layers
+    assert len(dock.proposals) == 6 and PREDICTION in viewer.layers
 
 
 def test_bad_slides_give_one_line_and_the_viewer_stays_usable(make_napari_viewer, tmp_path):
@@ -212,7 +212,8 @@ def test_qc_dock_checks_the_proposed_patches_and_the_current_view_of_a_slide(
     qc.run()
     qtbot.waitUntil(lambda: qc.worker is None and qc.report is not None, timeout=WAIT_MS)
     proposed = {(p.y, p.x, p.h, p.w) for p in dock.proposals}
-    assert {(b.y, b.x, b.h, b.w) for b in qc.boxes.values()} == proposed and qc.table.rowCount() == 3
+    assert {(b.y, b.x, b.h, b.w) for b in qc.boxes.values()} == proposed and qc.table.rowCount() == len(proposed)
+    assert min(b.h for b in qc.boxes.values()) < 64  # the quarter-patch audits, checked with context around them
 
     viewer.scene.camera.center = (1500, 1100)
     viewer.scene.camera.zoom = 1.0  # about one canvas of level-0 pixels around (1500, 1100)

@@ -47,7 +47,8 @@ from ..audit import GATE_PATCHES, HARM_MARGIN, worse_than
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import (
     SHIFTS,
-    audit_count,
+    audit_subdivide,
+    batch_split,
     config_for,
     config_from_record,
     default_strategy,
@@ -109,6 +110,12 @@ TARGET_DICE = 0.9  # the Dice the stop signal checks the estimate's interval aga
 SCORE_MAX_PIXELS = 4096 * 4096  # Dice against a loaded ground truth only on slides whose maps fit this
 
 
+def _audits_said(picks: list[Proposal]) -> str:
+    """``, 4 of them audits drawn at random from the tissue``, or nothing without audits."""
+    n = sum(p.audit for p in picks)
+    return f", {n} of them audits drawn at random from the tissue" if n else ""
+
+
 class AnnotateWidget(WorkerDock):
     """Dock widget driving one uncertainty-guided annotation session on a whole slide.
 
@@ -125,7 +132,7 @@ class AnnotateWidget(WorkerDock):
         self.model = None
         self.origin = None  # the session's round-0 model: the fine-tuning anchor pulls towards it
         self.plan = None
-        self.pieces = 1  # sub-patches per patch of the plan in use
+        self.subdivide = 1  # the side divisor of the plan in use's candidates (2: quarter patches)
         self.store: MapStore | None = None
         self.stores: list[MapStore] = []  # shown, newest first (older rounds fill what the newest lacks)
         self.queue: TileQueue | None = None
@@ -405,8 +412,8 @@ class AnnotateWidget(WorkerDock):
                 chosen = (subdivide, plan)
                 break
         subdivide, plan = chosen
-        self.pieces = subdivide**2  # sub-patches per patch of the Patches box, for this plan's candidates
-        self.k_spin.setSuffix(f" × {self.pieces} sub-patches" if self.pieces > 1 else "")
+        self.subdivide = subdivide  # sub-patches per patch of the Patches box: its square
+        self.k_spin.setSuffix(f" × {subdivide**2} sub-patches" if subdivide > 1 else "")
         return plan
 
     def _plan_of(self, subdivide: int) -> MapPlan:
@@ -569,7 +576,7 @@ class AnnotateWidget(WorkerDock):
         self.go_to(0, zoom=zoom)
         if not zoom:
             self._set_status(
-                f"{len(picks)} patches proposed across the slide (the first outlined in white); "
+                f"{len(picks)} patches proposed across the slide{_audits_said(picks)} (the first outlined in white); "
                 "◀ Prev / Next ▶ walk the queue."
             )
 
@@ -577,14 +584,16 @@ class AnnotateWidget(WorkerDock):
         """The queue's new patches: the most uncertain ones, and audit patches drawn at random from the tissue."""
         done = [Box(a["image"], a["y"], a["x"], a["h"], a["w"]) for a in self.session.annotations]
         self._tiles_since_rank = 0
-        k = self.k_spin.value() * self.pieces
-        audits_wanted = audit_count(k, self.audit_spin.value()) - sum(p.audit for p in keep)
+        k = self.k_spin.value() * self.subdivide**2
+        n_proposed, n_audit = batch_split(k, self.audit_spin.value(), self.subdivide)
+        kept_audits = sum(p.audit for p in keep)
+        audits_wanted = n_audit - kept_audits
         taken = [*done, *(p.box for p in keep)]
         seed = len(self.session.annotations) + 7919 * self.session.current_round
         strategy = self.strategy_combo.currentText()
         picks = select(
             self.store.candidates,
-            k - len(keep) - max(0, audits_wanted),
+            max(0, n_proposed - (len(keep) - kept_audits)),
             taken,
             strategy,
             np.random.default_rng(seed),
@@ -594,7 +603,8 @@ class AnnotateWidget(WorkerDock):
         )
         if audits_wanted <= 0:
             return picks
-        boxes = random_tissue_boxes(self.slide, self.plan, audits_wanted, seed, [*taken, *(p.box for p in picks)])
+        side = self.plan.patch * self.subdivide // audit_subdivide(self.subdivide)  # quarter patches at least
+        boxes = random_tissue_boxes(self.slide, self.plan, audits_wanted, seed, [*taken, *(p.box for p in picks)], side)
         audits = [Proposal(**vars(b), audit=True, reason="audit: drawn at random from the tissue") for b in boxes]
         rng = np.random.default_rng(seed)
         for audit in audits:  # anywhere in the queue, so an audit is corrected like any other patch

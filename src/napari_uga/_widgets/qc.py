@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..io import InputError, Pair, list_images, read_image
+from ..io import MIN_SIZE, InputError, Pair, list_images, read_image
 from ..quality import METHODS, RULES, SESSION_SCOPE, QCModel, image_patches
 from ..selection import Box
 from ._common import WorkerDock, follow_layers, refill_combo, view_box, zoom_to_box
@@ -281,13 +281,15 @@ class QCWidget(WorkerDock):
         return int(y0), int(x0), int(y1 - y0), int(x1 - x0)
 
     def _proposed(self, name: str, layer, data) -> list[tuple[Box, Pair]]:
+        """The queue's patches of ``name``; one smaller than QC's smallest side is read with context."""
         if PROPOSALS not in self.viewer.layers or not len(self.viewer.layers[PROPOSALS].data):
             raise InputError("qc: no proposed patches yet (Propose patches in the UGA annotation dock)")
         out = []
         for corners in self.viewer.layers[PROPOSALS].data:
             (y0, x0), (y1, x1) = np.floor(corners.min(0)).astype(int), np.ceil(corners.max(0)).astype(int)
             box = Box(name, int(y0), int(x0), int(y1 - y0), int(x1 - x0))
-            image = np.ascontiguousarray(np.asarray(data[box.y : box.y + box.h, box.x : box.x + box.w])[..., :3])
+            window = _with_context(box, data.shape[:2])
+            image = np.ascontiguousarray(np.asarray(window.crop(data))[..., :3])
             out.append((box, Pair(f"{name} y={box.y} x={box.x}", image)))
         return out
 
@@ -527,3 +529,15 @@ def _number(value: float) -> QTableWidgetItem:
     item = QTableWidgetItem()
     item.setData(Qt.ItemDataRole.DisplayRole, round(float(value), 3))
     return item
+
+
+def _with_context(box: Box, shape: tuple[int, int]) -> Box:
+    """``box`` grown about its centre to QC's smallest image side, kept inside an image of ``shape``."""
+
+    def grown(start: int, size: int, length: int) -> tuple[int, int]:
+        size_out = min(max(size, MIN_SIZE), length)
+        start_out = min(max(0, start - (size_out - size) // 2), length - size_out)
+        return start_out, size_out
+
+    (y, h), (x, w) = grown(box.y, box.h, shape[0]), grown(box.x, box.w, shape[1])
+    return Box(box.image, y, x, h, w)

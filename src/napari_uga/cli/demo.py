@@ -100,9 +100,9 @@ def run_headless(args: argparse.Namespace) -> dict:
         lines.append(f"stop signal at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
     last = trajectory.round_in_use[-1] if trajectory.round_in_use else 0
     if trajectory.handed_over == last:
-        why = "checked on one more batch of corrections"
+        why = "it clearly beat round 0 on one more batch of corrections"
     elif trajectory.handed_over == 0:
-        why = f"round {last} did not score as well as round 0 on fresh corrections"
+        why = f"round {last} did not clearly beat round 0 on fresh corrections"
     else:
         why = f"round {last} was rolled back or could not be checked; round {trajectory.handed_over} was"
     lines.append(
