@@ -112,7 +112,7 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "stop": t.stop_budget,
         "handed_over": t.handed_over,
         "handed_over_dice": t.handed_over_dice,
-        "handover_rule": "start",  # handed over only if it clearly beats the starting model on the closing batch
+        "handover_rule": "clear_gain",  # handed over only if it clearly beats the starting model on the closing batch
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def summarise(name: str, variant: str, runs: list[dict]) -> dict:
     out["worst_drop"] = float((dice - dice[:, :1]).min())  # most negative (budget Dice - zero-shot) of any seed
     out["harmed_runs"] = int(((dice - dice[:, :1]) < -0.01).any(1).sum())
     out["rollbacks"] = int(sum(r["rollbacks"][-1] for r in runs))
-    ruled = [r for r in runs if r.get("handover_rule") == "start"]  # runs cached before the rule lack it
+    ruled = [r for r in runs if r.get("handover_rule") == "clear_gain"]  # runs cached under older rules differ
     # the worst seed's drop of the model the session ends with, below zero-shot
     gains = [r["handed_over_dice"] - r["dice"][0] for r in ruled]
     out["handed_over_drop"] = min(gains, default=None)

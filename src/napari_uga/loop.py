@@ -399,7 +399,8 @@ class _Ledger:
         return len(self.rounds) - 1
 
     def _proxies(self, index: int) -> Proxies:
-        """Round ``index``'s proxies on the tissue patches it was not tuned on (audits are drawn from those)."""
+        """Round ``index``'s proxies on the tissue patches it was not tuned on (audits are drawn from those;
+        they also avoid their own batch's proposals, which the proxies keep)."""
         maps, trained = self.maps[index], self.trained_on[index]
         unseen = [box for box in self.tissue if not any(box.overlaps(done) for done in trained)]
         return Proxies.of(box.crop(maps[box.image]) for box in unseen)
@@ -509,9 +510,10 @@ def simulate(
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
     ``closing_batch``: one more batch after the last budget, scored and not trained on, so the
     last round has an in-session estimate and a do-no-harm check before the session hands it
-    over (``handed_over``; with ``no_harm``, only if it scores at least as well as the starting
-    model on that batch, :func:`_hand_over`); it costs one batch more. ``pool_truth``: also measure each budget's
-    model on the pool's tissue patches not annotated yet (what the in-session estimate is about).
+    over (``handed_over``; with ``no_harm``, only if its paired gain over the starting model on
+    that batch is clearly above zero, :func:`_hand_over`); it costs one batch more.
+    ``pool_truth``: also measure each budget's model on the pool's tissue patches not annotated
+    yet (what the in-session estimate is about).
 
     The model is fine-tuned (continuing from the round in use) on all annotations so far.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.

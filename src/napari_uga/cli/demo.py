@@ -99,8 +99,11 @@ def run_headless(args: argparse.Namespace) -> dict:
     if trajectory.stop_reason:
         lines.append(f"stop signal at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
     last = trajectory.round_in_use[-1] if trajectory.round_in_use else 0
-    if trajectory.handed_over == last:
-        why = "it clearly beat round 0 on one more batch of corrections"
+    if last == 0:
+        why = "no round was tuned"
+    elif trajectory.handed_over == last:
+        checked = args.no_harm == "on"
+        why = "it clearly beat round 0 on one more batch of corrections" if checked else "not checked (--no-harm off)"
     elif trajectory.handed_over == 0:
         why = f"round {last} did not clearly beat round 0 on fresh corrections"
     else:
