@@ -401,9 +401,12 @@ class _Ledger:
     def _proxies(self, index: int) -> Proxies:
         """Round ``index``'s proxies on the tissue patches it was not tuned on (audits are drawn from those;
         they also avoid their own batch's proposals, which the proxies keep)."""
-        maps, trained = self.maps[index], self.trained_on[index]
-        unseen = [box for box in self.tissue if not any(box.overlaps(done) for done in trained)]
-        return Proxies.of(box.crop(maps[box.image]) for box in unseen)
+        maps = self.maps[index]
+        return Proxies.of(box.crop(maps[box.image]) for box in self._clear_of(self.trained_on[index]))
+
+    def _clear_of(self, annotated: Sequence[Box]) -> list[Box]:
+        """The tissue patches that overlap none of ``annotated``."""
+        return [box for box in self.tissue if not any(box.overlaps(done) for done in annotated)]
 
     def evaluate(self, index: int, pairs: Sequence[Pair]) -> float:
         """Pooled Dice of round ``index``'s prediction on image/mask pairs."""
@@ -413,8 +416,8 @@ class _Ledger:
     def tissue_truth(self, index: int, annotated: Sequence[Box], oracle: Oracle) -> float | None:
         """Round ``index``'s pooled Dice against the truth on the tissue patches not annotated yet: the audit
         estimate's target (benchmarks); ``None`` where none is left or none holds tumour."""
-        unseen = [box for box in self.tissue if not any(box.overlaps(done) for done in annotated)]
         maps = self.maps[index]
+        unseen = self._clear_of(annotated)
         found = pooled_estimate([score_patch(box.crop(maps[box.image]), oracle.annotate(box).mask) for box in unseen])
         return None if found is None else found.dice
 
