@@ -47,7 +47,9 @@ from .uncertainty import TTA_MODES, predict_probability
 
 REPLAY_DIR = Path(__file__).parent / "replay"
 # audits are quarter patches (or the proposals' sub-patches where smaller): four audits for the area of one
-# whole patch, so the estimate of a round rests on four fresh patches per batch, not one (issue 14)
+# whole patch, so the estimate of a round rests on four fresh patches per batch, not one (issue 14).
+# Audits are held out of fine-tuning: every round is scored on every audit, the do-no-harm check and
+# the handover compare rounds on all of them, and QC calibrated on them checks a model that never saw them.
 AUDIT_SUBDIVIDE = 2
 
 
@@ -278,6 +280,7 @@ def finetune(
     replay_factor: float | None = None,
     origin: UNet | None = None,
     self_labelled: Sequence[Annotation] = (),
+    held_out: Sequence[Box] = (),
 ) -> Iterator[ProgressEvent]:
     """Fine-tune a copy of ``model`` on annotated patches plus replay shares; yields progress.
 
@@ -285,7 +288,8 @@ def finetune(
     towards it, so drift cannot add up over rounds (default: ``model`` itself).
     ``self_labelled``: unlabelled patches of the new images labelled by ``origin``
     (:func:`self_labels`), drawn for ``config.self_share`` of each batch; those overlapping an
-    annotation are left out, so a correction is never contradicted. Replay and self-labels keep
+    annotation are left out, so a correction is never contradicted, and so are those overlapping
+    ``held_out`` (audit patches kept out of training to measure it). Replay and self-labels keep
     their shares when present; the corrections get the rest.
 
     Returns a :class:`FinetuneResult` (the generator's value), or ``None`` when cancelled,
@@ -297,7 +301,8 @@ def finetune(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     tuned = copy.deepcopy(model)
-    kept_self_labels = [u for u in self_labelled if not any(u.box.overlaps(a.box) for a in annotations)]
+    taken = [*(a.box for a in annotations), *held_out]
+    kept_self_labels = [u for u in self_labelled if not any(u.box.overlaps(box) for box in taken)]
     rf = working_factor(model) if replay_factor is None else replay_factor
     memory = [(replay, rf, config.replay_share), (kept_self_labels, factor, config.self_share)]
     memory = [(patches, scale, share) for patches, scale, share in memory if patches and share > 0]
@@ -364,7 +369,8 @@ class _Ledger:
     """The rounds of a simulated session, their maps of the pool, and every fresh score.
 
     ``scores`` holds, per correction, whether it was an audit and its :class:`PatchScore`
-    against each round that existed when it arrived (none had trained on it).
+    against each round that existed when it arrived (none had trained on it). Audits are never
+    trained on, so every later round is scored on them too, as it is added.
     """
 
     pool: Sequence[Pair]
@@ -377,6 +383,7 @@ class _Ledger:
     proxies: list[Proxies] = field(default_factory=list)
     trained_on: list[list[Box]] = field(default_factory=list)  # per round, the annotated boxes it was tuned on
     scores: list[tuple[bool, dict[int, PatchScore]]] = field(default_factory=list)
+    held_out: list[tuple[Annotation, dict[int, PatchScore]]] = field(default_factory=list)  # audits, every round
     changes: list[float] = field(default_factory=list)
 
     def add_round(
@@ -395,8 +402,11 @@ class _Ledger:
             for p in self.pool
         }
         self.maps.append(maps)
-        self.proxies.append(self._proxies(len(self.maps) - 1))
-        return len(self.rounds) - 1
+        index = len(self.maps) - 1
+        self.proxies.append(self._proxies(index))
+        for annotation, by_round in self.held_out:  # no round trains on an audit: each is fresh for this one too
+            by_round[index] = self._score(index, annotation)
+        return index
 
     def _proxies(self, index: int) -> Proxies:
         """Round ``index``'s proxies on the tissue patches it was not tuned on (audits are drawn from those;
@@ -431,15 +441,26 @@ class _Ledger:
         self.scores = [(False, by_round) for _, by_round in self.scores]
         self.proxies = [self._proxies(index) for index in range(len(self.maps))]
 
+    def _score(self, index: int, annotation: Annotation) -> PatchScore:
+        box = annotation.box
+        return score_patch(box.crop(self.maps[index][box.image]), annotation.mask)
+
     def score(self, batch: Sequence[Annotation], audits: Sequence[bool]) -> list[dict[int, PatchScore]]:
-        """Test-then-train: every round so far against each correction of a fresh batch."""
+        """Test-then-train: every round so far against each correction of a fresh batch; the audits are kept."""
         fresh = []
         for annotation, audit in zip(batch, audits, strict=True):
-            box = annotation.box
-            by_round = {i: score_patch(box.crop(m[box.image]), annotation.mask) for i, m in enumerate(self.maps)}
+            by_round = {i: self._score(i, annotation) for i in range(len(self.maps))}
             self.scores.append((audit, by_round))
+            if audit:
+                self.held_out.append((annotation, by_round))
             fresh.append(by_round)
         return fresh
+
+    def checked_on(self, fresh: Sequence[dict[int, PatchScore]]) -> list[dict[int, PatchScore]]:
+        """What two rounds are compared on: a batch's fresh proposed corrections and every audit so far
+        (none was trained on; the batch's own audits are among them)."""
+        held = [by_round for _, by_round in self.held_out]
+        return [*(s for s in fresh if not any(s is h for h in held)), *held]
 
     def estimate(self, round_index: int, audits_only: bool = True):
         """A round's Dice from the corrections scored against it: PPI on the audits, or pooled over all."""
@@ -506,19 +527,19 @@ def simulate(
 
     Each batch holds ``audit_share`` of audit patches (:func:`draw_audits`), the rest proposed by
     ``strategy``. Every correction is scored against every round before training
-    (test-then-train). With ``no_harm``, a round that scores more than
-    :data:`~napari_uga.audit.HARM_MARGIN` below the round it was tuned from on a fresh batch is
-    rolled back. ``presets`` (``{"centre": ..., "organ": ...}``) is the ``auto`` shift: the first
+    (test-then-train); audits are never trained on, so every round is scored on all of them.
+    With ``no_harm``, a round that scores more than :data:`~napari_uga.audit.HARM_MARGIN` below
+    the round it was tuned from on a fresh batch and the audits so far is rolled back. ``presets`` (``{"centre": ..., "organ": ...}``) is the ``auto`` shift: the first
     batch's scores of the starting model choose one (:func:`~napari_uga.audit.choose_shift`).
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
     ``closing_batch``: one more batch after the last budget, scored and not trained on, so the
     last round has an in-session estimate and a do-no-harm check before the session hands it
     over (``handed_over``; with ``no_harm``, only if its paired gain over the starting model on
-    that batch is clearly above zero, :func:`_hand_over`); it costs one batch more.
+    that batch and the audits is clearly above zero, :func:`_hand_over`); it costs one batch more.
     ``pool_truth``: also measure each budget's model on the pool's tissue patches not annotated
     yet (what the in-session estimate is about).
 
-    The model is fine-tuned (continuing from the round in use) on all annotations so far.
+    The model is fine-tuned (continuing from the round in use) on all corrections so far but the audits.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
     """
     rng = np.random.default_rng(seed)
@@ -530,6 +551,7 @@ def simulate(
     ledger = _Ledger(pool, _audit_boxes(pool, config), factor)
     in_use = ledger.add_round(model, None, config.predictor)
     annotations: list[Annotation] = []
+    trained: list[Annotation] = []  # the annotations fine-tuning uses: all but the audits (held out)
     fresh: list[dict[int, PatchScore]] = []  # the last batch's scores, before training on it
     self_labelled: list[Annotation] | None = None
     spent = 0.0  # the budget used, in patches (a sub-patch is 1 / config.pieces of one)
@@ -542,6 +564,7 @@ def simulate(
             batch = [oracle.annotate(p) for p in picks]
             fresh = ledger.score(batch, [p.audit for p in picks])
             annotations += batch
+            trained += [a for a, p in zip(batch, picks, strict=True) if not p.audit]
             spent += _area(picks, config)
             result.picks.append([p.as_dict() for p in picks])
             if presets and result.shift is None:
@@ -552,19 +575,21 @@ def simulate(
                 config = presets[result.shift]
                 if _audit_geometry(config) != geometry:  # the audits are drawn from other boxes now
                     ledger.retile(_audit_boxes(pool, config))
-            in_use = _do_no_harm(ledger, in_use, fresh, no_harm, result, on_event)
+            in_use = _do_no_harm(ledger, in_use, ledger.checked_on(fresh), no_harm, result, on_event)
             signal = stop_signal(ledger.estimate(in_use), ledger.changes, target, ledger.estimate(in_use, False))
             if signal is not None and result.stop_budget is None:
                 result.stop_budget, result.stop_reason = _patches(spent), signal
                 _say(on_event, f"stop signal: {signal}")
                 if stop:
                     break  # the round in use has just been checked on this batch: keep it
+            if not trained:
+                continue  # a batch of audits alone: measured, nothing to train on yet
             if self_labelled is None:
                 whole = [(Box(p.name, 0, 0, *p.image.shape[:2]), p.image) for p in pool]
                 self_labelled = self_labels(model, whole, factor) if config.self_share > 0 else []
             run = finetune(
                 ledger.rounds[in_use],
-                annotations,
+                trained,
                 replay,
                 factor,
                 config,
@@ -572,9 +597,10 @@ def simulate(
                 replay_factor=replay_factor,
                 origin=model,
                 self_labelled=self_labelled,
+                held_out=[a.box for a, _ in ledger.held_out],
             )
             tuned = _drain(run, on_event).model
-            in_use = ledger.add_round(tuned, in_use, config.predictor, [a.box for a in annotations])
+            in_use = ledger.add_round(tuned, in_use, config.predictor, [a.box for a in trained])
         if stop and result.stop_budget is not None and budget > spent + 1e-9:
             break  # the session stopped before this budget
         result.budgets.append(budget)
@@ -588,9 +614,10 @@ def simulate(
         k = config.batch * config.pieces
         picks = _batch(ledger.rounds[in_use], pool, k, audit_share, config, annotations, strategy, rng, factor)
         closing = ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks]) if picks else []
-        if closing:
-            in_use = _do_no_harm(ledger, in_use, closing, no_harm, result, on_event)
-            in_use = _hand_over(ledger, in_use, closing, no_harm, on_event)
+        checks = ledger.checked_on(closing)  # with no tissue left, the audits so far still check the last round
+        if checks:
+            in_use = _do_no_harm(ledger, in_use, checks, no_harm, result, on_event)
+            in_use = _hand_over(ledger, in_use, checks, no_harm, on_event)
         elif no_harm and ledger.tuned_from[in_use] is not None:  # nothing left to check the last round on
             checked = ledger.tuned_from[in_use]
             _say(on_event, f"round {in_use} could not be checked (no tissue left): round {checked} met fresh patches")
@@ -629,12 +656,15 @@ def _patches(spent: float) -> int | float:
 
 
 def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, factor) -> list[Proposal]:
-    """The next ``k`` patches: ``audit_share`` of them audits, the rest proposed by ``strategy``."""
+    """The next ``k`` patches: ``audit_share`` of them audits, the rest proposed by ``strategy``.
+
+    The audits are drawn first, from all the tissue not annotated yet, so they are a uniform
+    sample of it (drawn after the proposals, they would miss the hardest patches of the batch)."""
     done = [a.box for a in annotations]
     n_proposed, n_audit = batch_split(k, audit_share, config.subdivide)
+    audits = draw_audits(pool, n_audit, config, done, rng)
     known = [(appearance_features(a.image), holds_tumour(a.mask)) for a in annotations]
-    picks = propose(model, pool, n_proposed, factor, config, done, strategy, rng, known)
-    return picks + draw_audits(pool, n_audit, config, [*done, *(p.box for p in picks)], rng)
+    return propose(model, pool, n_proposed, factor, config, [*done, *(a.box for a in audits)], strategy, rng, known) + audits
 
 
 def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:
