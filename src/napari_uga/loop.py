@@ -529,8 +529,9 @@ def simulate(
     ``strategy``. Every correction is scored against every round before training
     (test-then-train); audits are never trained on, so every round is scored on all of them.
     With ``no_harm``, a round that scores more than :data:`~napari_uga.audit.HARM_MARGIN` below
-    the round it was tuned from on a fresh batch and the audits so far is rolled back. ``presets`` (``{"centre": ..., "organ": ...}``) is the ``auto`` shift: the first
-    batch's scores of the starting model choose one (:func:`~napari_uga.audit.choose_shift`).
+    the round it was tuned from on a fresh batch and the audits so far is rolled back.
+    ``presets`` (``{"centre": ..., "organ": ...}``) is the ``auto`` shift: the first batch's
+    scores of the starting model choose one (:func:`~napari_uga.audit.choose_shift`).
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
     ``closing_batch``: one more batch after the last budget, scored and not trained on, so the
     last round has an in-session estimate and a do-no-harm check before the session hands it
@@ -664,7 +665,8 @@ def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, fact
     n_proposed, n_audit = batch_split(k, audit_share, config.subdivide)
     audits = draw_audits(pool, n_audit, config, done, rng)
     known = [(appearance_features(a.image), holds_tumour(a.mask)) for a in annotations]
-    return propose(model, pool, n_proposed, factor, config, [*done, *(a.box for a in audits)], strategy, rng, known) + audits
+    taken = [*done, *(a.box for a in audits)]
+    return propose(model, pool, n_proposed, factor, config, taken, strategy, rng, known) + audits
 
 
 def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:

@@ -460,8 +460,17 @@ class Session:
         )
 
     def pending_ids(self) -> list[int]:
-        """Annotations not yet used by any round."""
-        return [a["id"] for a in self.annotations if a["round"] is None]
+        """Corrections waiting to be trained on: not yet used by any round, and not held-out audits."""
+        return [a["id"] for a in self.annotations if a["round"] is None and not a.get("audit", False)]
+
+    def held_out_ids(self) -> list[int]:
+        """Audit patches no round has trained on: every round is scored on them (sessions before stop 32
+        trained on their audits; those stay with the round that used them)."""
+        return [a["id"] for a in self.annotations if is_held_out(a)]
+
+    def training_ids(self) -> list[int]:
+        """The annotations a fine-tune uses: every one but the held-out audits."""
+        return [a["id"] for a in self.annotations if not is_held_out(a)]
 
     def load_annotations(self, ids: list[int] | None = None):
         """Annotations (all, or by id) as :class:`~napari_uga.loop.Annotation` with image crops."""
@@ -557,6 +566,11 @@ class Session:
         return [Proposal(**q) for q in self.queue]
 
 
+def is_held_out(annotation: dict) -> bool:
+    """An annotation record of an audit patch that no round has trained on."""
+    return bool(annotation.get("audit", False)) and annotation["round"] is None
+
+
 def _without_scores_from(annotation: dict, index: int) -> dict:
     """An annotation record without its scores of rounds ``index`` and later."""
     scores = annotation.get("scores", {})
@@ -565,21 +579,24 @@ def _without_scores_from(annotation: dict, index: int) -> dict:
 
 
 def audit_pairs(folder: str | os.PathLike) -> tuple[list[Pair], float | None]:
-    """The audit patches of a session (image crop, corrected 0/1 mask) and their µm/px, for QC calibration.
+    """The held-out audit patches of a session (image crop, corrected 0/1 mask) and their µm/px, for QC calibration.
 
     Audits were drawn uniformly at random from the slide's tissue, so they are exchangeable with
     other randomly drawn tissue patches of that slide: a conformal guarantee calibrated on them
-    holds for patches drawn that way. Reads the record without taking the lock (the dock may
-    have the session open); a session without audits raises :class:`InputError`.
+    holds for patches drawn that way. Only audits no round trained on count (a model scores its
+    own training patches too well). Reads the record without taking the lock (the dock may
+    have the session open); a session without such audits raises :class:`InputError`.
     """
     folder = Path(folder)
     record = folder / "session.json"
     if not record.is_file():
         raise InputError(f"{folder}: no session.json (not a napari-uga session folder)")
     session = Session._read(folder, record)
-    audits = [a for a in session.annotations if a.get("audit", False)]
+    audits = [a for a in session.annotations if is_held_out(a)]
     if not audits:
-        raise InputError(f"{folder}: the session has no audit patches yet (annotate a batch with audits first)")
+        raise InputError(
+            f"{folder}: the session has no audit patch that no round trained on (annotate a batch with audits first)"
+        )
     scales = {session.images[a["image"]].get("mpp") for a in audits}
     pairs = []
     try:

@@ -66,10 +66,14 @@ class MapPlan:
         y, x = tile[0] * TILE, tile[1] * TILE
         return y, x, min(TILE, self.shape[0] - y), min(TILE, self.shape[1] - x)
 
-    def to_level0(self, y: int, x: int, h: int, w: int, image: str) -> Box:
-        """A working-scale box as a level-0 :class:`Box`."""
+    def to_level0(self, y: int, x: int, h: int, w: int, image: str, within: tuple[int, int] | None = None) -> Box:
+        """A working-scale box as a level-0 :class:`Box`, cut to a level-0 ``within`` (height, width) if given
+        (rounding can carry a box at the slide's edge a pixel past it)."""
         s = self.scale
-        return Box(image, round(y * s), round(x * s), max(1, round(h * s)), max(1, round(w * s)))
+        y0, x0, h0, w0 = round(y * s), round(x * s), max(1, round(h * s)), max(1, round(w * s))
+        if within is not None:
+            h0, w0 = max(1, min(h0, within[0] - y0)), max(1, min(w0, within[1] - x0))
+        return Box(image, y0, x0, h0, w0)
 
     def to_working(self, box: Box) -> tuple[int, int, int, int]:
         """A level-0 box in working-scale pixels (y, x, h, w)."""
@@ -454,7 +458,8 @@ def random_tissue_boxes(
     slide: Slide, plan: MapPlan, n: int, seed: int = 0, exclude: Sequence[Box] = (), side: int | None = None
 ) -> list[Box]:
     """``n`` patches (level-0 boxes) of ``side`` working px (default the plan's patch) drawn uniformly at
-    random over the tissue, none overlapping ``exclude``."""
+    random over the tissue, none overlapping ``exclude``. They lie on a grid of ``side`` working px, so a
+    quarter patch covers the fewest of the half-overlapping candidate patches."""
     side = plan.patch if side is None else side
     if not 1 <= side <= plan.patch:
         raise ValueError(f"audit patch side {side} must be between 1 and the plan's patch {plan.patch}")
@@ -465,12 +470,14 @@ def random_tissue_boxes(
     picked: list[Box] = []
     for i in rng.permutation(len(ys)):
         y, x = ys[i] * step * ds, xs[i] * step * ds
-        wy, wx = int(y / plan.scale), int(x / plan.scale)
+        wy, wx = int(y / plan.scale) // side * side, int(x / plan.scale) // side * side
         if wy + side > plan.shape[0] or wx + side > plan.shape[1]:
             continue
         if tissue_crop(tissue, plan.scale / ds, (wy, wx, side, side)).mean() < MIN_TISSUE:
             continue
         box = plan.to_level0(wy, wx, side, side, slide.name)
+        if box.y + box.h > slide.shape[0] or box.x + box.w > slide.shape[1]:  # rounding past the slide's edge
+            continue
         if not any(box.overlaps(p) for p in [*picked, *exclude]):
             picked.append(box)
         if len(picked) == n:
@@ -559,9 +566,19 @@ def _fit(array: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def candidates_in(
-    plan: MapPlan, image: str, y: int, x: int, probability, entropy, rgb, tissue, how: str = "mean"
+    plan: MapPlan,
+    image: str,
+    y: int,
+    x: int,
+    probability,
+    entropy,
+    rgb,
+    tissue,
+    how: str = "mean",
+    within: tuple[int, int] | None = None,
 ) -> list[Candidate]:
-    """Scored candidate patches (level-0 boxes) on a half-overlapping grid inside a computed working box."""
+    """Scored candidate patches (level-0 boxes, cut to the level-0 ``within``) on a half-overlapping grid
+    inside a computed working box."""
     from .selection import grid_boxes
     from .uncertainty import patch_score
 
@@ -576,7 +593,7 @@ def candidates_in(
         prob = box.crop(probability)
         out.append(
             Candidate(
-                box=plan.to_level0(y + box.y, x + box.x, box.h, box.w, image),
+                box=plan.to_level0(y + box.y, x + box.x, box.h, box.w, image, within),
                 score=patch_score(box.crop(entropy)[in_tissue], how),
                 features=np.concatenate([appearance_features(box.crop(rgb)), [prob.mean()]]).astype(np.float32),
                 tumour=bool((prob >= 0.5).mean() >= 0.05),
@@ -604,7 +621,9 @@ def compute_maps(
             queue.put_back(job)
             raise
         store.write(box[0], box[1], probability, entropy)
-        found = candidates_in(mapper.plan, image, box[0], box[1], probability, entropy, rgb, tissue, how)
+        found = candidates_in(
+            mapper.plan, image, box[0], box[1], probability, entropy, rgb, tissue, how, mapper.slide.shape[:2]
+        )
         if kind == "tile":
             store.mark_done(item, found)
         else:

@@ -10,6 +10,7 @@ from napari_uga.slides import write_tissue_slide
 from napari_uga.tiles import (
     MARGIN,
     TILE,
+    MapPlan,
     MapStore,
     MapView,
     TileMapper,
@@ -113,3 +114,12 @@ def test_survey_spreads_over_the_tissue(island_slide):
     assert len(boxes) == 30 and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     assert all(tissue[int((b.y + b.h / 2) / ds), int((b.x + b.w / 2) / ds)] for b in boxes)
     assert np.std([b.y for b in boxes]) > 1000 and np.std([b.x for b in boxes]) > 1000  # not one corner
+
+
+def test_a_box_at_the_slides_edge_is_cut_to_the_slide():
+    """Rounding working px to level-0 px can carry an edge patch past the slide: its image would be a row short."""
+    plan = MapPlan(level=0, factor=1 / 2.15, scale=2.15, shape=(1723, 667), tiles=(), grid=(1, 1), patch=128)
+    past = plan.to_level0(1596, 0, 128, 128, "s")
+    assert past.y + past.h == 3706  # two rows past a slide of 3704
+    cut = plan.to_level0(1596, 0, 128, 128, "s", within=(3704, 1434))
+    assert (cut.y, cut.h, cut.w) == (past.y, 273, past.w)

@@ -31,6 +31,7 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert {dock.plan.to_working(p)[2:] for p in dock.proposals if p.audit} == {(dock.plan.patch // 2,) * 2}
     assert dock.counter.text() == "patch 1 / 6 · 1 to submit"
     submitted_audits = [p.audit for p in dock.proposals[:2]]
+    assert submitted_audits == [False, True]  # a proposed patch, then an audit
     self_label_boxes = dock._self_label_boxes()  # what the starting model labels for the self-label share
     assert 0 < len(self_label_boxes) <= SELF_LABEL_PATCHES and len(set(self_label_boxes)) == len(self_label_boxes)
 
@@ -69,11 +70,15 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     assert not np.array_equal(np.asarray(viewer.layers[PROBABILITY].data[0]), before)
     assert (folder / "maps" / "round_001.zarr").is_dir() and dock.store.complete()
     assert dock.history.rowCount() == 2
-    assert dock.history.item(1, 1).text() == "2"
+    assert dock.history.item(1, 1).text() == "1"  # the audit is held out of training
     assert dock.history.item(1, 4).text() != "—"  # Dice against the loaded ground truth
-    assert dock.measure_label.text().startswith("Round 0:")  # measured on the corrections before training
+    # round 1 is measured at once, on the audit it never trained on
+    assert dock.measure_label.text().startswith("Round 1:"), dock.measure_label.text()
+    assert "1 audit patch, never trained on" in dock.measure_label.text()
     assert [a["audit"] for a in dock.session.annotations] == submitted_audits
-    assert all(set(a["scores"]) == {"0"} for a in dock.session.annotations)  # scored before round 1 trained
+    # both scored by round 0 before round 1 trained; the audit by round 1 too
+    assert [sorted(a["scores"]) for a in dock.session.annotations] == [["0"], ["0", "1"]]
+    assert dock.session.held_out_ids() == [2] and dock.session.rounds[1].annotation_ids == [1]
     assert dock.chosen_shift in ("centre", "organ") and dock.steps_spin.value() == 3
     assert len(dock.training.losses) == 3
     assert dock.compute_button.isEnabled() and dock.undo_button.isEnabled()
@@ -81,7 +86,7 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     dock.undo_round()
     wait_idle(dock)
     assert dock.session.current_round == 0
-    assert dock.session.pending_ids() == [1, 2]
+    assert dock.session.pending_ids() == [1] and dock.session.held_out_ids() == [2]
     assert dock.history.rowCount() == 1
 
 

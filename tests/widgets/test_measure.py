@@ -8,6 +8,7 @@ from qtpy.QtCore import Qt
 
 from napari_uga._widgets._layers import PROPOSALS
 from napari_uga._widgets.annotate import SHIFT_LABELS, AnnotateWidget
+from napari_uga.audit import pooled_estimate
 from napari_uga.session import audit_pairs
 
 
@@ -25,28 +26,40 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
     session = dock.session
     assert [a["audit"] for a in session.annotations].count(True) == 4
     assert "audit" in list(dock.viewer.layers[PROPOSALS].features["why"])
-    assert all(set(a["scores"]) == {"0"} for a in session.annotations)  # scored before round 1 trained on them
+    # all scored by round 0 before round 1 trained; round 1 trained on the proposed two and was scored on the audits
+    assert [sorted(a["scores"]) for a in session.annotations] == [
+        ["0", "1"] if a["audit"] else ["0"] for a in session.annotations
+    ]
     assert dock.chosen_shift == "centre"  # the starting model clears the bar on this slide's first batch
     assert session.config["loop"]["chosen_shift"] == "centre" and session.current_round == 1
+    assert len(session.rounds[1].annotation_ids) == 2 and len(session.held_out_ids()) == 4
     said = dock.measure_label.text()
-    assert said.startswith("Round 0:") and "4 audit patches" in said and "on all 6 corrections" in said
+    assert said.startswith("Round 1:") and "4 audit patches, never trained on" in said, said
+    assert "Against round 0 on the same 4 corrections: " in said  # did round 1 help? asked at once
 
-    submit_batch(dock)  # round 1 is checked against round 0 on this batch
-    assert not dock.notice and session.current_round == 2 and len(session.config["changes"]) == 1
-    assert "Against round 0 on the same 6 corrections: " in dock.measure_label.text()  # did round 1 help?
+    submit_batch(dock)  # round 1 meets this batch and the 4 earlier audits: kept, or rolled back with a notice
+    (change,) = session.config["changes"]
+    assert dock.notice.startswith("Do no harm: round 1 scored") == (change < -0.01), (change, dock.notice)
+    assert "Against round 0 on the same 8 corrections: " in dock.measure_label.text()
 
     submit_batch(dock)
-    assert session.current_round == 3
-    with torch.no_grad():  # fault injected: round 3 goes wrong, it calls tumour what it called tissue and back
+    last = session.current_round
+    with torch.no_grad():  # fault injected: the round goes wrong, it calls tumour what it called tissue and back
         dock.model.head_out.weight.neg_()
         dock.model.head_out.bias.neg_()
-    submit_batch(dock)  # the wrong round 3 meets fresh corrections
-    assert dock.notice.startswith("Do no harm: round 3 scored") and "rolled back to round 2" in dock.notice
-    assert session.config["changes"][-1] < -0.01
-    assert session.current_round == 3 and session.rounds[3].annotation_ids  # retrained from round 2
-    scores = [a["scores"] for a in session.annotations]
-    assert all("2" in s and "3" not in s for s in scores[-6:])  # the undone round's scores are dropped
-    assert all(set(s) == {"0", "1", "2"} for s in scores[12:18])  # batch 3 met rounds 0-2 before training
+    submit_batch(dock)  # the wrong round meets fresh corrections
+    assert dock.notice.startswith(f"Do no harm: round {last} scored"), dock.notice
+    assert f"rolled back to round {last - 1}" in dock.notice and session.config["changes"][-1] < -0.01
+    assert session.current_round == last and session.rounds[last].annotation_ids  # retrained from the round before
+    proposed = [a for a in session.annotations if not a["audit"]]
+    assert all(str(last - 1) in a["scores"] and str(last) not in a["scores"] for a in proposed[-2:])
+    # test-then-train: a proposed correction is scored only by rounds before the one that trained on it
+    assert all(max(map(int, a["scores"])) < a["round"] for a in proposed)
+    # the round in use and round 0 are scored on every audit; the last round's are the retrained round's
+    audits = [a for a in session.annotations if a["audit"]]
+    assert all({"0", str(last)} <= set(a["scores"]) for a in audits)
+    retrained = pooled_estimate(session.scores_of(last, audits_only=True))
+    assert retrained is not None and retrained.dice > 0.5
     text = dock.measure_text()
     dock.strategy_combo.setCurrentText("expected_error")  # proposals from a texture model of the corrections
     dock.propose()

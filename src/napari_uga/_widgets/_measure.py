@@ -22,7 +22,7 @@ def measure_text(session: Session, target: float | None) -> str:
     audit, hard = pooled_estimate(audits), pooled_estimate(every)
     said = [f"Round {index}:"]
     if audit is not None:
-        said.append(f"estimated Dice {audit.text()} on this slide ({len(audits)} audit patches).")
+        said.append(f"estimated Dice {audit.text()} on this slide ({_audits(len(audits))}, never trained on).")
     elif audits:
         said.append(f"its {len(audits)} audit patches hold no tumour, marked or predicted: no Dice to estimate yet.")
     else:
@@ -37,6 +37,10 @@ def measure_text(session: Session, target: float | None) -> str:
     if signal is not None:
         said.append(f"■ {signal[0].upper()}{signal[1:]}.")
     return " ".join(said)
+
+
+def _audits(n: int) -> str:
+    return f"{n} audit patch" if n == 1 else f"{n} audit patches"
 
 
 def against_start(newer: list, start: list) -> str:

@@ -17,7 +17,16 @@ from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 
 from ..audit import Comparison, PatchScore, choose_shift, compare_rounds, score_rounds, tissue_is_new, worse_than
 from ..io import Pair
-from ..loop import Annotation, FinetuneResult, LoopConfig, finetune, replay_pairs, self_labels
+from ..loop import (
+    Annotation,
+    FinetuneResult,
+    LoopConfig,
+    finetune,
+    predicting_network,
+    prediction_tta,
+    replay_pairs,
+    self_labels,
+)
 from ..models import UNet
 from ..selection import Box
 from ..tiles import MapStore, TileMapper, TileQueue, compute_maps
@@ -129,7 +138,8 @@ class SubmitOutcome:
     shift: str | None  # the preset chosen from this batch (``auto``, first batch only)
     new_tissue: bool | None  # what ``auto``'s gate said of the slide's tissue (``None``: not asked, or no answer)
     start: UNet  # the model the fine-tune started from
-    result: FinetuneResult | None
+    result: FinetuneResult | None  # ``None``: cancelled, or nothing to train on (a batch of audits alone)
+    held_out_scores: list[PatchScore]  # the tuned round on each held-out audit of the batch, in order
 
 
 def submit_events(
@@ -140,12 +150,17 @@ def submit_events(
     auto_rollback: bool,
     configs: dict[str, LoopConfig],
     factor: float,
-    tune: Callable[[UNet, LoopConfig], Iterator[ProgressEvent]],
+    tune: Callable[[UNet, LoopConfig], Iterator[ProgressEvent]] | None,
     read_tissue: Callable[[], Sequence[np.ndarray]],
     predictors: dict[int, UNet] | None = None,
     tta: str = "none",
+    held_out: Sequence[bool] = (),
 ) -> Iterator[ProgressEvent]:
     """Test-then-train: score the new corrections against the rounds, apply do-no-harm, then fine-tune.
+
+    ``batch``: the new corrections and every audit no round has trained on (``held_out`` marks
+    them; the comparison of the rounds reads all of them). The tuned round is then scored on the
+    held-out audits too, so its estimate is known at once. ``tune=None``: nothing to train on.
 
     ``configs``: the loop settings, one entry (the preset in use) or ``centre`` and ``organ``
     when ``auto`` still has to choose from this batch. ``tune(start, config=...)``: the fine-tune
@@ -174,9 +189,23 @@ def submit_events(
         except RuntimeError as exc:
             raise WorkerError(f"reading the tissue for the domain-shift choice failed: {exc}") from exc
     config = configs[shift] if shift is not None else next(iter(configs.values()))
-    start = models[previous] if rolled_back else models[current]
-    result = yield from tune(start, config=config)
-    return SubmitOutcome(scores, comparison, rolled_back, shift, gate.get("new"), start, result)
+    start_index = previous if rolled_back else current
+    start = models[start_index]
+    result = None if tune is None else (yield from tune(start, config=config))
+    audits = [a for a, held in zip(batch, list(held_out) or [False] * len(batch), strict=True) if held]
+    held_scores = []
+    if result is not None and audits:
+        yield progress_event("scoring", 0, 1, f"scoring the new round on {len(audits)} held-out audit patches")
+        # a tuned round's parent is the round it was tuned from, where that is a tuned round itself
+        network = predicting_network(result.model, start if start_index > 0 else None, config.predictor)
+        try:
+            held_scores = score_rounds(
+                {0: network}, [a.image for a in audits], [a.mask for a in audits], factor,
+                prediction_tta(config.predictor),
+            )[0]  # fmt: skip
+        except RuntimeError as exc:
+            raise WorkerError(f"scoring the new round failed: {exc}") from exc
+    return SubmitOutcome(scores, comparison, rolled_back, shift, gate.get("new"), start, result, held_scores)
 
 
 def submit_worker(*args) -> GeneratorWorker:

@@ -591,25 +591,31 @@ class AnnotateWidget(WorkerDock):
         taken = [*done, *(p.box for p in keep)]
         seed = len(self.session.annotations) + 7919 * self.session.current_round
         strategy = self.strategy_combo.currentText()
+        audits = self._draw_audits(audits_wanted, taken, seed)  # first: a uniform sample of the tissue left
         picks = select(
             self.store.candidates,
             max(0, n_proposed - (len(keep) - kept_audits)),
-            taken,
+            [*taken, *(a.box for a in audits)],
             strategy,
             np.random.default_rng(seed),
             diversity_for(strategy, self.config.diversity),
             self._known() if strategy == "expected_error" else (),
             annotated=len(done),  # the queue's kept patches are not corrections yet
         )
-        if audits_wanted <= 0:
+        if not audits:
             return picks
-        side = self.plan.patch * self.subdivide // audit_subdivide(self.subdivide)  # quarter patches at least
-        boxes = random_tissue_boxes(self.slide, self.plan, audits_wanted, seed, [*taken, *(p.box for p in picks)], side)
-        audits = [Proposal(**vars(b), audit=True, reason="audit: drawn at random from the tissue") for b in boxes]
         rng = np.random.default_rng(seed)
         for audit in audits:  # anywhere in the queue, so an audit is corrected like any other patch
             picks.insert(int(rng.integers(0, len(picks) + 1)), audit)
         return [replace(p, rank=i + 1) for i, p in enumerate(picks)]
+
+    def _draw_audits(self, n: int, taken: list[Box], seed: int) -> list[Proposal]:
+        """``n`` audit patches drawn at random from the tissue clear of ``taken`` (quarter patches at least)."""
+        if n <= 0:
+            return []
+        side = self.plan.patch * self.subdivide // audit_subdivide(self.subdivide)
+        boxes = random_tissue_boxes(self.slide, self.plan, n, seed, taken, side)
+        return [Proposal(**vars(b), audit=True, reason="audit: drawn at random from the tissue") for b in boxes]
 
     def _known(self) -> list[tuple[np.ndarray, bool]]:
         """Each correction as ``expected_error`` reads it: the nearest scored patch's features, and tumour or not."""
@@ -830,8 +836,12 @@ class AnnotateWidget(WorkerDock):
         self.config.steps = self.steps_spin.value()
         self.session.config["loop"] = self._loop_record()
         self.token = CancelToken()
-        annotations = self.session.load_annotations()
-        batch = [a for a, record in zip(annotations, self.session.annotations, strict=True) if record["id"] in new_ids]
+        held_ids = set(self.session.held_out_ids())
+        scored_ids = [*new_ids, *(i for i in self.session.held_out_ids() if i not in new_ids)]
+        loaded = dict(zip((a["id"] for a in self.session.annotations), self.session.load_annotations(), strict=True))
+        batch = [loaded[i] for i in scored_ids]  # the new corrections, and every audit no round trained on
+        annotations = [loaded[i] for i in self.session.training_ids()]
+        held_boxes = [loaded[i].box for i in held_ids]
         current = self.session.current_round
         previous = current - 1 if current > 0 else None
         models = {current: self.model, 0: self.origin}
@@ -844,23 +854,31 @@ class AnnotateWidget(WorkerDock):
             configs = {s: replace(self.config, **{**SHIFTS[s], **edited}) for s in SHIFTS}
         else:
             configs = {self._preset(): self.config}
-        tune = partial(
+        tune = None if not annotations else partial(
             finetune_events, annotations=annotations, factor=self._factor(), seed=len(self.session.annotations),
             cancel=self.token, threads=TRAIN_THREADS, origin=self.origin,
-            self_label_boxes=self._self_label_boxes(), read_patch=self.session.read_patch,
+            self_label_boxes=[b for b in self._self_label_boxes() if not any(b.overlaps(h) for h in held_boxes)],
+            read_patch=self.session.read_patch,
         )  # fmt: skip
         worker = submit_worker(
             batch, models, current, previous, self.rollback_check.isChecked(), configs, self._factor(), tune,
             partial(self._read_patches, self._gate_boxes() if len(configs) > 1 else []),
-            predictors, prediction_tta(self.config.predictor),
+            predictors, prediction_tta(self.config.predictor), [i in held_ids for i in scored_ids],
         )  # fmt: skip
         worker.yielded.connect(self.training.on_event)
-        worker.returned.connect(lambda outcome: self._submitted(outcome, new_ids, current, previous))
+        held = [i for i in scored_ids if i in held_ids]
+        worker.returned.connect(lambda outcome: self._submitted(outcome, scored_ids, held, current, previous))
+        self.training.begin(self.config.steps, self._tuning_said(len(annotations), len(held_ids)))
+        then = "then fine-tuning" if annotations else "nothing to train on yet (audits only)"
+        self._run(worker, f"Saved {len(new_ids)} patches to {self.session.folder}; scoring them, {then}.")
+
+    def _tuning_said(self, trained: int, held: int) -> str:
+        """What the training box says while a round runs: what it trains on, and the audits it leaves out."""
         shares = {"replay": self.config.replay_share, "self-labels": self.config.self_share}
         memory = [name for name, share in shares.items() if share > 0]
         extra = f" (+ {', '.join(memory)})" if memory else ""
-        self.training.begin(self.config.steps, f"Fine-tuning on {len(annotations)} patches{extra}…")
-        self._run(worker, f"Saved {len(new_ids)} patches to {self.session.folder}; scoring them, then fine-tuning.")
+        kept = f"; {held} audit patches held out to measure it" if held else ""
+        return f"Fine-tuning on {trained} patches{extra}{kept}…" if trained else f"Scoring {held} audit patches…"
 
     def _run(self, worker, message: str) -> None:
         self.worker = worker
@@ -908,9 +926,14 @@ class AnnotateWidget(WorkerDock):
         """The slide's pixels of ``boxes`` (run in a worker)."""
         return [self.session.read_patch(box) for box in boxes]
 
-    def _submitted(self, outcome: SubmitOutcome, new_ids: list[int], current: int, previous: int | None) -> None:
-        """Store the batch's scores, apply the do-no-harm verdict and ``auto``'s choice, then record the round."""
-        by_id = {i: {r: scores[k] for r, scores in outcome.scores.items()} for k, i in enumerate(new_ids)}
+    def _submitted(
+        self, outcome: SubmitOutcome, scored_ids: list[int], held_ids: list[int], current: int, previous: int | None
+    ) -> None:
+        """Store the batch's scores, apply the do-no-harm verdict and ``auto``'s choice, then record the round.
+
+        ``scored_ids``: the corrections the rounds were scored on, in order; ``held_ids``: the held-out audits
+        among them, which the tuned round was scored on too."""
+        by_id = {i: {r: scores[k] for r, scores in outcome.scores.items()} for k, i in enumerate(scored_ids)}
         if outcome.comparison is not None:
             self.session.config["changes"] = [*self.session.config.get("changes", []), outcome.comparison.delta]
         if outcome.shift is not None:
@@ -934,15 +957,22 @@ class AnnotateWidget(WorkerDock):
             if outcome.rolled_back and self._save(lambda: self.session.rollback(previous)):
                 self.model = outcome.start
                 self.notice = (
-                    f"Do no harm: {verdict} on your new corrections, so it was rolled back to round {previous}."
+                    f"Do no harm: {verdict} on your new corrections and the audit patches, so it was rolled back to "
+                    f"round {previous}."
                 )
             else:
-                self.notice = f"{verdict} on your new corrections: Undo round goes back to round {previous}."
+                self.notice = f"{verdict} on your new corrections and audits: Undo round goes back to round {previous}."
             show_warning(self.notice)
         self._show_measure()
-        self._finetuned(outcome.result)
+        self._finetuned(outcome, held_ids)
 
-    def _finetuned(self, result) -> None:
+    def _finetuned(self, outcome: SubmitOutcome, held_ids: list[int]) -> None:
+        """Record the tuned round and its scores on the held-out audits (its estimate, at once)."""
+        result = outcome.result
+        if result is None and not self.session.pending_ids():
+            self.training.end("Scored; no correction to train on yet (audit patches are never trained on).")
+            self._set_status("Your audit patches are scored and saved; submit a batch with proposed patches to train.")
+            return
         if result is None:
             self.training.end("Cancelled; the model is unchanged.")
             self._set_status("Fine-tuning cancelled. Your annotations are saved and wait for the next round.")
@@ -953,7 +983,11 @@ class AnnotateWidget(WorkerDock):
             self.training.end("Trained, but the round could not be saved; your corrections wait for the next Submit.")
             return
         self.model = result.model
-        self.training.end(f"Round {self.session.current_round} done · loss {loss:.3f}")
+        index = self.session.current_round
+        scores = {i: {index: score} for i, score in zip(held_ids, outcome.held_out_scores, strict=True)}
+        if scores:
+            self._save(lambda: self.session.record_scores(scores))
+        self.training.end(f"Round {index} done · loss {loss:.3f}")
         self._show_measure()
         self._follow_up = self._start_maps
 
