@@ -114,6 +114,7 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "handed_over_dice": t.handed_over_dice,
         "handover_rule": "clear_gain",  # handed over only if it clearly beats the starting model on the closing batch
         "audits": "held_out",  # never trained on: every round is scored on every audit (stop 32)
+        "harm_rule": "parent_then_start",  # rolled back below its parent, then below round 0 (stop 32)
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)

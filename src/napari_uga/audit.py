@@ -260,6 +260,33 @@ def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN) -> bo
     return comparison is not None and comparison.delta < -margin
 
 
+def round_to_keep(
+    fresh: Sequence[dict[int, PatchScore]], in_use: int, parent: int, margin: float = HARM_MARGIN
+) -> tuple[int, list[tuple[int, int, Comparison]]]:
+    """Do no harm: the round to keep, and why (``(round, reference, comparison)`` per step back).
+
+    ``fresh``: per patch, each round's score on it (patches none of them trained on). The round in
+    use gives way to the round it was tuned from where it scores more than ``margin`` below it
+    (:func:`worse_than`), and the round kept then gives way to round 0 where it scores below the
+    starting model: a drift of many rounds, each within the margin of the one before, adds up
+    and is caught against the start.
+    """
+    kept, steps = in_use, []
+    for reference in dict.fromkeys((parent, 0)):
+        if reference == kept:
+            continue
+        comparison = compare_rounds([s[kept] for s in fresh], [s[reference] for s in fresh])
+        if worse_than(comparison, margin):
+            steps.append((kept, reference, comparison))
+            kept = reference
+    return kept, steps
+
+
+def rollback_said(steps: Sequence[tuple[int, int, Comparison]]) -> str:
+    """``round 3 scored -0.052 dice against round 2; round 2 scored -0.031 dice against round 0``."""
+    return "; ".join(f"round {a} scored {c.delta:+.3f} {c.measure} against round {b}" for a, b, c in steps)
+
+
 def choose_shift(first_batch: Sequence[PatchScore], new_tissue: Callable[[], bool | None] | None = None) -> str:
     """The ``auto`` preset: ``organ`` when the starting model fails the first batch *and* the tissue is new to it.
 

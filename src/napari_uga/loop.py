@@ -24,10 +24,11 @@ from .audit import (
     compare_rounds,
     pooled_estimate,
     ppi_estimate,
+    rollback_said,
+    round_to_keep,
     score_patch,
     stop_signal,
     tissue_is_new,
-    worse_than,
 )
 from .io import InputError, Pair, load_pairs
 from .models import UNet, average_weights, working_factor
@@ -670,17 +671,19 @@ def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, fact
 
 
 def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:
-    """Compare the round in use with the round it was tuned from on a fresh batch; the round to keep."""
+    """Check the round in use against the round it was tuned from and round 0 on fresh patches; the round to keep
+    (:func:`~napari_uga.audit.round_to_keep`)."""
     parent = ledger.tuned_from[in_use]
     if parent is None:
         return in_use
     comparison = compare_rounds([s[in_use] for s in fresh], [s[parent] for s in fresh])
     ledger.changes.append(0.0 if comparison is None else comparison.delta)
-    if not (no_harm and worse_than(comparison)):
+    kept, steps = round_to_keep(fresh, in_use, parent)
+    if not (no_harm and steps):
         return in_use
     result.rollbacks += 1
-    _say(on_event, f"round {in_use} scored {comparison.delta:+.3f} against round {parent}: rolled back")
-    return parent
+    _say(on_event, f"{rollback_said(steps)}: rolled back to round {kept}")
+    return kept
 
 
 def _hand_over(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, on_event) -> int:

@@ -14,6 +14,8 @@ from napari_uga.audit import (
     compare_rounds,
     pooled_estimate,
     ppi_estimate,
+    rollback_said,
+    round_to_keep,
     score_patch,
     stop_signal,
     tissue_is_new,
@@ -217,3 +219,18 @@ def test_a_rounds_proxies_and_the_tissue_truth_leave_out_the_tissue_it_was_tuned
     left = [score_patch(b.crop(ledger.maps[0][b.image]), oracle.annotate(b).mask) for b in tissue[4:]]
     expected = pooled_estimate(left)
     assert expected is not None and ledger.tissue_truth(0, tissue[:4], oracle) == expected.dice
+
+
+def test_do_no_harm_steps_back_to_the_parent_and_catches_a_drift_against_the_start():
+    """Each round within the margin of the one before can still add up to a loss against round 0."""
+
+    def scores(*tps: int) -> list[dict[int, PatchScore]]:  # rounds 0, 1, 2 on six patches of 1000 tumour px
+        return [{r: PatchScore(tp + k, 1000, 1000, 0.0) for r, tp in enumerate(tps)} for k in range(6)]
+
+    kept, steps = round_to_keep(scores(1000, 900, 895), 2, 1)  # 0.005 below its parent, 0.105 below round 0
+    assert kept == 0 and [(a, b) for a, b, _ in steps] == [(2, 0)]
+    kept, steps = round_to_keep(scores(1000, 900, 800), 2, 1)  # below its parent, and the parent below round 0
+    assert kept == 0 and [(a, b) for a, b, _ in steps] == [(2, 1), (1, 0)]
+    assert rollback_said(steps).startswith("round 2 scored -0.100 dice against round 1; round 1 scored -0.100")
+    assert round_to_keep(scores(900, 950, 990), 2, 1) == (2, [])  # better than both: kept
+    assert round_to_keep(scores(1000, 995), 1, 0) == (1, [])  # its parent is round 0: one check, within the margin

@@ -15,7 +15,15 @@ from functools import lru_cache
 import numpy as np
 from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 
-from ..audit import Comparison, PatchScore, choose_shift, compare_rounds, score_rounds, tissue_is_new, worse_than
+from ..audit import (
+    Comparison,
+    PatchScore,
+    choose_shift,
+    compare_rounds,
+    round_to_keep,
+    score_rounds,
+    tissue_is_new,
+)
 from ..io import Pair
 from ..loop import (
     Annotation,
@@ -135,6 +143,7 @@ class SubmitOutcome:
     scores: dict[int, list[PatchScore]]
     comparison: Comparison | None  # round in use minus the round before it, on this batch
     rolled_back: bool
+    harm: list[tuple[int, int, Comparison]]  # do no harm's steps back (round, reference, comparison); empty: kept
     shift: str | None  # the preset chosen from this batch (``auto``, first batch only)
     new_tissue: bool | None  # what ``auto``'s gate said of the slide's tissue (``None``: not asked, or no answer)
     start: UNet  # the model the fine-tune started from
@@ -175,7 +184,9 @@ def submit_events(
     except RuntimeError as exc:
         raise WorkerError(f"scoring the corrections failed: {exc}") from exc
     comparison = None if previous is None else compare_rounds(scores[current], scores[previous])
-    rolled_back = auto_rollback and worse_than(comparison)
+    per_patch = [{r: scored[k] for r, scored in scores.items()} for k in range(len(batch))]
+    kept, harm = (current, []) if previous is None else round_to_keep(per_patch, current, previous)
+    rolled_back = auto_rollback and bool(harm)
     shift, gate = None, {}
     if len(configs) > 1:  # auto: the starting model's score on this first batch, and whether the tissue is new
         yield progress_event("gate", 0, 1, "choosing the domain shift from the first batch")
@@ -189,7 +200,7 @@ def submit_events(
         except RuntimeError as exc:
             raise WorkerError(f"reading the tissue for the domain-shift choice failed: {exc}") from exc
     config = configs[shift] if shift is not None else next(iter(configs.values()))
-    start_index = previous if rolled_back else current
+    start_index = kept if rolled_back else current
     start = models[start_index]
     result = None if tune is None else (yield from tune(start, config=config))
     audits = [a for a, held in zip(batch, list(held_out) or [False] * len(batch), strict=True) if held]
@@ -205,7 +216,7 @@ def submit_events(
             )[0]  # fmt: skip
         except RuntimeError as exc:
             raise WorkerError(f"scoring the new round failed: {exc}") from exc
-    return SubmitOutcome(scores, comparison, rolled_back, shift, gate.get("new"), start, result, held_scores)
+    return SubmitOutcome(scores, comparison, rolled_back, harm, shift, gate.get("new"), start, result, held_scores)
 
 
 def submit_worker(*args) -> GeneratorWorker:

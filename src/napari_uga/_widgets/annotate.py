@@ -43,7 +43,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._sample_data import TRUTH_NAME
-from ..audit import GATE_PATCHES, HARM_MARGIN, worse_than
+from ..audit import GATE_PATCHES, HARM_MARGIN, rollback_said
 from ..io import REPLAY_MPP, InputError, read_mask
 from ..loop import (
     SHIFTS,
@@ -951,17 +951,18 @@ class AnnotateWidget(WorkerDock):
         self.session.config["loop"] = self._loop_record()
         if not self._save(lambda: self.session.record_scores(by_id)):
             return
-        if worse_than(outcome.comparison):
-            c = outcome.comparison
-            verdict = f"round {current} scored {c.delta:+.3f} {c.measure} against round {previous}"
-            if outcome.rolled_back and self._save(lambda: self.session.rollback(previous)):
+        if outcome.harm:
+            verdict, back_to = rollback_said(outcome.harm), outcome.harm[-1][1]
+            if outcome.rolled_back and self._save(lambda: self.session.rollback(back_to)):
                 self.model = outcome.start
                 self.notice = (
                     f"Do no harm: {verdict} on your new corrections and the audit patches, so it was rolled back to "
-                    f"round {previous}."
+                    f"round {back_to}."
                 )
             else:
-                self.notice = f"{verdict} on your new corrections and audits: Undo round goes back to round {previous}."
+                self.notice = (
+                    f"{verdict} on your new corrections and audits: Undo round goes back towards round {back_to}."
+                )
             show_warning(self.notice)
         self._show_measure()
         self._finetuned(outcome, held_ids)
