@@ -24,6 +24,7 @@ Usage::
     nice -n 10 .venv/bin/python benchmarks/in_session.py --first-batch
     nice -n 10 .venv/bin/python benchmarks/in_session.py --gate
     nice -n 10 .venv/bin/python benchmarks/in_session.py --seeds 5 --variants default,harm_off,no_audit
+    nice -n 10 .venv/bin/python benchmarks/in_session.py --only "split 800" --ebhi-half report8 --seeds 2
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "handed_over_dice": t.handed_over_dice,
         "handover_rule": "clear_gain",  # handed over only if it clearly beats the starting model on the closing batch
         "audits": "held_out",  # never trained on: every round is scored on every audit (stop 32)
-        "harm_rule": "parent_then_start",  # rolled back below its parent, then below round 0 (stop 32)
+        "harm_rule": "parent_then_start_on_audits",  # below its parent or round 0: on the audits once trained,
+        # and on the next batch with them (stop 32)
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the splits whose name contains this")
     parser.add_argument("--summary", action="store_true", help="summarise the cached runs only")
     parser.add_argument("--run-seeds", default="", help="run only these seeds (e.g. 0,2,4), to share a grid")
+    parser.add_argument("--ebhi-half", default="report", choices=tuple(HALF_START), help="the EBHI split's half")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(device="cpu")
@@ -218,7 +221,7 @@ def main() -> None:
         gate_verdicts(model)
         return
     replay = replay_pairs()
-    splits = [*umcu_splits(), *ebhi_splits("report", 1)]
+    splits = [*umcu_splits(), *ebhi_splits(args.ebhi_half, 1)]
     chosen = [split for split in splits if args.only in split[0]]
     if not args.summary:
         for variant in args.variants.split(","):  # variants outermost: the default grid is complete first

@@ -530,7 +530,8 @@ def simulate(
     ``strategy``. Every correction is scored against every round before training
     (test-then-train); audits are never trained on, so every round is scored on all of them.
     With ``no_harm``, a round that scores more than :data:`~napari_uga.audit.HARM_MARGIN` below
-    the round it was tuned from on a fresh batch and the audits so far is rolled back.
+    the round it was tuned from, or below round 0, is rolled back: on the audits as soon as it is
+    trained, and on the next batch with the audits.
     ``presets`` (``{"centre": ..., "organ": ...}``) is the ``auto`` shift: the first batch's
     scores of the starting model choose one (:func:`~napari_uga.audit.choose_shift`).
     ``stop`` ends the run when the stop signal speaks (the demo); otherwise it is only recorded.
@@ -602,7 +603,8 @@ def simulate(
                 held_out=[a.box for a, _ in ledger.held_out],
             )
             tuned = _drain(run, on_event).model
-            in_use = ledger.add_round(tuned, in_use, config.predictor, [a.box for a in trained])
+            tuned_index = ledger.add_round(tuned, in_use, config.predictor, [a.box for a in trained])
+            in_use = _check_on_audits(ledger, tuned_index, no_harm, result, on_event)
         if stop and result.stop_budget is not None and budget > spent + 1e-9:
             break  # the session stopped before this budget
         result.budgets.append(budget)
@@ -683,6 +685,19 @@ def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, 
         return in_use
     result.rollbacks += 1
     _say(on_event, f"{rollback_said(steps)}: rolled back to round {kept}")
+    return kept
+
+
+def _check_on_audits(ledger: _Ledger, tuned: int, no_harm: bool, result: Trajectory, on_event) -> int:
+    """A new round against the round it was tuned from and round 0 on every audit (none of them trained on
+    one): the round to use from now on (:func:`~napari_uga.audit.round_to_keep`)."""
+    audits = [by_round for _, by_round in ledger.held_out]
+    if not (no_harm and audits):
+        return tuned
+    kept, steps = round_to_keep(audits, tuned, ledger.tuned_from[tuned])
+    if steps:
+        result.rollbacks += 1
+        _say(on_event, f"{rollback_said(steps)} on the audits: round {tuned} not kept, round {kept} in use")
     return kept
 
 

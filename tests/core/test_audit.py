@@ -149,19 +149,21 @@ def test_audits_are_random_tissue_patches_apart_from_the_proposals(umcu_pairs):
 
 
 def test_simulate_scores_before_training_and_rolls_back_a_harmful_round(shipped, umcu_pairs):
-    """A fine-tune that wrecks the model (a huge learning rate) is caught on the next batch and undone."""
+    """A fine-tune that wrecks the model (a huge learning rate) is caught on the audits as soon as it is trained."""
     pool, test = umcu_pairs[::2][:8], umcu_pairs[1::2][:6]
     harmful = LoopConfig(steps=3, batch=2, batch_size=4, samples=2, lr=0.5, anchor=0.0, replay_share=0, self_share=0)
     on = simulate(shipped, pool, test, [0, 2, 4], "uncertainty", 0, 0.5, harmful, audit_share=0.5, no_harm=True)
     off = simulate(shipped, pool, test, [0, 2, 4], "uncertainty", 0, 0.5, harmful, audit_share=0.5, no_harm=False)
-    assert on.rollbacks == 1 and on.rollbacks_by_budget == [0, 0, 1] and off.rollbacks == 0
-    assert on.round_in_use == [0, 1, 2] and on.picks == off.picks[:1] + on.picks[1:]
+    assert on.rollbacks == 2 and on.rollbacks_by_budget == [0, 1, 2] and off.rollbacks == 0
+    assert on.round_in_use == [0, 0, 0] and off.round_in_use == [0, 1, 2] and on.tuned_from == [None, 0, 0]
+    assert on.dice_global == [on.dice_global[0]] * 3 and off.dice_global[2] < on.dice_global[2] - 0.1
+    assert on.picks[0] == off.picks[0]  # the same first batch; the wrecked round proposes the second one
     # each batch of 2: 1 proposed patch, and the other patch's area as 4 quarter-patch audits
     assert [sum(p["audit"] for p in batch) for batch in on.picks] == [4, 4]
     assert {(p["h"], p["w"], p["audit"]) for batch in on.picks for p in batch} == {(256, 256, False), (128, 128, True)}
     # audits are never trained on: every round, the last one too, is scored on the 8 audits of both batches
     assert on.estimate_audits == [8, 8, 8] and all(e is not None for e in on.estimated_dice)
-    assert on.hard_dice[1] is not None and on.hard_dice[1] < on.hard_dice[0] - 0.1  # the wrecked round, measured
+    assert off.hard_dice[1] is not None and off.hard_dice[1] < off.hard_dice[0] - 0.1  # the wrecked round, measured
     # a batch of audits alone is measured and trains nothing
     audits_only = simulate(shipped, pool, test, [0, 2], "uncertainty", 0, 0.5, harmful, audit_share=1.0)
     assert audits_only.round_in_use == [0, 0] and len(audits_only.rounds) == 1

@@ -89,3 +89,20 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
     assert reopened.shift_combo.currentIndex() == list(SHIFT_LABELS).index("auto")
     assert reopened.audit_spin.value() == 0.34 and reopened.strategy_combo.currentText() == "expected_error"
     reopened.shutdown()
+
+
+def test_a_round_that_scores_worse_on_the_audits_is_not_kept(qtbot, wait_idle, submit_batch, make_dock):
+    dock = make_dock()
+    dock.model_edit.setText("")  # the shipped model: right on the demo slide
+    dock.audit_spin.setValue(0.34)
+    qtbot.mouseClick(dock.compute_button, Qt.MouseButton.LeftButton)
+    wait_idle(dock)
+    dock.config.lr, dock.config.anchor = 1.0, 0.0  # fault injected: a learning rate that wrecks the round
+    submit_batch(dock)
+    session = dock.session
+    assert dock.notice.startswith("Do no harm: the newly trained round was not kept (round 1 scored -"), dock.notice
+    assert "against round 0 on the audit patches" in dock.notice
+    assert session.current_round == 0 and len(session.rounds) == 1  # nothing recorded
+    assert session.pending_ids() and len(session.held_out_ids()) == 4  # the corrections wait for the next Submit
+    assert "not kept" in dock.training.status.text()
+    assert all(set(a["scores"]) == {"0"} for a in session.annotations)  # the dropped round left no score behind

@@ -149,6 +149,8 @@ class SubmitOutcome:
     start: UNet  # the model the fine-tune started from
     result: FinetuneResult | None  # ``None``: cancelled, or nothing to train on (a batch of audits alone)
     held_out_scores: list[PatchScore]  # the tuned round on each held-out audit of the batch, in order
+    new_harm: list[tuple[int, int, Comparison]]  # the tuned round's check on the audits (empty: no harm seen)
+    kept_after: int  # the round to use after it: the tuned round's index, or the round it fell back to
 
 
 def submit_events(
@@ -203,7 +205,8 @@ def submit_events(
     start_index = kept if rolled_back else current
     start = models[start_index]
     result = None if tune is None else (yield from tune(start, config=config))
-    audits = [a for a, held in zip(batch, list(held_out) or [False] * len(batch), strict=True) if held]
+    flags = list(held_out) or [False] * len(batch)
+    audits = [a for a, held in zip(batch, flags, strict=True) if held]
     held_scores = []
     if result is not None and audits:
         yield progress_event("scoring", 0, 1, f"scoring the new round on {len(audits)} held-out audit patches")
@@ -216,7 +219,19 @@ def submit_events(
             )[0]  # fmt: skip
         except RuntimeError as exc:
             raise WorkerError(f"scoring the new round failed: {exc}") from exc
-    return SubmitOutcome(scores, comparison, rolled_back, harm, shift, gate.get("new"), start, result, held_scores)
+    on_audits = [k for k, held in enumerate(flags) if held]
+    new = start_index + 1  # the index the tuned round is recorded under
+    kept_after, new_harm = new, []
+    if held_scores:
+        per_audit = [
+            {start_index: scores[start_index][k], 0: scores[0][k], new: score}
+            for k, score in zip(on_audits, held_scores, strict=True)
+        ]
+        kept_after, new_harm = round_to_keep(per_audit, new, start_index)
+    return SubmitOutcome(
+        scores, comparison, rolled_back, harm, shift, gate.get("new"), start, result, held_scores,
+        new_harm, kept_after,
+    )  # fmt: skip
 
 
 def submit_worker(*args) -> GeneratorWorker:

@@ -978,6 +978,9 @@ class AnnotateWidget(WorkerDock):
             self.training.end("Cancelled; the model is unchanged.")
             self._set_status("Fine-tuning cancelled. Your annotations are saved and wait for the next round.")
             return
+        if outcome.new_harm and self.rollback_check.isChecked():
+            self._not_kept(outcome)
+            return
         loss = float(np.mean(result.losses[-5:])) if result.losses else None
         pending = self.session.pending_ids()
         if not self._save(lambda: self.session.record_round(result.model, pending, loss, settings=self._loop_record())):
@@ -989,8 +992,26 @@ class AnnotateWidget(WorkerDock):
         if scores:
             self._save(lambda: self.session.record_scores(scores))
         self.training.end(f"Round {index} done · loss {loss:.3f}")
+        if outcome.new_harm:  # the rollback is a suggestion only
+            self.notice = f"{rollback_said(outcome.new_harm)} on the audit patches: Undo round goes back."
+            show_warning(self.notice)
         self._show_measure()
         self._follow_up = self._start_maps
+
+    def _not_kept(self, outcome: SubmitOutcome) -> None:
+        """Do no harm on the audits: the tuned round scored below its start or round 0 on them; it is dropped."""
+        back = outcome.kept_after
+        if back != self.session.current_round and self._save(lambda: self.session.rollback(back)):
+            self.model = self.session.load_model(back, device=self.device_combo.currentText())
+            self._follow_up = self._start_maps
+        self.notice = (
+            f"Do no harm: the newly trained round was not kept ({rollback_said(outcome.new_harm)} on the audit "
+            f"patches, which no round trains on); round {self.session.current_round} stays in use, and your "
+            "corrections wait for the next Submit."
+        )
+        show_warning(self.notice)
+        self.training.end("Trained, but not kept: it scored worse on the audit patches.")
+        self._show_measure()
 
     def cancel(self) -> None:
         """Stop a running fine-tune at its next step (nothing half-trained is kept).
