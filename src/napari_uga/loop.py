@@ -340,7 +340,8 @@ class Trajectory:
 
     Per budget: ``dice_global`` of the model in use on the test images; ``estimated_dice`` and
     ``hard_dice``: that model's pooled Dice on the audit patches, and on every patch, scored
-    before any round trained on them (``None`` where none scored it); ``round_in_use``.
+    before any round trained on them, as the session knew them at that budget (``None`` where
+    none had scored it yet: at budget 0); ``round_in_use``.
     """
 
     budgets: list[int] = field(default_factory=list)
@@ -610,6 +611,7 @@ def simulate(
         result.budgets.append(budget)
         result.round_in_use.append(in_use)
         result.rollbacks_by_budget.append(result.rollbacks)
+        _record_estimates(result, ledger, in_use)
         result.dice_global.append(ledger.evaluate(in_use, test))
         if pool_truth:
             result.pool_dice.append(ledger.tissue_truth(in_use, [a.box for a in annotations], oracle))
@@ -626,7 +628,6 @@ def simulate(
             checked = ledger.tuned_from[in_use]
             _say(on_event, f"round {in_use} could not be checked (no tissue left): round {checked} met fresh patches")
             in_use = _hand_over(ledger, checked, fresh, no_harm, on_event)
-    _fill_estimates(result, ledger)
     result.handed_over = in_use
     result.handed_over_dice = (
         result.dice_global[result.round_in_use.index(in_use)]
@@ -727,14 +728,14 @@ def _compared(comparison) -> str:
     return f"{comparison.delta:+.3f} [{comparison.low:+.3f}, {comparison.high:+.3f}] {comparison.measure}"
 
 
-def _fill_estimates(result: Trajectory, ledger: _Ledger) -> None:
-    """Each budget's in-session estimates: every fresh correction scored against the round then in use."""
-    for index in result.round_in_use:
-        audit, hard = ledger.estimate(index), ledger.estimate(index, audits_only=False)
-        result.estimated_dice.append(None if audit is None else audit.dice)
-        result.estimate_interval.append(None if audit is None else (audit.low, audit.high))
-        result.estimate_audits.append(sum(audit and index in by_round for audit, by_round in ledger.scores))
-        result.hard_dice.append(None if hard is None else hard.dice)
+def _record_estimates(result: Trajectory, ledger: _Ledger, index: int) -> None:
+    """A budget's in-session estimates of the round in use, as the session knows them then: from every
+    correction scored against it so far (no later audit, no hindsight)."""
+    audit, hard = ledger.estimate(index), ledger.estimate(index, audits_only=False)
+    result.estimated_dice.append(None if audit is None else audit.dice)
+    result.estimate_interval.append(None if audit is None else (audit.low, audit.high))
+    result.estimate_audits.append(sum(audit and index in by_round for audit, by_round in ledger.scores))
+    result.hard_dice.append(None if hard is None else hard.dice)
 
 
 def _say(on_event, text: str, stage: str = "audit", step: int = 0, total: int = 0) -> None:

@@ -161,13 +161,13 @@ def test_simulate_scores_before_training_and_rolls_back_a_harmful_round(shipped,
     # each batch of 2: 1 proposed patch, and the other patch's area as 4 quarter-patch audits
     assert [sum(p["audit"] for p in batch) for batch in on.picks] == [4, 4]
     assert {(p["h"], p["w"], p["audit"]) for batch in on.picks for p in batch} == {(256, 256, False), (128, 128, True)}
-    # audits are never trained on: every round, the last one too, is scored on the 8 audits of both batches
-    assert on.estimate_audits == [8, 8, 8] and all(e is not None for e in on.estimated_dice)
-    assert off.hard_dice[1] is not None and off.hard_dice[1] < off.hard_dice[0] - 0.1  # the wrecked round, measured
+    # audits are never trained on: the round in use at each budget is scored on every audit drawn so far
+    assert on.estimate_audits == [0, 4, 8] and on.estimated_dice[0] is None and None not in on.estimated_dice[1:]
+    assert None not in (off.hard_dice[1], on.hard_dice[1]) and off.hard_dice[1] < on.hard_dice[1] - 0.1  # wrecked
     # a batch of audits alone is measured and trains nothing
     audits_only = simulate(shipped, pool, test, [0, 2], "uncertainty", 0, 0.5, harmful, audit_share=1.0)
     assert audits_only.round_in_use == [0, 0] and len(audits_only.rounds) == 1
-    assert audits_only.estimate_audits == [8, 8] and all(p["audit"] for p in audits_only.picks[0])
+    assert audits_only.estimate_audits == [0, 8] and all(p["audit"] for p in audits_only.picks[0])
 
 
 def test_auto_shift_and_stop_end_a_session_that_is_already_right(shipped, umcu_pairs):

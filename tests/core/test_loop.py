@@ -103,8 +103,8 @@ def test_audits_are_quarter_patches_so_switching_to_quarters_keeps_every_audit(t
     side = min(whole.patch, pool[0].image.shape[0]) // 2
     assert {(p["h"], p["w"]) for b in traj.picks for p in b if p["audit"]} == {(side, side)}
     # the first batch's audits are a sample of the same quarter boxes as the second's, and no round trains on
-    # an audit: every round's estimate keeps all 8
-    assert traj.estimate_audits == [8, 8, 8] and traj.estimated_dice[1] is not None
+    # an audit: each budget's estimate keeps every audit drawn so far
+    assert traj.estimate_audits == [0, 4, 8] and traj.estimated_dice[1] is not None
 
 
 def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):
