@@ -586,8 +586,8 @@ def simulate(
                 _say(on_event, f"stop signal: {signal}")
                 if stop:
                     break  # the round in use has just been checked on this batch: keep it
-            if not trained:
-                continue  # a batch of audits alone: measured, nothing to train on yet
+            if all(p.audit for p in picks):
+                continue  # a batch of audits alone: measured, no new correction to train on
             if self_labelled is None:
                 whole = [(Box(p.name, 0, 0, *p.image.shape[:2]), p.image) for p in pool]
                 self_labelled = self_labels(model, whole, factor) if config.self_share > 0 else []
@@ -670,7 +670,8 @@ def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, fact
     audits = draw_audits(pool, n_audit, config, done, rng)
     known = [(appearance_features(a.image), holds_tumour(a.mask)) for a in annotations]
     taken = [*done, *(a.box for a in audits)]
-    return propose(model, pool, n_proposed, factor, config, taken, strategy, rng, known) + audits
+    picks = propose(model, pool, n_proposed, factor, config, taken, strategy, rng, known, annotated=len(done))
+    return picks + audits
 
 
 def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:
@@ -706,7 +707,9 @@ def _hand_over(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, o
     """The round to hand over: a tuned round only where it clearly beats the starting model on ``fresh``.
 
     At the end of a session the burden of proof is on the change: the tuned round is handed over
-    only where its paired gain over round 0 on the last fresh corrections has an interval above
+    only where its paired gain over round 0 on ``fresh`` (the closing batch and every audit, none of
+    which either round trained on; the same audits chose the rounds before, so the gain may be a
+    little optimistic) has an interval above
     zero (:func:`~napari_uga.audit.compare_rounds`, one-sided at 5 %); a gain within noise, a tie
     or a loss hands over round 0. A round never scored on them is handed over as it is.
     """

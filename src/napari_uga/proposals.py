@@ -146,10 +146,12 @@ def propose(
     strategy: str = "uncertainty",
     rng: np.random.Generator | None = None,
     known: Sequence[tuple[np.ndarray, bool]] = (),
+    annotated: int | None = None,
 ) -> list[Proposal]:
     """The ``k`` patches to annotate next, each with the rule that proposed it in ``reason``.
 
-    ``known``: the corrections so far as (appearance features, holds tumour), for ``expected_error``.
+    ``known``: the corrections so far as (appearance features, holds tumour), for ``expected_error``;
+    ``annotated``: how many of ``exclude`` are corrections (default all; the batch's audits are not yet).
     """
     if config is None:
         from .loop import LoopConfig
@@ -159,4 +161,5 @@ def propose(
         candidates = random_candidates(pool, config)
     else:
         candidates = pool_candidates(model, pool, factor, config)
-    return select(candidates, k, exclude, strategy, rng, diversity_for(strategy, config.diversity), known)
+    diversity = diversity_for(strategy, config.diversity)
+    return select(candidates, k, exclude, strategy, rng, diversity, known, annotated=annotated)

@@ -247,8 +247,9 @@ class Session:
             _relative_file(a["file"], f"annotation {a['id']} file")
             if a["round"] is not None:
                 _int(a["round"], f"annotation {a['id']} round", 1)
-            if not isinstance(a.get("audit", False), bool):
-                raise TypeError(f"annotation {a['id']}: audit must be true or false")
+            for flag in ("audit", "trained"):
+                if not isinstance(a.get(flag, False), bool):
+                    raise TypeError(f"annotation {a['id']}: {flag} must be true or false")
             for index, score in a.get("scores", {}).items():
                 _int(int(index), f"annotation {a['id']} scored round", 0)
                 PatchScore.from_dict(score)
@@ -461,7 +462,7 @@ class Session:
 
     def pending_ids(self) -> list[int]:
         """Corrections waiting to be trained on: not yet used by any round, and not held-out audits."""
-        return [a["id"] for a in self.annotations if a["round"] is None and not a.get("audit", False)]
+        return [a["id"] for a in self.annotations if a["round"] is None and not is_held_out(a)]
 
     def held_out_ids(self) -> list[int]:
         """Audit patches no round has trained on: every round is scored on them (sessions before stop 32
@@ -547,8 +548,11 @@ class Session:
         if not 0 <= index < len(self.rounds):
             raise InputError(f"rollback: no round {index} (rounds 0-{len(self.rounds) - 1})")
         annotations = [
-            {**a, "round": None} if a["round"] is not None and a["round"] > index else a for a in self.annotations
-        ]
+            {**a, "round": None, **({"trained": True} if a.get("audit") else {})}
+            if a["round"] is not None and a["round"] > index
+            else a
+            for a in self.annotations
+        ]  # an audit a round trained on (sessions before stop 32) is marked, so it never counts as held out
         self._write_record(f"the rollback to round {index}", annotations=annotations, current_round=index)
         self.annotations[:] = annotations
         self.current_round = index
@@ -567,8 +571,8 @@ class Session:
 
 
 def is_held_out(annotation: dict) -> bool:
-    """An annotation record of an audit patch that no round has trained on."""
-    return bool(annotation.get("audit", False)) and annotation["round"] is None
+    """An annotation record of an audit patch that no round has trained on (``trained``: one did, then was undone)."""
+    return bool(annotation.get("audit", False)) and annotation["round"] is None and not annotation.get("trained")
 
 
 def _without_scores_from(annotation: dict, index: int) -> dict:

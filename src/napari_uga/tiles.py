@@ -455,27 +455,35 @@ def survey_boxes(slide: Slide, plan: MapPlan, n: int = SURVEY_PATCHES, seed: int
 
 
 def random_tissue_boxes(
-    slide: Slide, plan: MapPlan, n: int, seed: int = 0, exclude: Sequence[Box] = (), side: int | None = None
+    slide: Slide,
+    plan: MapPlan,
+    n: int,
+    seed: int = 0,
+    exclude: Sequence[Box] = (),
+    side: int | None = None,
+    grid: bool = False,
 ) -> list[Box]:
     """``n`` patches (level-0 boxes) of ``side`` working px (default the plan's patch) drawn uniformly at
-    random over the tissue, none overlapping ``exclude``. They lie on a grid of ``side`` working px, so a
-    quarter patch covers the fewest of the half-overlapping candidate patches."""
+    random over the tissue, none overlapping ``exclude``. With ``grid`` they are drawn uniformly among the
+    cells of a grid of ``side`` working px (audits: a quarter patch then covers the fewest of the
+    half-overlapping candidate patches)."""
     side = plan.patch if side is None else side
     if not 1 <= side <= plan.patch:
         raise ValueError(f"audit patch side {side} must be between 1 and the plan's patch {plan.patch}")
     tissue, ds = slide.tissue()
     step = max(1, int(side * plan.scale / ds))  # patch side in tissue-mask px
     ys, xs = np.nonzero(tissue[::step, ::step])
+    places = np.stack([(ys * step * ds / plan.scale).astype(int), (xs * step * ds / plan.scale).astype(int)], 1)
+    if grid:
+        places = np.unique(places // side * side, axis=0)  # each cell once: uniform over the cells
     rng = np.random.default_rng(seed)
     picked: list[Box] = []
-    for i in rng.permutation(len(ys)):
-        y, x = ys[i] * step * ds, xs[i] * step * ds
-        wy, wx = int(y / plan.scale) // side * side, int(x / plan.scale) // side * side
+    for wy, wx in places[rng.permutation(len(places))]:
         if wy + side > plan.shape[0] or wx + side > plan.shape[1]:
             continue
         if tissue_crop(tissue, plan.scale / ds, (wy, wx, side, side)).mean() < MIN_TISSUE:
             continue
-        box = plan.to_level0(wy, wx, side, side, slide.name)
+        box = plan.to_level0(int(wy), int(wx), side, side, slide.name)
         if box.y + box.h > slide.shape[0] or box.x + box.w > slide.shape[1]:  # rounding past the slide's edge
             continue
         if not any(box.overlaps(p) for p in [*picked, *exclude]):

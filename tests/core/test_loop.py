@@ -107,6 +107,27 @@ def test_audits_are_quarter_patches_so_switching_to_quarters_keeps_every_audit(t
     assert traj.estimate_audits == [0, 4, 8] and traj.estimated_dice[1] is not None
 
 
+def test_fine_tuning_never_sees_an_audit(tiny_model, umcu_pairs, monkeypatch):
+    """Audits measure every round: no fine-tune may train on one, nor on self-labels over one."""
+    import napari_uga.loop as loop
+
+    seen, real = [], loop.finetune
+
+    def spy(model, annotations, *args, **kwargs):  # the real fine-tune, watched
+        seen.append(([a.box for a in annotations], list(kwargs["held_out"])))
+        return real(model, annotations, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "finetune", spy)
+    pool, test = umcu_pairs[::2][:8], umcu_pairs[1::8][:1]
+    config = LoopConfig(steps=2, batch=2, batch_size=4, samples=2)
+    traj = simulate(tiny_model, pool, test, [0, 2, 4], "uncertainty", 0, 0.5, config, audit_share=0.5)
+    audits = {Box(p["image"], p["y"], p["x"], p["h"], p["w"]) for b in traj.picks for p in b if p["audit"]}
+    assert len(audits) == 8 and len(seen) == 2
+    assert [len(trained) for trained, _ in seen] == [1, 2]  # the proposed patch of each batch, and only those
+    assert all(not audits & set(trained) for trained, _ in seen)
+    assert [len(held) for _, held in seen] == [4, 8] and all(set(held) <= audits for _, held in seen)
+
+
 def test_organ_shift_adapts_batch_norm_statistics_and_centre_shift_keeps_them(tiny_model, umcu_pairs):
     oracle = Oracle(umcu_pairs)
     annotations = [oracle.annotate(Box(p.name, 0, 0, 256, 256)) for p in umcu_pairs[:2]]

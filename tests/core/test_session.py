@@ -5,7 +5,7 @@ import pytest
 
 from napari_uga.io import InputError, read_mask
 from napari_uga.selection import Box, Proposal
-from napari_uga.session import Session
+from napari_uga.session import Session, audit_pairs
 
 
 def test_session_survives_reopen_and_rolls_back(tmp_path, tiny_model_path, tiny_model, umcu_pairs):
@@ -33,6 +33,24 @@ def test_session_survives_reopen_and_rolls_back(tmp_path, tiny_model_path, tiny_
     assert again.current_round == 0 and again.pending_ids() == ids
     again.record_round(tiny_model, ids)  # replaces the undone round
     assert len(Session.open(tmp_path / "s").rounds) == 2
+
+
+def test_audits_are_held_out_of_training_and_one_a_round_trained_on_never_counts_as_held_out(
+    tmp_path, tiny_model_path, tiny_model, umcu_pairs
+):
+    session = Session.create(tmp_path / "s", tiny_model_path, {"samples": 4})
+    session.add_image("tile", array=umcu_pairs[0].image, mpp=0.24)
+    boxes = [Box("tile", 0, 0, 128, 128), Box("tile", 128, 0, 64, 64), Box("tile", 128, 64, 64, 64)]
+    session.add_annotations(boxes, [np.zeros((b.h, b.w), np.uint8) for b in boxes], audits=[False, True, True])
+    assert session.pending_ids() == [1] and session.held_out_ids() == [2, 3] and session.training_ids() == [1]
+    session.record_round(tiny_model, [1, 3])  # as a session before stop 32 did: it trained on audit 3
+    assert session.pending_ids() == [] and session.held_out_ids() == [2] and session.training_ids() == [1, 3]
+    session.rollback()  # audit 3 is free of any round again, but a round did train on it
+    reopened = Session.open(tmp_path / "s")
+    assert reopened.pending_ids() == [1, 3] and reopened.held_out_ids() == [2]
+    reopened.close()
+    pairs, mpp = audit_pairs(tmp_path / "s")  # QC calibrates only on audits no round trained on
+    assert [p.image.shape[:2] for p in pairs] == [(64, 64)] and pairs[0].name == "tile@y128x0" and mpp == 0.24
 
 
 def test_changed_image_is_refused(tmp_path, tiny_model_path, umcu_pairs):

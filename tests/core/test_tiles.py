@@ -19,6 +19,7 @@ from napari_uga.tiles import (
     level_shapes,
     map_levels,
     plan_maps,
+    random_tissue_boxes,
     survey_boxes,
 )
 from napari_uga.training import CancelToken
@@ -39,6 +40,19 @@ def test_plan_keeps_tissue_tiles_only(island_slide):
     assert plan.scale == pytest.approx(2.0) and plan.shape == (6000, 8000) and plan.patch == 128
     assert plan.grid == (12, 16) and 0 < len(plan.tiles) < 0.5 * 12 * 16
     assert plan.level == 1 and plan.factor == pytest.approx(1.0)  # read from the level at the working scale
+
+
+def test_audit_boxes_lie_on_their_grid_in_the_tissue_and_avoid_what_is_taken(island_slide):
+    with Slide(island_slide) as slide:
+        plan = plan_maps(slide, 0.486, 256 * 0.243)
+        taken = random_tissue_boxes(slide, plan, 3, seed=1)
+        audits = random_tissue_boxes(slide, plan, 12, seed=2, exclude=taken, side=64, grid=True)
+        tissue, ds = slide.tissue()
+    assert len(audits) == 12 and len(set(audits)) == 12
+    assert all(y % 64 == 0 and x % 64 == 0 and (h, w) == (64, 64) for y, x, h, w in map(plan.to_working, audits))
+    cells = [tissue[int(b.y / ds) : int((b.y + b.h) / ds), int(b.x / ds) : int((b.x + b.w) / ds)] for b in audits]
+    assert all(cell.size and cell.mean() > 0.5 for cell in cells)  # mostly tissue
+    assert not any(a.overlaps(t) for a in audits for t in taken)
 
 
 def test_queue_serves_the_view_first_nearest_its_centre_then_survey_then_rest():

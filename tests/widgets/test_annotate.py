@@ -20,7 +20,16 @@ def _compute_and_propose(qtbot, wait_idle, widget) -> None:
     qtbot.mouseClick(widget.propose_button, Qt.MouseButton.LeftButton)
 
 
-def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
+def test_round_trip_advances_the_model(qtbot, wait_idle, dock, monkeypatch):
+    import napari_uga._widgets.annotate as annotate
+
+    trained_on, real = [], annotate.finetune_events
+
+    def spy(model, annotations, *args, **kwargs):  # the real fine-tune, watched: what does it train on?
+        trained_on.append([a.box for a in annotations])
+        return real(model, annotations, *args, **kwargs)
+
+    monkeypatch.setattr(annotate, "finetune_events", spy)
     viewer = dock.viewer
     _compute_and_propose(qtbot, wait_idle, dock)
     for name in (PROBABILITY, UNCERTAINTY, PREDICTION, PROPOSALS, ANNOTATION):
@@ -79,6 +88,8 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock):
     # both scored by round 0 before round 1 trained; the audit by round 1 too
     assert [sorted(a["scores"]) for a in dock.session.annotations] == [["0"], ["0", "1"]]
     assert dock.session.held_out_ids() == [2] and dock.session.rounds[1].annotation_ids == [1]
+    (boxes,) = trained_on  # one fine-tune, on the proposed patch alone
+    assert boxes == [a.box for a in dock.session.load_annotations([1])]
     assert dock.chosen_shift in ("centre", "organ") and dock.steps_spin.value() == 3
     assert len(dock.training.losses) == 3
     assert dock.compute_button.isEnabled() and dock.undo_button.isEnabled()

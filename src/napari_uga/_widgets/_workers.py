@@ -8,6 +8,7 @@ napari delivers on the main thread. The dock turns ``errored`` into a notificati
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -147,10 +148,11 @@ class SubmitOutcome:
     shift: str | None  # the preset chosen from this batch (``auto``, first batch only)
     new_tissue: bool | None  # what ``auto``'s gate said of the slide's tissue (``None``: not asked, or no answer)
     start: UNet  # the model the fine-tune started from
-    result: FinetuneResult | None  # ``None``: cancelled, or nothing to train on (a batch of audits alone)
+    result: FinetuneResult | None  # ``None``: cancelled, or not tuned
     held_out_scores: list[PatchScore]  # the tuned round on each held-out audit of the batch, in order
     new_harm: list[tuple[int, int, Comparison]]  # the tuned round's check on the audits (empty: no harm seen)
     kept_after: int  # the round to use after it: the tuned round's index, or the round it fell back to
+    tuned: bool = True  # False: no new correction to train on (a batch of audits alone)
 
 
 def submit_events(
@@ -217,8 +219,8 @@ def submit_events(
                 {0: network}, [a.image for a in audits], [a.mask for a in audits], factor,
                 prediction_tta(config.predictor),
             )[0]  # fmt: skip
-        except RuntimeError as exc:
-            raise WorkerError(f"scoring the new round failed: {exc}") from exc
+        except RuntimeError as exc:  # the round stays; the next Submit scores it on the audits
+            warnings.warn(f"scoring the new round on the audits failed: {exc}", RuntimeWarning, stacklevel=2)
     on_audits = [k for k, held in enumerate(flags) if held]
     new = start_index + 1  # the index the tuned round is recorded under
     kept_after, new_harm = new, []
@@ -230,7 +232,7 @@ def submit_events(
         kept_after, new_harm = round_to_keep(per_audit, new, start_index)
     return SubmitOutcome(
         scores, comparison, rolled_back, harm, shift, gate.get("new"), start, result, held_scores,
-        new_harm, kept_after,
+        new_harm, kept_after, tune is not None,
     )  # fmt: skip
 
 

@@ -235,13 +235,15 @@ class AnnotateWidget(WorkerDock):
         self.audit_spin.setValue(AUDIT_SHARE)
         self.audit_spin.setToolTip(
             "Share of each batch drawn at random from the tissue ('audit' patches): corrected like the others, they "
-            "measure the model on this slide before it trains on them. 0 measures only on the proposed (hard) patches."
+            "measure every round on this slide and are never trained on. 0 measures only on the proposed (hard) "
+            "patches and trains on them all."
         )
         self.rollback_check = QCheckBox("Roll back a round that scores worse")
         self.rollback_check.setChecked(True)
         self.rollback_check.setToolTip(
-            "Each batch is scored against the round in use and the one before it before training. A round that "
-            f"scores more than {HARM_MARGIN:.2f} worse is rolled back (unchecked: you are told; Undo round does it)."
+            "Each batch, with the audits so far, is scored against the round in use, the one before it and round 0 "
+            f"before training, and each new round on the audits. A round that scores more than {HARM_MARGIN:.2f} "
+            "worse than the one before it or round 0 is rolled back (unchecked: you are told; Undo round does it)."
         )
         self.target_spin = QDoubleSpinBox()
         self.target_spin.setRange(0.0, 1.0)
@@ -614,7 +616,7 @@ class AnnotateWidget(WorkerDock):
         if n <= 0:
             return []
         side = self.plan.patch * self.subdivide // audit_subdivide(self.subdivide)
-        boxes = random_tissue_boxes(self.slide, self.plan, n, seed, taken, side)
+        boxes = random_tissue_boxes(self.slide, self.plan, n, seed, taken, side, grid=True)
         return [Proposal(**vars(b), audit=True, reason="audit: drawn at random from the tissue") for b in boxes]
 
     def _known(self) -> list[tuple[np.ndarray, bool]]:
@@ -854,7 +856,7 @@ class AnnotateWidget(WorkerDock):
             configs = {s: replace(self.config, **{**SHIFTS[s], **edited}) for s in SHIFTS}
         else:
             configs = {self._preset(): self.config}
-        tune = None if not annotations else partial(
+        tune = None if not self.session.pending_ids() else partial(
             finetune_events, annotations=annotations, factor=self._factor(), seed=len(self.session.annotations),
             cancel=self.token, threads=TRAIN_THREADS, origin=self.origin,
             self_label_boxes=[b for b in self._self_label_boxes() if not any(b.overlaps(h) for h in held_boxes)],
@@ -868,8 +870,8 @@ class AnnotateWidget(WorkerDock):
         worker.yielded.connect(self.training.on_event)
         held = [i for i in scored_ids if i in held_ids]
         worker.returned.connect(lambda outcome: self._submitted(outcome, scored_ids, held, current, previous))
-        self.training.begin(self.config.steps, self._tuning_said(len(annotations), len(held_ids)))
-        then = "then fine-tuning" if annotations else "nothing to train on yet (audits only)"
+        self.training.begin(self.config.steps, self._tuning_said(len(annotations) if tune else 0, len(held_ids)))
+        then = "then fine-tuning" if tune else "no new correction to train on (audits only)"
         self._run(worker, f"Saved {len(new_ids)} patches to {self.session.folder}; scoring them, {then}.")
 
     def _tuning_said(self, trained: int, held: int) -> str:
@@ -953,7 +955,10 @@ class AnnotateWidget(WorkerDock):
             return
         if outcome.harm:
             verdict, back_to = rollback_said(outcome.harm), outcome.harm[-1][1]
-            if outcome.rolled_back and self._save(lambda: self.session.rollback(back_to)):
+            if outcome.rolled_back:
+                if not self._save(lambda: self.session.rollback(back_to)):  # its retrained round is not recorded
+                    self.training.end("Not saved: the rollback could not be written; your corrections are kept.")
+                    return
                 self.model = outcome.start
                 self.notice = (
                     f"Do no harm: {verdict} on your new corrections and the audit patches, so it was rolled back to "
@@ -970,8 +975,8 @@ class AnnotateWidget(WorkerDock):
     def _finetuned(self, outcome: SubmitOutcome, held_ids: list[int]) -> None:
         """Record the tuned round and its scores on the held-out audits (its estimate, at once)."""
         result = outcome.result
-        if result is None and not self.session.pending_ids():
-            self.training.end("Scored; no correction to train on yet (audit patches are never trained on).")
+        if not outcome.tuned:
+            self.training.end("Scored; no new correction to train on (audit patches are never trained on).")
             self._set_status("Your audit patches are scored and saved; submit a batch with proposed patches to train.")
             return
         if result is None:
