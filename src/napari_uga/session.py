@@ -543,16 +543,21 @@ class Session:
         return new
 
     def rollback(self, index: int | None = None) -> int:
-        """Make an earlier round current (default: the previous one); its later rounds stay on disk until replaced."""
+        """Make an earlier round current (default: the previous one); its later rounds stay on disk until replaced,
+        their scores are dropped."""
         index = self.current_round - 1 if index is None else index
         if not 0 <= index < len(self.rounds):
             raise InputError(f"rollback: no round {index} (rounds 0-{len(self.rounds) - 1})")
         annotations = [
-            {**a, "round": None, **({"trained": True} if a.get("audit") else {})}
-            if a["round"] is not None and a["round"] > index
-            else a
+            _without_scores_from(
+                {**a, "round": None, **({"trained": True} if a.get("audit") else {})}
+                if a["round"] is not None and a["round"] > index
+                else a,
+                index + 1,
+            )
             for a in self.annotations
-        ]  # an audit a round trained on (sessions before stop 32) is marked, so it never counts as held out
+        ]  # an audit a round trained on (sessions before stop 32) is marked, so it never counts as held out;
+        # the undone rounds' scores go (they were of models the session no longer uses)
         self._write_record(f"the rollback to round {index}", annotations=annotations, current_round=index)
         self.annotations[:] = annotations
         self.current_round = index
