@@ -838,8 +838,9 @@ class AnnotateWidget(WorkerDock):
         self.config.steps = self.steps_spin.value()
         self.session.config["loop"] = self._loop_record()
         self.token = CancelToken()
-        held_ids = set(self.session.held_out_ids())
-        scored_ids = [*new_ids, *(i for i in self.session.held_out_ids() if i not in new_ids)]
+        held_ids = self.session.held_out_ids()
+        scored_ids = [*new_ids, *(i for i in held_ids if i not in new_ids)]
+        held = [i for i in scored_ids if i in held_ids]  # in the order they are scored
         loaded = dict(zip((a["id"] for a in self.session.annotations), self.session.load_annotations(), strict=True))
         batch = [loaded[i] for i in scored_ids]  # the new corrections, and every audit no round trained on
         annotations = [loaded[i] for i in self.session.training_ids()]
@@ -865,10 +866,9 @@ class AnnotateWidget(WorkerDock):
         worker = submit_worker(
             batch, models, current, previous, self.rollback_check.isChecked(), configs, self._factor(), tune,
             partial(self._read_patches, self._gate_boxes() if len(configs) > 1 else []),
-            predictors, prediction_tta(self.config.predictor), [i in held_ids for i in scored_ids],
+            predictors, prediction_tta(self.config.predictor), [i in held for i in scored_ids],
         )  # fmt: skip
         worker.yielded.connect(self.training.on_event)
-        held = [i for i in scored_ids if i in held_ids]
         worker.returned.connect(lambda outcome: self._submitted(outcome, scored_ids, held, current, previous))
         self.training.begin(self.config.steps, self._tuning_said(len(annotations) if tune else 0, len(held_ids)))
         then = "then fine-tuning" if tune else "no new correction to train on (audits only)"
