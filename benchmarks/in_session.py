@@ -52,6 +52,7 @@ VARIANTS = {
     "default": {"audit_share": 0.2, "no_harm": True},
     "harm_off": {"audit_share": 0.2, "no_harm": False},
     "no_audit": {"audit_share": 0.0, "no_harm": True},
+    "clear": {"audit_share": 0.2, "no_harm": True, "harm_rule": "clear"},  # a rollback needs a clear loss (stop 33)
 }
 assert {**VARIANTS["harm_off"], "no_harm": True} == VARIANTS["default"]  # _load's reuse of default runs relies on it
 BUDGETS = [0, 5, 10, 20]
@@ -115,7 +116,8 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "handed_over_dice": t.handed_over_dice,
         "handover_rule": "clear_gain",  # handed over only if it clearly beats the starting model on the closing batch
         "audits": "held_out",  # never trained on: every round is scored on every audit (stop 32)
-        "harm_rule": "parent_then_start_on_audits",  # below its parent or round 0: on the audits once trained,
+        "harm_rule": "parent_then_start_on_audits",
+        "harm_evidence": VARIANTS[variant].get("harm_rule", "margin"),  # a loss beyond the margin, or a clear one  # below its parent or round 0: on the audits once trained,
         # and on the next batch with them (stop 32)
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -209,6 +211,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="summarise the cached runs only")
     parser.add_argument("--run-seeds", default="", help="run only these seeds (e.g. 0,2,4), to share a grid")
     parser.add_argument("--ebhi-half", default="report", choices=tuple(HALF_START), help="the EBHI split's half")
+    parser.add_argument("--ebhi-splits", type=int, default=1, help="EBHI splits of that half")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(device="cpu")
@@ -221,7 +224,7 @@ def main() -> None:
         gate_verdicts(model)
         return
     replay = replay_pairs()
-    splits = [*umcu_splits(), *ebhi_splits(args.ebhi_half, 1)]
+    splits = [*umcu_splits(), *ebhi_splits(args.ebhi_half, args.ebhi_splits)]
     chosen = [split for split in splits if args.only in split[0]]
     if not args.summary:
         for variant in args.variants.split(","):  # variants outermost: the default grid is complete first

@@ -255,13 +255,24 @@ def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], lev
     return Comparison(delta, delta - half, delta + half, len(newer))
 
 
-def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN) -> bool:
-    """Do no harm: the newer round scored more than ``margin`` below the older one on fresh corrections."""
-    return comparison is not None and comparison.delta < -margin
+HARM_RULES = ("margin", "clear")  # how sure do no harm must be that a round is worse (:func:`worse_than`)
+
+
+def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule: str = "margin") -> bool:
+    """Do no harm: the newer round scored more than ``margin`` below the older one on fresh corrections.
+
+    ``rule="clear"`` also needs the loss to be clear: the comparison's interval lies below zero
+    (below :data:`FEWEST` patches it never does).
+    """
+    if rule not in HARM_RULES:
+        raise ValueError(f"harm rule must be one of {HARM_RULES}, not {rule!r}")
+    if comparison is None or comparison.delta >= -margin:
+        return False
+    return rule == "margin" or comparison.high < 0
 
 
 def round_to_keep(
-    fresh: Sequence[dict[int, PatchScore]], in_use: int, parent: int, margin: float = HARM_MARGIN
+    fresh: Sequence[dict[int, PatchScore]], in_use: int, parent: int, margin: float = HARM_MARGIN, rule: str = "margin"
 ) -> tuple[int, list[tuple[int, int, Comparison]]]:
     """Do no harm: the round to keep, and why (``(round, reference, comparison)`` per step back).
 
@@ -269,14 +280,14 @@ def round_to_keep(
     use gives way to the round it was tuned from where it scores more than ``margin`` below it
     (:func:`worse_than`), and the round kept then gives way to round 0 where it scores below the
     starting model: a drift of many rounds, each within the margin of the one before, adds up
-    and is caught against the start.
+    and is caught against the start. ``rule``: as in :func:`worse_than`.
     """
     kept, steps = in_use, []
     for reference in dict.fromkeys((parent, 0)):
         if reference == kept:
             continue
         comparison = compare_rounds([s[kept] for s in fresh], [s[reference] for s in fresh])
-        if worse_than(comparison, margin):
+        if worse_than(comparison, margin, rule):
             steps.append((kept, reference, comparison))
             kept = reference
     return kept, steps

@@ -25,6 +25,7 @@ from .audit import (
     pooled_estimate,
     ppi_estimate,
     rollback_said,
+    HARM_RULES,
     round_to_keep,
     score_patch,
     stop_signal,
@@ -524,6 +525,7 @@ def simulate(
     stop: bool = False,
     closing_batch: bool = False,
     pool_truth: bool = False,
+    harm_rule: str = "margin",
 ) -> Trajectory:
     """Run the oracle loop: annotate in batches of ``config.batch`` until each budget, evaluate.
 
@@ -541,12 +543,16 @@ def simulate(
     over (``handed_over``; with ``no_harm``, only if its paired gain over the starting model on
     that batch and the audits is clearly above zero, :func:`_hand_over`); it costs one batch more.
     ``pool_truth``: also measure each budget's model on the pool's tissue patches not annotated
-    yet (what the in-session estimate is about).
+    yet (what the in-session estimate is about). ``harm_rule``: how sure the rule must be that a
+    round is worse (:func:`~napari_uga.audit.worse_than`).
 
     The model is fine-tuned (continuing from the round in use) on all corrections so far but the audits.
     ``seed`` alone fixes the run: the MC-dropout proposals draw from torch's generator too.
     """
     rng = np.random.default_rng(seed)
+    if harm_rule not in HARM_RULES:
+        raise ValueError(f"harm_rule must be one of {HARM_RULES}, not {harm_rule!r}")
+    harm = harm_rule if no_harm else None  # the do-no-harm rule, or none
     if config is None:
         config = presets["centre"] if presets else LoopConfig()
     torch.manual_seed(seed)
@@ -579,7 +585,7 @@ def simulate(
                 config = presets[result.shift]
                 if _audit_geometry(config) != geometry:  # the audits are drawn from other boxes now
                     ledger.retile(_audit_boxes(pool, config))
-            in_use = _do_no_harm(ledger, in_use, ledger.checked_on(fresh), no_harm, result, on_event)
+            in_use = _do_no_harm(ledger, in_use, ledger.checked_on(fresh), harm, result, on_event)
             signal = stop_signal(ledger.estimate(in_use), ledger.changes, target, ledger.estimate(in_use, False))
             if signal is not None and result.stop_budget is None:
                 result.stop_budget, result.stop_reason = _patches(spent), signal
@@ -605,7 +611,7 @@ def simulate(
             )
             tuned = _drain(run, on_event).model
             tuned_index = ledger.add_round(tuned, in_use, config.predictor, [a.box for a in trained])
-            in_use = _check_on_audits(ledger, tuned_index, no_harm, result, on_event)
+            in_use = _check_on_audits(ledger, tuned_index, harm, result, on_event)
         if stop and result.stop_budget is not None and budget > spent + 1e-9:
             break  # the session stopped before this budget
         result.budgets.append(budget)
@@ -622,7 +628,7 @@ def simulate(
         closing = ledger.score([oracle.annotate(p) for p in picks], [p.audit for p in picks]) if picks else []
         checks = ledger.checked_on(closing)  # with no tissue left, the audits so far still check the last round
         if checks:
-            in_use = _do_no_harm(ledger, in_use, checks, no_harm, result, on_event)
+            in_use = _do_no_harm(ledger, in_use, checks, harm, result, on_event)
             in_use = _hand_over(ledger, in_use, checks, no_harm, on_event)
         elif no_harm and ledger.tuned_from[in_use] is not None:  # nothing left to check the last round on
             checked = ledger.tuned_from[in_use]
@@ -674,29 +680,29 @@ def _batch(model, pool, k, audit_share, config, annotations, strategy, rng, fact
     return picks + audits
 
 
-def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], no_harm: bool, result: Trajectory, on_event) -> int:
+def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], harm: str | None, result: Trajectory, on_event) -> int:
     """Check the round in use against the round it was tuned from and round 0 on fresh patches; the round to keep
-    (:func:`~napari_uga.audit.round_to_keep`)."""
+    (:func:`~napari_uga.audit.round_to_keep` under rule ``harm``; ``None``: the rule is off)."""
     parent = ledger.tuned_from[in_use]
     if parent is None:
         return in_use
     comparison = compare_rounds([s[in_use] for s in fresh], [s[parent] for s in fresh])
     ledger.changes.append(0.0 if comparison is None else comparison.delta)
-    kept, steps = round_to_keep(fresh, in_use, parent)
-    if not (no_harm and steps):
+    kept, steps = round_to_keep(fresh, in_use, parent, rule=harm or "margin")
+    if not (harm and steps):
         return in_use
     result.rollbacks += 1
     _say(on_event, f"{rollback_said(steps)}: rolled back to round {kept}")
     return kept
 
 
-def _check_on_audits(ledger: _Ledger, tuned: int, no_harm: bool, result: Trajectory, on_event) -> int:
+def _check_on_audits(ledger: _Ledger, tuned: int, harm: str | None, result: Trajectory, on_event) -> int:
     """A new round against the round it was tuned from and round 0 on every audit (none of them trained on
-    one): the round to use from now on (:func:`~napari_uga.audit.round_to_keep`)."""
+    one): the round to use from now on (:func:`~napari_uga.audit.round_to_keep` under rule ``harm``)."""
     audits = [by_round for _, by_round in ledger.held_out]
-    if not (no_harm and audits):
+    if not (harm and audits):
         return tuned
-    kept, steps = round_to_keep(audits, tuned, ledger.tuned_from[tuned])
+    kept, steps = round_to_keep(audits, tuned, ledger.tuned_from[tuned], rule=harm)
     if steps:
         result.rollbacks += 1
         _say(on_event, f"{rollback_said(steps)} on the audits: round {tuned} not kept, round {kept} in use")
