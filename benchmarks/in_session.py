@@ -116,9 +116,9 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "handed_over_dice": t.handed_over_dice,
         "handover_rule": "clear_gain",  # handed over only if it clearly beats the starting model on the closing batch
         "audits": "held_out",  # never trained on: every round is scored on every audit (stop 32)
-        "harm_rule": "parent_then_start_on_audits",
-        "harm_evidence": VARIANTS[variant].get("harm_rule", "margin"),  # a loss beyond the margin, or a clear one  # below its parent or round 0: on the audits once trained,
+        "harm_rule": "parent_then_start_on_audits",  # below its parent or round 0: on the audits once trained,
         # and on the next batch with them (stop 32)
+        "harm_evidence": VARIANTS[variant].get("harm_rule", "margin"),  # a loss beyond the margin, or a clear one
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,19 +91,31 @@ def score_patch(probability: np.ndarray, correction: np.ndarray) -> PatchScore:
 
 
 def score_rounds(
-    models: dict, patches: Sequence[np.ndarray], masks: Sequence[np.ndarray], factor: float, tta: str = "none"
+    models: dict,
+    patches: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    factor: float,
+    tta: str = "none",
+    known: Sequence[dict[int, PatchScore]] = (),
 ) -> dict:
     """Test-then-train: ``{round: [PatchScore per patch]}`` for each round's network (none trained on these),
-    predicting under ``tta``."""
+    predicting under ``tta``. ``known``: per patch, scores already made (same networks and ``tta``): kept, not
+    made again."""
     from .uncertainty import predict_probability
 
+    known = list(known) or [{} for _ in patches]
     return {
         index: [
-            score_patch(predict_probability(model, p, factor=factor, tta=tta), m)
-            for p, m in zip(patches, masks, strict=True)
+            made[index] if index in made else score_patch(predict_probability(model, p, factor=factor, tta=tta), m)
+            for p, m, made in zip(patches, masks, known, strict=True)
         ]
         for index, model in models.items()
     }
+
+
+def missing_scores(models: dict, known: Sequence[dict[int, PatchScore]]) -> int:
+    """How many (round, patch) scores :func:`score_rounds` still has to make."""
+    return sum(index not in made for made in known for index in models)
 
 
 def expected_counts(probability: np.ndarray) -> tuple[float, float]:
@@ -163,7 +175,17 @@ def _t_half_width(residuals: np.ndarray, mean_denominator: float, level: float) 
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * standard_error)
 
 
-def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL) -> Estimate | None:
+def _bounds(dice: float, half: float, scale: str) -> tuple[float, float]:
+    """An interval of half-width ``half`` around ``dice``: on the Dice scale, cut to [0, 1], or on the logit scale
+    (``half`` carried there by the derivative of the logit), which widens it towards the middle near 0 and 1."""
+    if scale == "raw" or not np.isfinite(half):
+        return max(0.0, dice - half), min(1.0, dice + half)
+    p = float(np.clip(dice, 1e-6, 1 - 1e-6))
+    centre, spread = np.log(p / (1 - p)), half / (p * (1 - p))
+    return float(1 / (1 + np.exp(-(centre - spread)))), float(1 / (1 + np.exp(-(centre + spread))))
+
+
+def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL, scale: str = "raw") -> Estimate | None:
     """Pooled Dice of one round over patches, with a ratio-estimator interval; ``None`` with no tumour anywhere.
 
     The pooled Dice is a ratio of two sums over patches, so its interval is the delta-method
@@ -178,10 +200,12 @@ def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL) -> Estim
         return None
     dice = float(numerator.sum() / denominator.sum())
     half = _t_half_width(numerator - dice * denominator, denominator.mean(), level)
-    return Estimate(dice, max(0.0, dice - half), min(1.0, dice + half), len(scores))
+    return Estimate(dice, *_bounds(dice, half, scale), len(scores))
 
 
-def ppi_estimate(scores: Sequence[PatchScore], proxies: Proxies, level: float = LEVEL) -> Estimate | None:
+def ppi_estimate(
+    scores: Sequence[PatchScore], proxies: Proxies, level: float = LEVEL, scale: str = "raw"
+) -> Estimate | None:
     """Pooled Dice on audit patches, sharpened by the round's own maps of all the tissue (prediction-powered).
 
     Prediction-powered inference (Angelopoulos et al., *Science* 2023): the round's expected
@@ -192,7 +216,7 @@ def ppi_estimate(scores: Sequence[PatchScore], proxies: Proxies, level: float = 
     the correction's spread remains. Falls back to :func:`pooled_estimate` with no proxies.
     """
     if len(proxies.predicted) == 0:
-        return pooled_estimate(scores)
+        return pooled_estimate(scores, level, scale)
     if not scores:
         return None
     numerator, denominator = _ratio_terms(scores)
@@ -211,7 +235,7 @@ def ppi_estimate(scores: Sequence[PatchScore], proxies: Proxies, level: float = 
     unlabelled = all_num - dice * all_den
     variance = rectifier.var(ddof=1) / n + (unlabelled.var(ddof=1) / len(all_num) if len(all_num) > 1 else 0.0)
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * np.sqrt(variance) / mean_den)
-    return Estimate(dice, max(0.0, dice - half), min(1.0, dice + half), n)
+    return Estimate(dice, *_bounds(dice, half, scale), n)
 
 
 @dataclass(frozen=True)

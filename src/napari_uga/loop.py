@@ -18,6 +18,7 @@ import torch
 
 from .audit import (
     GATE_PATCHES,
+    HARM_RULES,
     PatchScore,
     Proxies,
     choose_shift,
@@ -25,7 +26,6 @@ from .audit import (
     pooled_estimate,
     ppi_estimate,
     rollback_said,
-    HARM_RULES,
     round_to_keep,
     score_patch,
     stop_signal,

@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -253,6 +254,8 @@ class Session:
             for index, score in a.get("scores", {}).items():
                 _int(int(index), f"annotation {a['id']} scored round", 0)
                 PatchScore.from_dict(score)
+                if not isinstance(score.get("predictor", ""), str):
+                    raise TypeError(f"annotation {a['id']}: the predictor of a score must be text")
         if not self.rounds:
             raise ValueError("no rounds (round 0 is the starting model)")
         for i, r in enumerate(self.rounds):
@@ -433,12 +436,15 @@ class Session:
         self.annotations.extend(records)
         return [r["id"] for r in records]
 
-    def record_scores(self, scores: dict[int, dict[int, PatchScore]]) -> None:
-        """Store test-then-train scores: annotation id -> {round: score of that round before it trained on it}."""
+    def record_scores(self, scores: dict[int, dict[int, PatchScore]], predictor: str) -> None:
+        """Store test-then-train scores: annotation id -> {round: score of that round before it trained on it},
+        each tagged with the ``predictor`` the round predicted with (:meth:`known_scores`)."""
+
+        def tagged(made: dict[int, PatchScore]) -> dict:
+            return {str(r): {**s.as_dict(), "predictor": predictor} for r, s in made.items()}
+
         annotations = [
-            {**a, "scores": {**a.get("scores", {}), **{str(r): s.as_dict() for r, s in scores[a["id"]].items()}}}
-            if a["id"] in scores
-            else a
+            {**a, "scores": {**a.get("scores", {}), **tagged(scores[a["id"]])}} if a["id"] in scores else a
             for a in self.annotations
         ]
         self._write_record("the scores of the corrections", annotations=annotations)
@@ -450,6 +456,15 @@ class Session:
             PatchScore.from_dict(a["scores"][str(round_index)])
             for a in self.annotations
             if str(round_index) in a.get("scores", {}) and (a.get("audit", False) or not audits_only)
+        ]
+
+    def known_scores(self, ids: Sequence[int], predictor: str) -> list[dict[int, PatchScore]]:
+        """Per annotation id (in order), its stored scores made under ``predictor``: those need not be made again
+        (a round's stored score is of the model of that index the session uses; rollbacks drop the others)."""
+        by_id = {a["id"]: a.get("scores", {}) for a in self.annotations}
+        return [
+            {int(r): PatchScore.from_dict(s) for r, s in by_id[i].items() if s.get("predictor") == predictor}
+            for i in ids
         ]
 
     def paired_scores(self, newer: int, older: int) -> tuple[list[PatchScore], list[PatchScore]]:

@@ -12,11 +12,13 @@ from napari_uga.audit import (
     Proxies,
     choose_shift,
     compare_rounds,
+    missing_scores,
     pooled_estimate,
     ppi_estimate,
     rollback_said,
     round_to_keep,
     score_patch,
+    score_rounds,
     stop_signal,
     tissue_is_new,
     worse_than,
@@ -236,3 +238,32 @@ def test_do_no_harm_steps_back_to_the_parent_and_catches_a_drift_against_the_sta
     assert rollback_said(steps).startswith("round 2 scored -0.100 dice against round 1; round 1 scored -0.100")
     assert round_to_keep(scores(900, 950, 990), 2, 1) == (2, [])  # better than both: kept
     assert round_to_keep(scores(1000, 995), 1, 0) == (1, [])  # its parent is round 0: one check, within the margin
+
+
+def test_a_clear_harm_rule_rolls_back_only_a_loss_its_interval_is_sure_of():
+    """One bad patch among six: below the margin on average, but within noise; a loss on every patch is clear."""
+    noisy = [{0: PatchScore(1000, 1000, 1000, 0.0), 1: PatchScore(600 if k == 5 else 1000, 1000, 1000, 0.0)}
+             for k in range(6)]  # fmt: skip
+    steady = [{0: PatchScore(1000, 1000, 1000, 0.0), 1: PatchScore(930 + k, 1000, 1000, 0.0)} for k in range(6)]
+    for fresh, margin_says, clear_says in ((noisy, 0, 1), (steady, 0, 0)):
+        comparison = compare_rounds([s[1] for s in fresh], [s[0] for s in fresh])
+        assert comparison.delta < -0.01
+        assert round_to_keep(fresh, 1, 0, rule="margin")[0] == margin_says
+        assert round_to_keep(fresh, 1, 0, rule="clear")[0] == clear_says
+    assert not worse_than(compare_rounds([s[1] for s in noisy[:2]], [s[0] for s in noisy[:2]]), rule="clear")
+    with pytest.raises(ValueError, match="harm rule"):
+        worse_than(compare_rounds([s[1] for s in steady], [s[0] for s in steady]), rule="sure")
+
+
+def test_scores_already_made_are_kept_and_only_the_missing_ones_are_made(shipped, umcu_pairs):
+    oracle = Oracle(umcu_pairs[:2])
+    crops = [oracle.annotate(Box(p.name, 0, 0, 128, 128)) for p in umcu_pairs[:2]]
+    images, masks = [a.image for a in crops], [a.mask for a in crops]
+    models = {0: shipped, 1: copy.deepcopy(shipped)}
+    made = score_rounds(models, images, masks, 0.5)
+    sentinel = PatchScore(7, 7, 7, 0.0)  # no prediction gives these counts on a 128 px crop by chance
+    known = [{0: sentinel}, {1: made[1][1]}]
+    assert missing_scores(models, known) == 2
+    again = score_rounds(models, images, masks, 0.5, known=known)
+    assert again[0][0] is sentinel and again[1][1] is made[1][1]
+    assert again[1][0] == made[1][0] and again[0][1] == made[0][1]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from napari_uga.audit import PatchScore
 from napari_uga.io import InputError, read_mask
 from napari_uga.selection import Box, Proposal
 from napari_uga.session import Session, audit_pairs
@@ -51,6 +52,23 @@ def test_audits_are_held_out_of_training_and_one_a_round_trained_on_never_counts
     reopened.close()
     pairs, mpp = audit_pairs(tmp_path / "s")  # QC calibrates only on audits no round trained on
     assert [p.image.shape[:2] for p in pairs] == [(64, 64)] and pairs[0].name == "tile@y128x0" and mpp == 0.24
+
+
+def test_scores_are_kept_with_the_predictor_they_were_made_under(tmp_path, tiny_model_path, tiny_model, umcu_pairs):
+    session = Session.create(tmp_path / "s", tiny_model_path)
+    session.add_image("tile", array=umcu_pairs[0].image)
+    boxes = [Box("tile", 0, 0, 64, 64), Box("tile", 64, 0, 64, 64)]
+    ids = session.add_annotations(boxes, [np.zeros((64, 64), np.uint8)] * 2, audits=[True, True])
+    plain, flipped = PatchScore(1, 2, 3, 0.25), PatchScore(2, 2, 3, 0.0)
+    session.record_scores({ids[0]: {0: plain}}, "plain")
+    session.record_scores({ids[0]: {1: flipped}, ids[1]: {0: flipped}}, "soup+flips")
+    reopened = Session.open(tmp_path / "s")
+    assert reopened.known_scores(ids, "plain") == [{0: plain}, {}]
+    assert reopened.known_scores(ids, "soup+flips") == [{1: flipped}, {0: flipped}]
+    assert reopened.scores_of(0) == [plain, flipped]  # every score still counts in the estimate
+    reopened.record_round(tiny_model, [])
+    reopened.rollback()  # round 1 is undone: its scores were of a model the session no longer uses
+    assert reopened.known_scores(ids, "soup+flips") == [{}, {0: flipped}]
 
 
 def test_changed_image_is_refused(tmp_path, tiny_model_path, umcu_pairs):

@@ -321,4 +321,5 @@ def test_new_organ_rounds_predict_with_their_soup_under_flips(qtbot, wait_idle, 
     third = session.annotations[-4:]
     for record, annotation in zip(third, session.load_annotations([a["id"] for a in third]), strict=True):
         probability = predict_probability(soup, annotation.image, factor=dock._factor(), tta="flips")
-        assert record["scores"]["2"] == score_patch(probability, annotation.mask).as_dict()  # scored as it predicts
+        made = score_patch(probability, annotation.mask).as_dict()
+        assert record["scores"]["2"] == {**made, "predictor": "soup+flips"}  # scored as it predicts, and so tagged

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from napari.utils.notifications import notification_manager
@@ -44,7 +46,13 @@ def test_rounds_are_measured_on_fresh_corrections_and_a_harmful_one_is_rolled_ba
     assert dock.notice.startswith("Do no harm: round 1 scored") == (change < -0.01), (change, dock.notice)
     assert "Against round 0 on the same 8 corrections: " in dock.measure_label.text()
 
+    # a held-out audit's scores are made once per round: the next Submit reuses the stored one, not a new one
+    first = session.held_out_ids()[0]
+    (stored,) = session.known_scores([first], dock.config.predictor)
+    marked = replace(stored[0], changed=stored[0].changed / 2 + 0.25)  # a share no prediction of it gives
+    session.record_scores({first: {0: marked}}, dock.config.predictor)
     submit_batch(dock)
+    assert session.known_scores([first], dock.config.predictor)[0][0] == marked
     last = session.current_round
     with torch.no_grad():  # fault injected: the round calls tumour everywhere (under a weight soup too)
         dock.model.head_out.bias.fill_(40.0)

@@ -21,6 +21,7 @@ from ..audit import (
     PatchScore,
     choose_shift,
     compare_rounds,
+    missing_scores,
     round_to_keep,
     score_rounds,
     tissue_is_new,
@@ -168,6 +169,7 @@ def submit_events(
     predictors: dict[int, UNet] | None = None,
     tta: str = "none",
     held_out: Sequence[bool] = (),
+    known: Sequence[dict[int, PatchScore]] = (),
 ) -> Iterator[ProgressEvent]:
     """Test-then-train: score the new corrections against the rounds, apply do-no-harm, then fine-tune.
 
@@ -180,11 +182,17 @@ def submit_events(
     (:func:`finetune_events` with the session's annotations bound). ``read_tissue()``: the tissue
     patches ``auto``'s gate reads (:func:`~napari_uga.audit.tissue_is_new`), read only when it
     chooses. ``predictors``: the network each round predicts with (default ``models``), under
-    ``tta``; ``models`` are what training starts from. Returns a :class:`SubmitOutcome`.
+    ``tta``; ``models`` are what training starts from. ``known``: per patch of ``batch``, scores an earlier
+    Submit made with the same networks (the held-out audits'): kept, not made again. Returns a
+    :class:`SubmitOutcome`.
     """
-    yield progress_event("scoring", 0, len(models), f"scoring {len(batch)} corrections against {len(models)} rounds")
+    known = list(known) or [{} for _ in batch]
+    made = missing_scores(models, known)
+    yield progress_event("scoring", 0, len(models), f"scoring {len(batch)} corrections against {len(models)} rounds "
+                         f"({made} new scores)")  # fmt: skip
     try:
-        scores = score_rounds(predictors or models, [a.image for a in batch], [a.mask for a in batch], factor, tta)
+        images, masks = [a.image for a in batch], [a.mask for a in batch]
+        scores = score_rounds(predictors or models, images, masks, factor, tta, known)
     except RuntimeError as exc:
         raise WorkerError(f"scoring the corrections failed: {exc}") from exc
     comparison = None if previous is None else compare_rounds(scores[current], scores[previous])

@@ -851,6 +851,8 @@ class AnnotateWidget(WorkerDock):
         if previous is not None:
             models[previous] = self.session.load_model(previous, device=self.device_combo.currentText())
         predictors = {index: self._predicting(index, model) for index, model in models.items()}
+        predictor = self.config.predictor  # what the scores are made under (``auto`` may change the preset after)
+        known = self.session.known_scores(scored_ids, predictor)
         if self._shift() == "auto" and self.chosen_shift is None:
             steps = self._edited_steps()
             edited = {} if steps is None else {"steps": steps}
@@ -866,10 +868,10 @@ class AnnotateWidget(WorkerDock):
         worker = submit_worker(
             batch, models, current, previous, self.rollback_check.isChecked(), configs, self._factor(), tune,
             partial(self._read_patches, self._gate_boxes() if len(configs) > 1 else []),
-            predictors, prediction_tta(self.config.predictor), [i in held for i in scored_ids],
+            predictors, prediction_tta(predictor), [i in held for i in scored_ids], known,
         )  # fmt: skip
         worker.yielded.connect(self.training.on_event)
-        worker.returned.connect(lambda outcome: self._submitted(outcome, scored_ids, held, current, previous))
+        worker.returned.connect(lambda outcome: self._submitted(outcome, scored_ids, held, predictor))
         self.training.begin(self.config.steps, self._tuning_said(len(annotations) if tune else 0, len(held_ids)))
         then = "then fine-tuning" if tune else "no new correction to train on (audits only)"
         self._run(worker, f"Saved {len(new_ids)} patches to {self.session.folder}; scoring them, {then}.")
@@ -928,13 +930,11 @@ class AnnotateWidget(WorkerDock):
         """The slide's pixels of ``boxes`` (run in a worker)."""
         return [self.session.read_patch(box) for box in boxes]
 
-    def _submitted(
-        self, outcome: SubmitOutcome, scored_ids: list[int], held_ids: list[int], current: int, previous: int | None
-    ) -> None:
+    def _submitted(self, outcome: SubmitOutcome, scored_ids: list[int], held_ids: list[int], predictor: str) -> None:
         """Store the batch's scores, apply the do-no-harm verdict and ``auto``'s choice, then record the round.
 
         ``scored_ids``: the corrections the rounds were scored on, in order; ``held_ids``: the held-out audits
-        among them, which the tuned round was scored on too."""
+        among them, which the tuned round was scored on too; ``predictor``: what the scores were made under."""
         by_id = {i: {r: scores[k] for r, scores in outcome.scores.items()} for k, i in enumerate(scored_ids)}
         if outcome.comparison is not None:
             self.session.config["changes"] = [*self.session.config.get("changes", []), outcome.comparison.delta]
@@ -951,7 +951,7 @@ class AnnotateWidget(WorkerDock):
                 f"first batch{gate}); its preset trains this round."
             )
         self.session.config["loop"] = self._loop_record()
-        if not self._save(lambda: self.session.record_scores(by_id)):
+        if not self._save(lambda: self.session.record_scores(by_id, predictor)):
             return
         if outcome.harm:
             verdict, back_to = rollback_said(outcome.harm), outcome.harm[-1][1]
@@ -995,7 +995,7 @@ class AnnotateWidget(WorkerDock):
         index = self.session.current_round
         scores = {i: {index: score} for i, score in zip(held_ids, outcome.held_out_scores, strict=True)}
         if scores:
-            self._save(lambda: self.session.record_scores(scores))
+            self._save(lambda: self.session.record_scores(scores, self.config.predictor))
         self.training.end(f"Round {index} done · loss {loss:.3f}")
         if outcome.new_harm:  # the rollback is a suggestion only
             self.notice = f"{rollback_said(outcome.new_harm)} on the audit patches: Undo round goes back."
