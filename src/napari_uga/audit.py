@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 LEVEL = 0.9  # two-sided level of every interval
 HARM_MARGIN = 0.01  # a round this much worse than its predecessor on fresh corrections is rolled back
@@ -181,11 +181,11 @@ def _bounds(dice: float, half: float, scale: str) -> tuple[float, float]:
     if scale == "raw" or not np.isfinite(half):
         return max(0.0, dice - half), min(1.0, dice + half)
     p = float(np.clip(dice, 1e-6, 1 - 1e-6))
-    centre, spread = np.log(p / (1 - p)), half / (p * (1 - p))
-    return float(1 / (1 + np.exp(-(centre - spread)))), float(1 / (1 + np.exp(-(centre + spread))))
+    centre, spread = special.logit(p), half / (p * (1 - p))
+    return float(special.expit(centre - spread)), float(special.expit(centre + spread))
 
 
-def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL, scale: str = "raw") -> Estimate | None:
+def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL, scale: str = "logit") -> Estimate | None:
     """Pooled Dice of one round over patches, with a ratio-estimator interval; ``None`` with no tumour anywhere.
 
     The pooled Dice is a ratio of two sums over patches, so its interval is the delta-method
@@ -193,7 +193,9 @@ def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL, scale: s
     unlike a bootstrap it does not shrink to nothing for the handful of patches a session has
     (a bootstrap of two patches has two distinct values). Below :data:`FEWEST` patches the
     interval is ``[0, 1]``: measured on 400 draws of real tiles, two patches covered the truth
-    in 37 % of draws at the nominal 90 %.
+    in 37 % of draws at the nominal 90 %. ``scale="logit"`` (the default) sets the interval on the
+    logit scale (:func:`_bounds`): chosen on DEV splits in ``benchmarks/estimate_coverage.py``,
+    where a round right on most patches had intervals too narrow below its Dice.
     """
     numerator, denominator = _ratio_terms(scores)
     if denominator.sum() == 0:
@@ -204,7 +206,7 @@ def pooled_estimate(scores: Sequence[PatchScore], level: float = LEVEL, scale: s
 
 
 def ppi_estimate(
-    scores: Sequence[PatchScore], proxies: Proxies, level: float = LEVEL, scale: str = "raw"
+    scores: Sequence[PatchScore], proxies: Proxies, level: float = LEVEL, scale: str = "logit"
 ) -> Estimate | None:
     """Pooled Dice on audit patches, sharpened by the round's own maps of all the tissue (prediction-powered).
 
@@ -282,11 +284,12 @@ def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], lev
 HARM_RULES = ("margin", "clear")  # how sure do no harm must be that a round is worse (:func:`worse_than`)
 
 
-def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule: str = "margin") -> bool:
+def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule: str = "clear") -> bool:
     """Do no harm: the newer round scored more than ``margin`` below the older one on fresh corrections.
 
-    ``rule="clear"`` also needs the loss to be clear: the comparison's interval lies below zero
-    (below :data:`FEWEST` patches it never does).
+    ``rule="clear"`` (the default) also needs the loss to be clear: the comparison's interval lies
+    below zero (below :data:`FEWEST` patches it never does), so a handful of audits cannot undo a
+    round by chance; ``"margin"``: the loss beyond the margin is enough (before stop 33).
     """
     if rule not in HARM_RULES:
         raise ValueError(f"harm rule must be one of {HARM_RULES}, not {rule!r}")
@@ -296,7 +299,7 @@ def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule:
 
 
 def round_to_keep(
-    fresh: Sequence[dict[int, PatchScore]], in_use: int, parent: int, margin: float = HARM_MARGIN, rule: str = "margin"
+    fresh: Sequence[dict[int, PatchScore]], in_use: int, parent: int, margin: float = HARM_MARGIN, rule: str = "clear"
 ) -> tuple[int, list[tuple[int, int, Comparison]]]:
     """Do no harm: the round to keep, and why (``(round, reference, comparison)`` per step back).
 
