@@ -52,7 +52,7 @@ VARIANTS = {
     "default": {"audit_share": 0.2, "no_harm": True},
     "harm_off": {"audit_share": 0.2, "no_harm": False},
     "no_audit": {"audit_share": 0.0, "no_harm": True},
-    "margin": {"audit_share": 0.2, "no_harm": True, "harm_rule": "margin"},  # a loss beyond the margin (to stop 32)
+    "clear": {"audit_share": 0.2, "no_harm": True, "harm_rule": "clear"},  # a rollback needs a clear loss (stop 33)
 }
 assert {**VARIANTS["harm_off"], "no_harm": True} == VARIANTS["default"]  # _load's reuse of default runs relies on it
 BUDGETS = [0, 5, 10, 20]
@@ -118,7 +118,7 @@ def run(model, split, variant: str, seed: int, replay) -> dict:
         "audits": "held_out",  # never trained on: every round is scored on every audit (stop 32)
         "harm_rule": "parent_then_start_on_audits",  # below its parent or round 0: on the audits once trained,
         # and on the next batch with them (stop 32)
-        "harm_evidence": VARIANTS[variant].get("harm_rule", "clear"),  # a clear loss (stop 33), or beyond the margin
+        "harm_evidence": VARIANTS[variant].get("harm_rule", "margin"),  # a loss beyond the margin, or a clear one
         "seconds": round(time.perf_counter() - started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)

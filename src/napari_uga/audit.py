@@ -284,12 +284,12 @@ def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], lev
 HARM_RULES = ("margin", "clear")  # how sure do no harm must be that a round is worse (:func:`worse_than`)
 
 
-def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule: str = "clear") -> bool:
+def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule: str = "margin") -> bool:
     """Do no harm: the newer round scored more than ``margin`` below the older one on fresh corrections.
 
-    ``rule="clear"`` (the default) also needs the loss to be clear: the comparison's interval lies
-    below zero (below :data:`FEWEST` patches it never does), so a handful of audits cannot undo a
-    round by chance; ``"margin"``: the loss beyond the margin is enough (before stop 33).
+    ``rule="clear"`` also needs the loss to be clear: the comparison's interval lies below zero
+    (below :data:`FEWEST` patches it never does). Measured in stop 33 and not the default: on four
+    audits it let a wrecked round through (docs/benchmarks.md).
     """
     if rule not in HARM_RULES:
         raise ValueError(f"harm rule must be one of {HARM_RULES}, not {rule!r}")
@@ -299,7 +299,7 @@ def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule:
 
 
 def round_to_keep(
-    fresh: Sequence[dict[int, PatchScore]], in_use: int, parent: int, margin: float = HARM_MARGIN, rule: str = "clear"
+    fresh: Sequence[dict[int, PatchScore]], in_use: int, parent: int, margin: float = HARM_MARGIN, rule: str = "margin"
 ) -> tuple[int, list[tuple[int, int, Comparison]]]:
     """Do no harm: the round to keep, and why (``(round, reference, comparison)`` per step back).
 

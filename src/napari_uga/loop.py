@@ -525,7 +525,7 @@ def simulate(
     stop: bool = False,
     closing_batch: bool = False,
     pool_truth: bool = False,
-    harm_rule: str = "clear",
+    harm_rule: str = "margin",
 ) -> Trajectory:
     """Run the oracle loop: annotate in batches of ``config.batch`` until each budget, evaluate.
 
@@ -688,7 +688,7 @@ def _do_no_harm(ledger: _Ledger, in_use: int, fresh: list[dict], harm: str | Non
         return in_use
     comparison = compare_rounds([s[in_use] for s in fresh], [s[parent] for s in fresh])
     ledger.changes.append(0.0 if comparison is None else comparison.delta)
-    kept, steps = round_to_keep(fresh, in_use, parent, rule=harm or "clear")
+    kept, steps = round_to_keep(fresh, in_use, parent, rule=harm or "margin")
     if not (harm and steps):
         return in_use
     result.rollbacks += 1
