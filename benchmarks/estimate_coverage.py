@@ -7,12 +7,13 @@ patches are drawn uniformly without replacement, as audits are, and each estimat
 interval at the 90 % level are compared with the truth.
 
 Estimators: ``pooled`` (:func:`napari_uga.audit.pooled_estimate`, the audits alone), ``ppi``
-(:func:`napari_uga.audit.ppi_estimate`, what sessions report: the audits correct the round's own
-maps of all the tissue), each with its interval on the Dice scale or (``_logit``) the logit scale.
+(:func:`napari_uga.audit.ppi_estimate`, what ``simulate`` reports: the audits correct the round's own
+maps of all the tissue; the dock reports ``pooled``), each with its interval on the Dice scale or
+(``_logit``) the logit scale.
 
 Pre-registered choice (stop 33, before any logit number was seen): of ``pooled``, ``ppi`` and
-their ``_logit`` forms (the interval on the logit scale, :func:`napari_uga.audit._bounds`), sessions
-use the one with the highest worst coverage over the DEV splits at n = 8, 16, 32 (what a session
+their ``_logit`` forms (the interval on the logit scale, :func:`napari_uga.audit._bounds`), ``simulate``
+uses the one with the highest worst coverage over the DEV splits at n = 8, 16, 32 (what a session
 has at budgets 10 to 40); within 0.02 of it, the narrowest on average. Chosen: ``ppi_logit``
 (worst 0.66, RUMC at n = 8; ``pooled_logit`` 0.60, ``pooled`` 0.54, ``ppi`` 0.52).
 

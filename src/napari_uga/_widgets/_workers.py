@@ -154,6 +154,7 @@ class SubmitOutcome:
     new_harm: list[tuple[int, int, Comparison]]  # the tuned round's check on the audits (empty: no harm seen)
     kept_after: int  # the round to use after it: the tuned round's index, or the round it fell back to
     tuned: bool = True  # False: no new correction to train on (a batch of audits alone)
+    predictor: str = ""  # the predictor the tuned round's held-out scores were made under
 
 
 def submit_events(
@@ -240,7 +241,7 @@ def submit_events(
         kept_after, new_harm = round_to_keep(per_audit, new, start_index)
     return SubmitOutcome(
         scores, comparison, rolled_back, harm, shift, gate.get("new"), start, result, held_scores,
-        new_harm, kept_after, tune is not None,
+        new_harm, kept_after, tune is not None, config.predictor,
     )  # fmt: skip
 
 

@@ -993,9 +993,9 @@ class AnnotateWidget(WorkerDock):
             return
         self.model = result.model
         index = self.session.current_round
-        scores = {i: {index: score} for i, score in zip(held_ids, outcome.held_out_scores, strict=True)}
-        if scores:
-            self._save(lambda: self.session.record_scores(scores, self.config.predictor))
+        if outcome.held_out_scores:  # empty where scoring them failed: the next Submit scores the round on them
+            scores = {i: {index: score} for i, score in zip(held_ids, outcome.held_out_scores, strict=True)}
+            self._save(lambda: self.session.record_scores(scores, outcome.predictor))
         self.training.end(f"Round {index} done · loss {loss:.3f}")
         if outcome.new_harm:  # the rollback is a suggestion only
             self.notice = f"{rollback_said(outcome.new_harm)} on the audit patches: Undo round goes back."
