@@ -53,8 +53,10 @@ VARIANTS = {
     "harm_off": {"audit_share": 0.2, "no_harm": False},
     "no_audit": {"audit_share": 0.0, "no_harm": True},
     "clear": {"audit_share": 0.2, "no_harm": True, "harm_rule": "clear"},  # a rollback needs a clear loss (stop 33)
+    "clear_or_large": {"audit_share": 0.2, "no_harm": True, "harm_rule": "clear_or_large"},  # or a large one (stop 35)
 }
 assert {**VARIANTS["harm_off"], "no_harm": True} == VARIANTS["default"]  # _load's reuse of default runs relies on it
+STRICTER = ("clear", "clear_or_large")  # rules that roll back only where the default's would: same run if it never did
 BUDGETS = [0, 5, 10, 20]
 OUT = RESULTS / "in_session.json"
 GATE_OUT = RESULTS / "in_session_gate.json"
@@ -150,10 +152,11 @@ def _load(name: str, variant: str, seed: int) -> dict | None:
     if path.exists():
         return json.loads(path.read_text())
     default = _cached(name, "default", seed)
-    if variant == "harm_off" and default.exists():
+    if variant in ("harm_off", *STRICTER) and default.exists():
         record = json.loads(default.read_text())
-        if record["rollbacks"][-1] == 0 and record["handed_over"] == record["round_in_use"][-1]:
-            return record  # no rollback: without the rule it is the same run (simulate is deterministic)
+        handed_as_used = variant in STRICTER or record["handed_over"] == record["round_in_use"][-1]
+        if record["rollbacks"][-1] == 0 and handed_as_used:
+            return record  # no rollback: without the rule, or with a stricter one, it is the same run (deterministic)
     return None
 
 

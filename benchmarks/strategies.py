@@ -60,6 +60,7 @@ HALF_START = {
     "report7": 700,
     "report8": 800,  # first read in stop 32, by in_session.py --ebhi-half report8 (nothing chosen on it)
     "report9": 900,  # first read in stop 33, by in_session.py --ebhi-half report9 (nothing chosen on it)
+    "report10": 1000,  # first read in stop 35, by in_session.py --ebhi-half report10 (nothing chosen on it)
 }
 PREDICTORS = ("plain", "flips", "pair", "soup", "soup+flips")  # stop 28's screen (predictor_dice)
 

@@ -202,6 +202,9 @@ def test_headless_demo_writes_report_and_plots(tmp_path, tiny_model_path):
     assert report["shift"] in ("centre", "organ")  # --shift auto (the default) chose from the first batch
     assert report["strategy"] == "uncertainty"  # auto proposes its first batch as centre does
     assert {"estimated_dice", "estimate_interval", "estimate_audits", "round_in_use"} <= set(report["curve"][1])
+    # the truth the estimate is about: the pool's unannotated tissue, scored against the sample's masks
+    assert all(c["tissue_dice"] is None or 0 <= c["tissue_dice"] <= 1 for c in report["curve"])
+    assert report["curve"][0]["tissue_dice"] is not None
     assert report["handed_over"]["round"] in (0, 1) and 0 <= report["handed_over"]["dice_global"] <= 1
     for name in ("overlay.png", "dice_vs_round.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 5000

@@ -282,7 +282,8 @@ def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], lev
     return Comparison(delta, delta - half, delta + half, len(newer))
 
 
-HARM_RULES = ("margin", "clear")  # how sure do no harm must be that a round is worse (:func:`worse_than`)
+HARM_RULES = ("margin", "clear", "clear_or_large")  # how sure do no harm must be that a round is worse (:func:`worse_than`)
+LARGE_LOSS = 0.05  # ``clear_or_large``: a loss this large rolls back even where the few patches leave it unclear
 
 
 def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule: str = "margin") -> bool:
@@ -290,13 +291,15 @@ def worse_than(comparison: Comparison | None, margin: float = HARM_MARGIN, rule:
 
     ``rule="clear"`` also needs the loss to be clear: the comparison's interval lies below zero
     (below :data:`FEWEST` patches it never does). Measured in stop 33 and not the default: on four
-    audits it let a wrecked round through (docs/benchmarks.md).
+    audits it let a wrecked round through (docs/benchmarks.md). ``rule="clear_or_large"``: a clear
+    loss, or one beyond :data:`LARGE_LOSS` however unclear (stop 35).
     """
     if rule not in HARM_RULES:
         raise ValueError(f"harm rule must be one of {HARM_RULES}, not {rule!r}")
     if comparison is None or comparison.delta >= -margin:
         return False
-    return rule == "margin" or comparison.high < 0
+    clear = comparison.high < 0
+    return {"margin": True, "clear": clear, "clear_or_large": clear or comparison.delta < -LARGE_LOSS}[rule]
 
 
 def round_to_keep(

@@ -35,10 +35,17 @@ def plot_dice_curve(
     estimates: Sequence[float | None] = (),
     intervals: Sequence[tuple[float, float] | None] = (),
     stop_budget: int | None = None,
+    tissue: Sequence[float | None] = (),
+    handed_over: tuple[str, float] | None = None,
 ) -> Path:
-    """Test-set Dice against the number of annotated patches, with the in-session estimate where given."""
+    """Test-set Dice against the number of annotated patches, with the in-session estimate where given and,
+    where known (a demo), ``tissue``: the truth the estimate is about (the tissue not annotated yet);
+    ``handed_over``: the model the session ends with (``("round 0", held-out Dice)``), at the last budget."""
     fig, ax = _figure(figsize=(4.8, 3.4))
     ax.plot(budgets, dice, "o-", label=f"{label}: held-out Dice")
+    truth = [(b, t) for b, t in zip(budgets, tissue, strict=False) if t is not None]
+    if truth:
+        ax.plot(*zip(*truth, strict=True), "^:", color="tab:green", label="truth on the tissue audits come from")
     known = [(b, e, i) for b, e, i in zip(budgets, estimates, intervals, strict=False) if e is not None]
     if known:
         xs, ys, spans = zip(*known, strict=True)
@@ -47,11 +54,14 @@ def plot_dice_curve(
         ax.errorbar(xs, ys, yerr=[low, high], fmt="s--", capsize=3, label="in-session estimate (audit patches)")
     if stop_budget is not None:
         ax.axvline(stop_budget, color="grey", linestyle=":", label=f"stop signal at {stop_budget}")
+    if handed_over is not None and budgets:
+        which, value = handed_over
+        ax.plot([budgets[-1]], [value], "*", color="black", markersize=11, label=f"handed over: {which} (held out)")
     ax.set_xlabel("annotated patches")
     ax.set_ylabel("Dice (pooled)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
 
 

@@ -64,6 +64,7 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock, monkeypatch):
         folder = dock.session.folder
         assert sorted(p.name for p in (folder / "labels").iterdir()) == ["00001.png", "00002.png"]  # before training
         assert not dock.submit_button.isEnabled() and not dock.compute_button.isEnabled()
+        assert not dock.shift_combo.isEnabled() and not dock.steps_spin.isEnabled()  # the running round's settings
         with qtbot.waitSignal(dock.worker.finished, timeout=WAIT_MS):
             pass
         wait_idle(dock)
@@ -92,7 +93,7 @@ def test_round_trip_advances_the_model(qtbot, wait_idle, dock, monkeypatch):
     assert boxes == [a.box for a in dock.session.load_annotations([1])]
     assert dock.chosen_shift in ("centre", "organ") and dock.steps_spin.value() == 3
     assert len(dock.training.losses) == 3
-    assert dock.compute_button.isEnabled() and dock.undo_button.isEnabled()
+    assert dock.compute_button.isEnabled() and dock.undo_button.isEnabled() and dock.shift_combo.isEnabled()
 
     dock.undo_round()
     wait_idle(dock)

@@ -333,6 +333,8 @@ class AnnotateWidget(WorkerDock):
         self.open_button.setEnabled(not busy)
         for widget in (self.image_combo, self.model_edit, self.device_combo, self.samples_spin, self.mpp_spin):
             widget.setEnabled(not busy and self.session is None)
+        for widget in (self.shift_combo, self.steps_spin):  # the running round's settings: changed after it, not during
+            widget.setEnabled(not busy)
         position = self.session.queue_position if self.session else 0
         total = len(self.proposals)
         waiting = len(self._unsubmitted())

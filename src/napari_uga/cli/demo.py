@@ -66,7 +66,7 @@ def run_headless(args: argparse.Namespace) -> dict:
     trajectory = simulate(
         model, pool, test, budgets, strategy, args.seed, factor, config, replay_pairs(), on_event=on_event,
         audit_share=args.audit_share, no_harm=args.no_harm == "on", presets=presets, target=target,
-        stop=not args.no_stop, closing_batch=True,
+        stop=not args.no_stop, closing_batch=True, pool_truth=True,
     )  # fmt: skip
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,8 @@ def run_headless(args: argparse.Namespace) -> dict:
     plot_dice_curve(
         trajectory.budgets, trajectory.dice_global, args.out / "dice_vs_round.png",
         estimates=trajectory.estimated_dice, intervals=trajectory.estimate_interval,
-        stop_budget=trajectory.stop_budget,
+        stop_budget=trajectory.stop_budget, tissue=trajectory.pool_dice,
+        handed_over=(f"round {trajectory.handed_over}", trajectory.handed_over_dice),
     )  # fmt: skip
     models = {"before": model, f"round {trajectory.handed_over} (handed over)": trajectory.model}
     plot_overlay(models, pick_showcase(test), factor, config.samples, args.out / "overlay.png")
@@ -121,7 +122,13 @@ def run_headless(args: argparse.Namespace) -> dict:
 
 
 def _curve(trajectory) -> list[dict]:
-    """Per budget: held-out Dice, the in-session estimate with its interval, and the round in use."""
+    """Per budget: held-out Dice, the in-session estimate with its interval, what it estimates, the round in use.
+
+    ``tissue_dice``: the round in use's pooled Dice on the pool's tissue patches not annotated yet,
+    against the sample's masks, the patches audits are drawn from (what the estimate is about; the held-out
+    tiles are other tissue of the slide). A real session has no such truth: the demo shows it to let the
+    estimate be checked.
+    """
     return [
         {
             "budget": budget,
@@ -129,14 +136,16 @@ def _curve(trajectory) -> list[dict]:
             "estimated_dice": estimate,
             "estimate_interval": None if interval is None else list(interval),
             "estimate_audits": audits,
+            "tissue_dice": tissue,
             "round_in_use": kept,
         }
-        for budget, dice, estimate, interval, audits, kept in zip(
+        for budget, dice, estimate, interval, audits, tissue, kept in zip(
             trajectory.budgets,
             trajectory.dice_global,
             trajectory.estimated_dice,
             trajectory.estimate_interval,
             trajectory.estimate_audits,
+            trajectory.pool_dice,
             trajectory.round_in_use,
             strict=True,
         )  # fmt: skip
@@ -151,4 +160,6 @@ def _line(entry: dict) -> str:
         else "estimated {:.3f} [{:.2f}, {:.2f}]".format(estimate, *entry["estimate_interval"])
         + f" from {audits} audit{'' if audits == 1 else 's'}"
     )
-    return f"budget {entry['budget']:>3}: Dice {entry['dice_global']:.3f} · {said} · round {entry['round_in_use']}"
+    tissue = entry["tissue_dice"]
+    truth = "" if tissue is None else f" · truth {tissue:.3f} on the tissue not annotated yet"
+    return f"budget {entry['budget']:>3}: held-out Dice {entry['dice_global']:.3f} · {said}{truth} · round {entry['round_in_use']}"
