@@ -31,6 +31,7 @@ GOOD_DICE = 0.8  # the product's bar for a good segmentation (QC's cut): below i
 STEADY = 0.01  # the estimate moved less than this over the last rounds: more rounds are unlikely to help
 FEWEST = 3  # fewer patches than this give the interval [0, 1]: two patches can agree by chance
 GATE_PATCHES = 64  # tissue patches the gate of ``auto`` reads (a cost cap: about 0.1 s a patch on one core)
+OVERCONFIDENT = 2.0  # changed over expected-wrong pixels above which a round is confidently wrong (stop 35)
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,45 @@ def ppi_estimate(
 
 
 @dataclass(frozen=True)
+class Overconfidence:
+    """Pixels the pathologist changed over the pixels the round's own probabilities expected to be wrong.
+
+    About 1 where the round's probabilities are honest about its errors; far above 1 where it is
+    confidently wrong (its errors have low uncertainty, so uncertainty-ranked patches miss them).
+    """
+
+    ratio: float
+    low: float
+    high: float
+    n: int
+
+
+def overconfidence(scores: Sequence[PatchScore], level: float = LEVEL) -> Overconfidence | None:
+    """The ratio of changed to expected-wrong pixels over ``scores`` (audits: a sample of the tissue), with a
+    delta-method interval as :func:`pooled_estimate`'s; ``None`` where the round expected no error at all."""
+    changed = np.array([float(s.predicted + s.truth - 2 * s.tp) for s in scores])
+    expected = np.array([s.predicted + s.expected_truth - 2 * s.expected_tp for s in scores])
+    if not len(scores) or expected.sum() <= 0:
+        return None
+    ratio = float(changed.sum() / expected.sum())
+    half = _t_half_width(changed - ratio * expected, expected.mean(), level)
+    return Overconfidence(ratio, max(0.0, ratio - half), ratio + half, len(scores))
+
+
+def overconfident_said(audits: Sequence[PatchScore]) -> str | None:
+    """A plain sentence where a round is clearly confidently wrong on the audits (:func:`overconfidence`'s
+    interval above :data:`OVERCONFIDENT`), else ``None``. Its errors are where uncertainty does not look."""
+    found = overconfidence(audits)
+    if found is None or found.low <= OVERCONFIDENT:
+        return None
+    return (
+        f"on the {found.n} audit patches the pathologist changed {found.ratio:.1f}× [{found.low:.1f}, "
+        f"{found.high:.1f}] the pixels the model expected to get wrong: it is confidently wrong on some of "
+        "this tissue, where uncertainty-ranked patches do not look; propose at random or annotate such tissue yourself"
+    )
+
+
+@dataclass(frozen=True)
 class Comparison:
     """A newer round's score minus an older one's on the same fresh patches, with its interval.
 
@@ -282,7 +322,11 @@ def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], lev
     return Comparison(delta, delta - half, delta + half, len(newer))
 
 
-HARM_RULES = ("margin", "clear", "clear_or_large")  # how sure do no harm must be that a round is worse (:func:`worse_than`)
+HARM_RULES = (
+    "margin",
+    "clear",
+    "clear_or_large",
+)  # how sure do no harm must be that a round is worse (:func:`worse_than`)
 LARGE_LOSS = 0.05  # ``clear_or_large``: a loss this large rolls back even where the few patches leave it unclear
 
 

@@ -23,6 +23,7 @@ from .audit import (
     Proxies,
     choose_shift,
     compare_rounds,
+    overconfident_said,
     pooled_estimate,
     ppi_estimate,
     rollback_said,
@@ -354,6 +355,7 @@ class Trajectory:
     estimate_interval: list[tuple[float, float] | None] = field(default_factory=list)
     estimate_audits: list[int] = field(default_factory=list)  # how many audit patches each estimate rests on
     hard_dice: list[float | None] = field(default_factory=list)
+    overconfident: list[str | None] = field(default_factory=list)  # :func:`~napari_uga.audit.overconfident_said`
     round_in_use: list[int] = field(default_factory=list)
     rollbacks: int = 0
     rollbacks_by_budget: list[int] = field(default_factory=list)  # rounds rolled back up to each budget
@@ -743,8 +745,10 @@ def _record_estimates(result: Trajectory, ledger: _Ledger, index: int) -> None:
     audit, hard = ledger.estimate(index), ledger.estimate(index, audits_only=False)
     result.estimated_dice.append(None if audit is None else audit.dice)
     result.estimate_interval.append(None if audit is None else (audit.low, audit.high))
-    result.estimate_audits.append(sum(audit and index in by_round for audit, by_round in ledger.scores))
+    audits = [by_round[index] for audit, by_round in ledger.scores if audit and index in by_round]
+    result.estimate_audits.append(len(audits))
     result.hard_dice.append(None if hard is None else hard.dice)
+    result.overconfident.append(overconfident_said(audits))
 
 
 def _say(on_event, text: str, stage: str = "audit", step: int = 0, total: int = 0) -> None:

@@ -13,6 +13,8 @@ from napari_uga.audit import (
     choose_shift,
     compare_rounds,
     missing_scores,
+    overconfidence,
+    overconfident_said,
     pooled_estimate,
     ppi_estimate,
     rollback_said,
@@ -24,7 +26,7 @@ from napari_uga.audit import (
     worse_than,
 )
 from napari_uga.io import load_pairs
-from napari_uga.loop import LoopConfig, Oracle, _hand_over, _Ledger, audit_count, draw_audits, simulate
+from napari_uga.loop import LoopConfig, Oracle, _audit_boxes, _hand_over, _Ledger, audit_count, draw_audits, simulate
 from napari_uga.models import load_model
 from napari_uga.selection import Box
 from napari_uga.training import evaluate
@@ -251,6 +253,12 @@ def test_a_clear_harm_rule_rolls_back_only_a_loss_its_interval_is_sure_of():
         assert round_to_keep(fresh, 1, 0, rule="margin")[0] == margin_says
         assert round_to_keep(fresh, 1, 0, rule="clear")[0] == clear_says
     assert not worse_than(compare_rounds([s[1] for s in noisy[:2]], [s[0] for s in noisy[:2]]), rule="clear")
+    # clear_or_large: the noisy loss is large (-0.067), so it goes; a small unclear one (-0.033) stays
+    small = [{0: PatchScore(1000, 1000, 1000, 0.0), 1: PatchScore(800 if k == 5 else 1000, 1000, 1000, 0.0)}
+             for k in range(6)]  # fmt: skip
+    for fresh, says in ((noisy, 0), (steady, 0), (small, 1)):
+        assert round_to_keep(fresh, 1, 0, rule="clear_or_large")[0] == says
+    assert round_to_keep(small, 1, 0, rule="margin")[0] == 0
     with pytest.raises(ValueError, match="harm rule"):
         worse_than(compare_rounds([s[1] for s in steady], [s[0] for s in steady]), rule="sure")
 
@@ -267,3 +275,22 @@ def test_scores_already_made_are_kept_and_only_the_missing_ones_are_made(shipped
     again = score_rounds(models, images, masks, 0.5, known=known)
     assert again[0][0] is sentinel and again[1][1] is made[1][1]
     assert again[1][0] == made[1][0] and again[0][1] == made[0][1]
+
+
+def test_the_audits_tell_a_confidently_wrong_model_from_an_honest_one(shipped, umcu_pairs):
+    """The sample's left half holds stroma the shipped model calls tumour with confidence; the right half does not."""
+    from napari_uga.splits import position_split
+
+    def quarter_scores(pairs):  # every quarter-patch tissue box, as audits are drawn
+        maps = {p.name: predict_probability(shipped, p.image, factor=0.5) for p in pairs}
+        oracle = Oracle(pairs)
+        return [score_patch(b.crop(maps[b.image]), oracle.annotate(b).mask) for b in _audit_boxes(pairs, LoopConfig())]
+
+    left, right = (quarter_scores(half) for half in position_split(umcu_pairs))
+    wrong, honest = overconfidence(left), overconfidence(right)
+    assert wrong.low > 2 > honest.high and wrong.n == len(left) > 100
+    assert "confidently wrong" in overconfident_said(left)
+    assert overconfident_said(right) is None
+    perfect = score_patch(np.array([[0.9, 0.1], [0.1, 0.1]]), np.array([[1, 0], [0, 0]]))
+    assert overconfidence([perfect] * 4).ratio == 0  # nothing changed where it expected some error
+    assert overconfidence([PatchScore(0, 0, 0, 0.0)]) is None  # it expected no error at all

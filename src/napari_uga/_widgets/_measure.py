@@ -5,7 +5,7 @@ Qt-free text from a :class:`~napari_uga.session.Session`; the dock only puts it 
 
 from __future__ import annotations
 
-from ..audit import FEWEST, compare_rounds, pooled_estimate, stop_signal
+from ..audit import FEWEST, compare_rounds, overconfident_said, pooled_estimate, stop_signal
 from ..selection import Proposal
 from ..session import Session
 from ._workers import SubmitOutcome
@@ -29,6 +29,9 @@ def measure_text(session: Session, target: float | None) -> str:
         said.append("no audit patch scored yet (the estimate needs them; see Audit share).")
     if hard is not None:
         said.append(f"{hard.dice:.2f} on all {len(every)} corrections it had not trained on (hard ones: lower).")
+    overconfident = overconfident_said(audits)
+    if overconfident is not None:
+        said.append(f"{overconfident[0].upper()}{overconfident[1:]}.")
     if index > 0:
         said.append(against_start(*session.paired_scores(index, 0)))
     if index < session.current_round:

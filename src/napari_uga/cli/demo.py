@@ -99,6 +99,9 @@ def run_headless(args: argparse.Namespace) -> dict:
     lines = [_line(c) for c in report["curve"]]
     if trajectory.stop_reason:
         lines.append(f"stop signal at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
+    said = next((s for s in reversed(trajectory.overconfident) if s), None)
+    if said:
+        lines.append(f"{said[0].upper()}{said[1:]}")
     last = trajectory.round_in_use[-1] if trajectory.round_in_use else 0
     if last == 0:
         why = "no round was tuned"
@@ -122,7 +125,8 @@ def run_headless(args: argparse.Namespace) -> dict:
 
 
 def _curve(trajectory) -> list[dict]:
-    """Per budget: held-out Dice, the in-session estimate with its interval, what it estimates, the round in use.
+    """Per budget: held-out Dice, the in-session estimate with its interval, what it estimates, whether the audits
+    show the model confidently wrong (``overconfident``, a sentence or ``None``), the round in use.
 
     ``tissue_dice``: the round in use's pooled Dice on the pool's tissue patches not annotated yet,
     against the sample's masks, the patches audits are drawn from (what the estimate is about; the held-out
@@ -137,15 +141,17 @@ def _curve(trajectory) -> list[dict]:
             "estimate_interval": None if interval is None else list(interval),
             "estimate_audits": audits,
             "tissue_dice": tissue,
+            "overconfident": overconfident,
             "round_in_use": kept,
         }
-        for budget, dice, estimate, interval, audits, tissue, kept in zip(
+        for budget, dice, estimate, interval, audits, tissue, overconfident, kept in zip(
             trajectory.budgets,
             trajectory.dice_global,
             trajectory.estimated_dice,
             trajectory.estimate_interval,
             trajectory.estimate_audits,
             trajectory.pool_dice,
+            trajectory.overconfident,
             trajectory.round_in_use,
             strict=True,
         )  # fmt: skip
@@ -162,4 +168,5 @@ def _line(entry: dict) -> str:
     )
     tissue = entry["tissue_dice"]
     truth = "" if tissue is None else f" · truth {tissue:.3f} on the tissue not annotated yet"
-    return f"budget {entry['budget']:>3}: held-out Dice {entry['dice_global']:.3f} · {said}{truth} · round {entry['round_in_use']}"
+    budget, dice, kept = entry["budget"], entry["dice_global"], entry["round_in_use"]
+    return f"budget {budget:>3}: held-out Dice {dice:.3f} · {said}{truth} · round {kept}"
