@@ -17,7 +17,9 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="run the loop on the shipped sample (opens napari when a display is present)")
     p.add_argument("--headless", action="store_true", help="run the simulated loop without napari")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for report.json and the plots")
-    p.add_argument("--budgets", default="0,5,10", help="annotated patches after each round")
+    p.add_argument(
+        "--budgets", default="0,5,10,20", help="annotated patches after each round (the stop signal may end it sooner)"
+    )
     p.add_argument(
         "--no-stop", action="store_true", help="run every budget even when the stop signal says more will not help"
     )
