@@ -97,14 +97,18 @@ def splits_of(part: str) -> list[tuple[str, list, float, str]]:
     return [*umcu, *((n, p, m, "organ") for n, p, _, m in ebhi_splits("report", 4))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def start(description: str, out) -> tuple[argparse.Namespace, object, dict]:
+    """A round-0 study's command line (``--part``, ``--draws``), the shipped model on one thread, its results so far."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--part", choices=("dev", "report"), default="dev")
     parser.add_argument("--draws", type=int, default=2000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_model(device="cpu")
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    return args, load_model(device="cpu"), json.loads(out.read_text()) if out.exists() else {}
+
+
+def main() -> None:
+    args, model, results = start(__doc__.splitlines()[0], OUT)
     for name, pool, mpp, preset in splits_of(args.part):
         scores, proxies = tissue_scores(model, pool, mpp, preset)
         truth = pooled_estimate(scores)

@@ -21,18 +21,15 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
-import torch
-from estimate_coverage import splits_of, tissue_scores
+from estimate_coverage import splits_of, start, tissue_scores
 from loop import RESULTS
 
 from napari_uga._sample_data import SAMPLE_DIR, UMCU_MPP
 from napari_uga.audit import OVERCONFIDENT, overconfidence
 from napari_uga.io import load_pairs
-from napari_uga.models import load_model
 from napari_uga.splits import position_split
 
 SIZES = (4, 8, 16, 32)
@@ -46,13 +43,7 @@ def demo_split() -> tuple[str, list, float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("dev", "report"), default="dev")
-    parser.add_argument("--draws", type=int, default=2000)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model = load_model(device="cpu")
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    args, model, results = start(__doc__.splitlines()[0], OUT)
     splits = splits_of(args.part) + ([demo_split()] if args.part == "report" else [])
     for name, pool, mpp, preset in splits:
         scores, _ = tissue_scores(model, pool, mpp, preset)
