@@ -154,8 +154,8 @@ def _load(name: str, variant: str, seed: int) -> dict | None:
     default = _cached(name, "default", seed)
     if variant in ("harm_off", *STRICTER) and default.exists():
         record = json.loads(default.read_text())
-        handed_as_used = variant in STRICTER or record["handed_over"] == record["round_in_use"][-1]
-        if record["rollbacks"][-1] == 0 and handed_as_used:
+        # a rollback on the closing batch is not in ``rollbacks``: it shows as another round handed over
+        if record["rollbacks"][-1] == 0 and record["handed_over"] == record["round_in_use"][-1]:
             return record  # no rollback: without the rule, or with a stricter one, it is the same run (deterministic)
     return None
 

@@ -57,7 +57,11 @@ def main() -> None:
             ]
             row["fires"][str(n)] = float(np.mean([f is not None and f.low > OVERCONFIDENT for f in found]))
         fires = "  ".join(f"n {n}: {share:.2f}" for n, share in row["fires"].items())
-        print(f"{name:24} {len(scores):4} patches, ratio {row['ratio']:.2f} | rule fires in {fires}", flush=True)
+        print(
+            f"{name:24} {len(scores):4} patches, ratio {'-' if truth is None else f'{truth.ratio:.2f}'} "
+            f"| rule fires in {fires}",
+            flush=True,
+        )
         results[f"{args.part} / {name}"] = row
     OUT.write_text(json.dumps(results, indent=1))
 

@@ -258,26 +258,34 @@ class Overconfidence:
 
 def overconfidence(scores: Sequence[PatchScore], level: float = LEVEL) -> Overconfidence | None:
     """The ratio of changed to expected-wrong pixels over ``scores`` (audits: a sample of the tissue), with a
-    delta-method interval as :func:`pooled_estimate`'s; ``None`` where the round expected no error at all."""
+    delta-method interval as :func:`pooled_estimate`'s; ``None`` where nothing was changed or expected wrong,
+    infinite where the round was sure of every pixel and some were changed (from :data:`FEWEST` patches on)."""
     changed = np.array([float(s.predicted + s.truth - 2 * s.tp) for s in scores])
     expected = np.array([s.predicted + s.expected_truth - 2 * s.expected_tp for s in scores])
-    if not len(scores) or expected.sum() <= 0:
+    if not len(scores) or expected.sum() <= 0 and changed.sum() <= 0:
         return None
+    if expected.sum() <= 0:  # sure of every pixel, and wrong on some: as confidently wrong as it gets
+        return Overconfidence(np.inf, np.inf if len(scores) >= FEWEST else 0.0, np.inf, len(scores))
     ratio = float(changed.sum() / expected.sum())
     half = _t_half_width(changed - ratio * expected, expected.mean(), level)
     return Overconfidence(ratio, max(0.0, ratio - half), ratio + half, len(scores))
 
 
-def overconfident_said(audits: Sequence[PatchScore]) -> str | None:
+def overconfident_said(audits: Sequence[PatchScore], who: str = "the pathologist") -> str | None:
     """A plain sentence where a round is clearly confidently wrong on the audits (:func:`overconfidence`'s
-    interval above :data:`OVERCONFIDENT`), else ``None``. Its errors are where uncertainty does not look."""
+    interval above :data:`OVERCONFIDENT`), else ``None``. Its errors are where uncertainty does not look.
+    ``who`` made the corrections (``"you"`` in the dock)."""
     found = overconfidence(audits)
     if found is None or found.low <= OVERCONFIDENT:
         return None
+    times = (
+        "pixels where it was sure of itself"
+        if np.isinf(found.ratio)
+        else f"{found.ratio:.1f}× [{found.low:.1f}, {found.high:.1f}] as many pixels as the model expected to get wrong"
+    )
     return (
-        f"on the {found.n} audit patches the pathologist changed {found.ratio:.1f}× [{found.low:.1f}, "
-        f"{found.high:.1f}] the pixels the model expected to get wrong: it is confidently wrong on some of "
-        "this tissue, where uncertainty-ranked patches do not look; propose at random or annotate such tissue yourself"
+        f"on the {found.n} audit patches {who} changed {times}: it is confidently wrong on some of this tissue, "
+        "where uncertainty-ranked patches do not look; propose at random or annotate such tissue yourself"
     )
 
 

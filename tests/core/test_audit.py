@@ -293,4 +293,6 @@ def test_the_audits_tell_a_confidently_wrong_model_from_an_honest_one(shipped, u
     assert overconfident_said(right) is None
     perfect = score_patch(np.array([[0.9, 0.1], [0.1, 0.1]]), np.array([[1, 0], [0, 0]]))
     assert overconfidence([perfect] * 4).ratio == 0  # nothing changed where it expected some error
-    assert overconfidence([PatchScore(0, 0, 0, 0.0)]) is None  # it expected no error at all
+    assert overconfidence([PatchScore(0, 0, 0, 0.0)]) is None  # it expected no error and none was found
+    sure_and_wrong = [PatchScore(0, 0, 100, 0.5)] * 3  # probabilities of exactly 0 on marked tumour
+    assert "changed pixels where it was sure of itself" in overconfident_said(sure_and_wrong, who="you")

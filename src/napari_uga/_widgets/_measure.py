@@ -14,7 +14,8 @@ NOT_YET = "The model is measured on your corrections from the first Submit on."
 
 
 def measure_text(session: Session, target: float | None) -> str:
-    """The estimate, the hard patches' Dice, round 0 against the latest, and the stop signal."""
+    """The estimate, the hard patches' Dice, whether the model is confidently wrong, round 0 against the latest,
+    and the stop signal."""
     index = next((r for r in range(session.current_round, -1, -1) if session.scores_of(r)), None)
     if index is None:
         return NOT_YET
@@ -29,7 +30,7 @@ def measure_text(session: Session, target: float | None) -> str:
         said.append("no audit patch scored yet (the estimate needs them; see Audit share).")
     if hard is not None:
         said.append(f"{hard.dice:.2f} on all {len(every)} corrections it had not trained on (hard ones: lower).")
-    overconfident = overconfident_said(audits)
+    overconfident = overconfident_said(audits, who="you")
     if overconfident is not None:
         said.append(f"{overconfident[0].upper()}{overconfident[1:]}.")
     if index > 0:

@@ -101,9 +101,9 @@ def run_headless(args: argparse.Namespace) -> dict:
     lines = [_line(c) for c in report["curve"]]
     if trajectory.stop_reason:
         lines.append(f"stop signal at {trajectory.stop_budget} patches: {trajectory.stop_reason}")
-    said = next((s for s in reversed(trajectory.overconfident) if s), None)
+    said = trajectory.overconfident[-1] if trajectory.overconfident else None
     if said:
-        lines.append(f"{said[0].upper()}{said[1:]}")
+        lines.append(f"at {trajectory.budgets[-1]} patches (round {trajectory.round_in_use[-1]}), {said}.")
     last = trajectory.round_in_use[-1] if trajectory.round_in_use else 0
     if last == 0:
         why = "no round was tuned"
