@@ -330,11 +330,8 @@ def compare_rounds(newer: Sequence[PatchScore], older: Sequence[PatchScore], lev
     return Comparison(delta, delta - half, delta + half, len(newer))
 
 
-HARM_RULES = (
-    "margin",
-    "clear",
-    "clear_or_large",
-)  # how sure do no harm must be that a round is worse (:func:`worse_than`)
+# how sure do no harm must be that a round is worse (:func:`worse_than`)
+HARM_RULES = ("margin", "clear", "clear_or_large")
 LARGE_LOSS = 0.05  # ``clear_or_large``: a loss this large rolls back even where the few patches leave it unclear
 
 
